@@ -1,0 +1,125 @@
+"""Stateless array functions: im2col/col2im, softmax, cross-entropy, initialisation.
+
+Everything here goes through the backend seam (``B = backend_of(x)``), so it runs unchanged
+on NumPy, PyTorch tensors and CuPy.
+
+Convolution patches are laid out channels-last, ``(N, Ho, Wo, kh, kw, C)``: one patch is a
+contiguous row, so the convolution is a single large matrix product whose result is already
+the output in channels-last memory, and no transpose of the big activation is ever needed.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from cnn.backend import backend_of
+
+# Weight initialisation draws from this generator; cnn.backend.manual_seed reseeds it.
+init_rng = np.random.default_rng(0)
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    out = (size + 2 * padding - kernel) // stride + 1
+    if out < 1:
+        raise ValueError(f"input size {size} is too small for kernel {kernel} with padding {padding}")
+    return out
+
+
+def window(offset: int, out_size: int, stride: int) -> slice:
+    """Rows (or columns) of the padded input that kernel offset ``offset`` visits."""
+    return slice(offset, offset + stride * (out_size - 1) + 1, stride)
+
+
+def pad_channels_last(x, padding: int, value: float = 0.0):
+    """x: (N, C, H, W) -> (N, H + 2p, W + 2p, C) channels-last copy padded with ``value``.
+
+    With ``padding == 0`` the result is a view of ``x`` when ``x`` is channels-last.
+    """
+    B = backend_of(x)
+    xt = B.transpose(x, (0, 2, 3, 1))
+    if padding == 0:
+        return xt
+    n, h, w, c = xt.shape
+    out = B.zeros((n, h + 2 * padding, w + 2 * padding, c), dtype=B.dtype_name(x))
+    if value:
+        out[...] = value
+    out[:, padding:padding + h, padding:padding + w, :] = xt
+    return out
+
+
+def im2col(x, kernel_size: tuple[int, int], stride: int, padding: int):
+    """Unfold every convolution patch of ``x`` into a row.
+
+    x: (N, C, H, W) -> cols: (N, Ho, Wo, kh, kw, C), contiguous, so that
+    ``cols.reshape(N * Ho * Wo, kh * kw * C)`` is a free view. One strided copy per
+    kernel offset (kh * kw copies in all); no loop over images or pixels.
+    """
+    B = backend_of(x)
+    kh, kw = kernel_size
+    n, c, h, w = x.shape
+    ho = conv_output_size(h, kh, stride, padding)
+    wo = conv_output_size(w, kw, stride, padding)
+    xp = pad_channels_last(x, padding)
+    cols = B.empty((n, ho, wo, kh, kw, c), dtype=B.dtype_name(x))
+    for i in range(kh):
+        for j in range(kw):
+            cols[:, :, :, i, j, :] = xp[:, window(i, ho, stride), window(j, wo, stride), :]
+    return cols
+
+
+def col2im(cols, input_shape, kernel_size: tuple[int, int], stride: int, padding: int):
+    """Adjoint of :func:`im2col`: sum every patch gradient back onto the input grid.
+
+    cols: (N, Ho, Wo, kh, kw, C) -> (N, C, H, W) (a channels-last view). Overlapping
+    patches are summed by one strided add per kernel offset, not by a scatter-add.
+    """
+    B = backend_of(cols)
+    n, c, h, w = input_shape
+    kh, kw = kernel_size
+    _, ho, wo = cols.shape[:3]
+    grad = B.zeros((n, h + 2 * padding, w + 2 * padding, c), dtype=B.dtype_name(cols))
+    for i in range(kh):
+        for j in range(kw):
+            grad[:, window(i, ho, stride), window(j, wo, stride), :] += cols[:, :, :, i, j, :]
+    grad = grad[:, padding:padding + h, padding:padding + w, :]
+    return B.transpose(grad, (0, 3, 1, 2))
+
+
+def log_softmax(logits):
+    """logits: (N, K) -> log-probabilities (N, K), stable for any finite logits."""
+    B = backend_of(logits)
+    shifted = logits - B.max(logits, axis=1, keepdims=True)
+    return shifted - B.log(B.sum(B.exp(shifted), axis=1, keepdims=True))
+
+
+def softmax(logits):
+    """logits: (N, K) -> probabilities (N, K); the max is subtracted first, so exp never overflows."""
+    B = backend_of(logits)
+    shifted = logits - B.max(logits, axis=1, keepdims=True)
+    e = B.exp(shifted)
+    return e / B.sum(e, axis=1, keepdims=True)
+
+
+def softmax_cross_entropy(logits, labels):
+    """Mean cross-entropy of softmax(logits) and its gradient, fused.
+
+    logits: (N, K) float; labels: (N,) int64 class indices.
+    Returns (loss: 0-d array, dlogits: (N, K)) with dlogits = (softmax - onehot) / N,
+    the well-conditioned form of the gradient (no division by a probability).
+    """
+    B = backend_of(logits)
+    n = logits.shape[0]
+    rows = B.arange(n)
+    logp = log_softmax(logits)
+    loss = -B.mean(logp[rows, labels])
+    grad = B.exp(logp)
+    grad[rows, labels] -= 1.0
+    grad /= n
+    return loss, grad
+
+
+def kaiming_normal(shape: tuple[int, ...], fan_in: int) -> np.ndarray:
+    """He initialisation for ReLU networks: N(0, 2 / fan_in), float32, from ``init_rng``."""
+    std = math.sqrt(2.0 / fan_in)
+    return (init_rng.standard_normal(shape) * std).astype(np.float32)

@@ -1,0 +1,342 @@
+"""Layers, each with a hand-written forward/backward pair and an explicit cache.
+
+Shapes follow PyTorch: images are ``(N, C, H, W)``, features ``(N, D)``. Convolution
+outputs are channels-last in memory (a transposed view); every layer accepts any layout.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from cnn import functional as F
+from cnn.backend import backend_of
+from cnn.module import Module, Parameter
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _square(v, what: str) -> int:
+    a, b = _pair(v)
+    if a != b:
+        raise ValueError(f"{what} must be the same along height and width, got {v}")
+    return a
+
+
+def _check_input(layer: Module, x, ndim: int, channels: int | None = None) -> None:
+    if x.ndim != ndim:
+        layout = "(N, C, H, W)" if ndim == 4 else "(N, features)"
+        raise ValueError(f"{type(layer).__name__} expects a {ndim}-d input {layout}, "
+                         f"got shape {tuple(x.shape)}")
+    if channels is not None and x.shape[1] != channels:
+        raise ValueError(f"{type(layer).__name__} expects {channels} input channels, "
+                         f"got {x.shape[1]} (shape {tuple(x.shape)})")
+
+
+class Conv2d(Module):
+    """2-d convolution (cross-correlation) as im2col + one matrix product.
+
+    x: (N, C_in, H, W) -> (N, C_out, Ho, Wo). weight: (C_out, C_in, kh, kw), bias: (C_out,).
+    Set ``input_grad = False`` on a network's first layer to skip the unneeded col2im.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 bias: bool = True):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _square(stride, "stride")
+        self.padding = _square(padding, "padding")
+        kh, kw = self.kernel_size
+        fan_in = in_channels * kh * kw
+        self.weight = Parameter(F.kaiming_normal((out_channels, in_channels, kh, kw), fan_in))
+        self.bias = Parameter(np.zeros(out_channels, np.float32)) if bias else None
+        self.input_grad = True
+        self.cache = None
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}")
+
+    def _weight_matrix(self, B):
+        """weight (F, C, kh, kw) -> (F, kh * kw * C), matching the channels-last patch rows."""
+        w = self.weight.data
+        return B.transpose(w, (0, 2, 3, 1)).reshape(w.shape[0], -1)
+
+    def forward(self, x):
+        _check_input(self, x, 4, self.in_channels)
+        B = backend_of(x)
+        cols = F.im2col(x, self.kernel_size, self.stride, self.padding)
+        n, ho, wo = cols.shape[:3]
+        cols2d = cols.reshape(n * ho * wo, -1)
+        w2d = self._weight_matrix(B)
+        out = cols2d @ w2d.T  # (N*Ho*Wo, F): channels-last output, no transpose needed
+        if self.bias is not None:
+            out += self.bias.data
+        self.cache = (cols2d, w2d, tuple(x.shape), (n, ho, wo))
+        return B.transpose(out.reshape(n, ho, wo, -1), (0, 3, 1, 2))
+
+    def backward(self, grad_out):
+        cols2d, w2d, x_shape, (n, ho, wo) = self.cache
+        B = backend_of(grad_out)
+        g = B.transpose(grad_out, (0, 2, 3, 1)).reshape(n * ho * wo, -1)  # (N*Ho*Wo, F)
+        kh, kw = self.kernel_size
+        dw = (g.T @ cols2d).reshape(-1, kh, kw, x_shape[1])  # (F, kh, kw, C)
+        self.weight.grad = B.contiguous(B.transpose(dw, (0, 3, 1, 2)))
+        if self.bias is not None:
+            self.bias.grad = B.sum(g, axis=0)
+        self.cache = None
+        if not self.input_grad:
+            return None
+        dcols = (g @ w2d).reshape(n, ho, wo, kh, kw, x_shape[1])
+        return F.col2im(dcols, x_shape, self.kernel_size, self.stride, self.padding)
+
+
+class Linear(Module):
+    """x: (N, in_features) -> (N, out_features); weight (out, in) as in PyTorch."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = Parameter(F.kaiming_normal((out_features, in_features), in_features))
+        self.bias = Parameter(np.zeros(out_features, np.float32)) if bias else None
+        self.cache = None
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+    def forward(self, x):
+        _check_input(self, x, 2, self.in_features)
+        self.cache = x
+        out = x @ self.weight.data.T
+        if self.bias is not None:
+            out += self.bias.data
+        return out
+
+    def backward(self, grad_out):
+        x, self.cache = self.cache, None
+        B = backend_of(grad_out)
+        self.weight.grad = grad_out.T @ x
+        if self.bias is not None:
+            self.bias.grad = B.sum(grad_out, axis=0)
+        return grad_out @ self.weight.data
+
+
+class BatchNorm2d(Module):
+    """Per-channel batch normalisation, x: (N, C, H, W) -> same shape.
+
+    Train mode normalises with the batch statistics and updates the running ones exactly
+    as PyTorch does (biased variance to normalise, unbiased variance into ``running_var``);
+    eval mode uses the running statistics.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.weight = Parameter(np.ones(num_features, np.float32))
+        self.bias = Parameter(np.zeros(num_features, np.float32))
+        self.register_buffer("running_mean", np.zeros(num_features, np.float32))
+        self.register_buffer("running_var", np.ones(num_features, np.float32))
+        self.register_buffer("num_batches_tracked", np.zeros((), np.int64))
+        self.cache = None
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+
+    def forward(self, x):
+        _check_input(self, x, 4, self.num_features)
+        B = backend_of(x)
+        axes = (0, 2, 3)
+        if self.training:
+            m = x.shape[0] * x.shape[2] * x.shape[3]
+            if m < 2:
+                raise ValueError("BatchNorm2d in train mode needs more than one value per "
+                                 f"channel, got input shape {tuple(x.shape)}")
+            mean = B.mean(x, axis=axes)
+            xc = x - mean[:, None, None]
+            var = B.mean(xc * xc, axis=axes)
+            mom = self.momentum
+            self.running_mean = (1 - mom) * self.running_mean + mom * mean
+            self.running_var = (1 - mom) * self.running_var + mom * var * (m / (m - 1))
+            self.num_batches_tracked = self.num_batches_tracked + 1
+        else:
+            mean, var = self.running_mean, self.running_var
+            xc = x - mean[:, None, None]
+        inv_std = 1.0 / B.sqrt(var + self.eps)
+        out = xc * (self.weight.data * inv_std)[:, None, None]
+        out += self.bias.data[:, None, None]
+        self.cache = (xc, inv_std, self.training)
+        return out
+
+    def backward(self, grad_out):
+        xc, inv_std, batch_stats = self.cache
+        self.cache = None
+        B = backend_of(grad_out)
+        axes = (0, 2, 3)
+        gamma = self.weight.data
+        dbeta = B.sum(grad_out, axis=axes)
+        dgamma = B.sum(grad_out * xc, axis=axes) * inv_std  # sum(grad * x_hat)
+        self.weight.grad, self.bias.grad = dgamma, dbeta
+        scale = gamma * inv_std
+        if not batch_stats:
+            return grad_out * scale[:, None, None]
+        # dx = scale * (g - mean(g) - x_hat * mean(g * x_hat)), written as a*g + b*xc + c
+        # so that no normalised copy of x needs to be kept or rebuilt.
+        m = grad_out.shape[0] * grad_out.shape[2] * grad_out.shape[3]
+        b = -scale * inv_std * dgamma / m
+        c = -scale * dbeta / m
+        dx = grad_out * scale[:, None, None]
+        dx += xc * b[:, None, None]
+        dx += c[:, None, None]
+        return dx
+
+
+class ReLU(Module):
+    def forward(self, x):
+        out = backend_of(x).maximum(x, 0)
+        self.cache = out
+        return out
+
+    def backward(self, grad_out):
+        out, self.cache = self.cache, None
+        return grad_out * (out > 0)
+
+
+class _Pool2d(Module):
+    def __init__(self, kernel_size, stride=None, padding=0):
+        super().__init__()
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _square(stride if stride is not None else kernel_size, "stride")
+        self.padding = _square(padding, "padding")
+        if self.padding * 2 > min(self.kernel_size):
+            raise ValueError(f"padding {self.padding} must be at most half the kernel size {self.kernel_size}")
+        self.cache = None
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+    def _windows(self, x_shape):
+        """(row slice, column slice) of the padded input that each kernel offset visits."""
+        kh, kw = self.kernel_size
+        ho = F.conv_output_size(x_shape[2], kh, self.stride, self.padding)
+        wo = F.conv_output_size(x_shape[3], kw, self.stride, self.padding)
+        return [(F.window(i, ho, self.stride), F.window(j, wo, self.stride))
+                for i in range(kh) for j in range(kw)]
+
+    def _padded(self, x, value):
+        if not self.padding:
+            return x
+        return backend_of(x).transpose(F.pad_channels_last(x, self.padding, value), (0, 3, 1, 2))
+
+
+class MaxPool2d(_Pool2d):
+    """x: (N, C, H, W) -> (N, C, Ho, Wo); the gradient goes to the first maximum of each
+    window, exactly as in PyTorch (ties included)."""
+
+    def forward(self, x):
+        _check_input(self, x, 4)
+        B = backend_of(x)
+        xp = self._padded(x, -float("inf"))
+        offsets = self._windows(x.shape)
+        out = B.copy(xp[:, :, offsets[0][0], offsets[0][1]])
+        argmax = B.zeros(out.shape, dtype="uint8")
+        for k, (rows, cols) in enumerate(offsets[1:], start=1):
+            candidate = xp[:, :, rows, cols]
+            better = candidate > out  # strict: an earlier offset keeps ties
+            out = B.where(better, candidate, out)
+            argmax = B.where(better, k, argmax)
+        self.cache = (argmax, xp, tuple(x.shape))
+        return out
+
+    def backward(self, grad_out):
+        argmax, xp, x_shape = self.cache
+        self.cache = None
+        B = backend_of(grad_out)
+        offsets = self._windows(x_shape)
+        grad = B.zeros_like(xp)
+        for k, (rows, cols) in enumerate(offsets):
+            grad[:, :, rows, cols] += B.where(argmax == k, grad_out, 0)
+        p = self.padding
+        return grad[:, :, p:p + x_shape[2], p:p + x_shape[3]] if p else grad
+
+
+class AvgPool2d(_Pool2d):
+    """x: (N, C, H, W) -> (N, C, Ho, Wo); zero padding counts in the average, as PyTorch's default."""
+
+    def forward(self, x):
+        _check_input(self, x, 4)
+        xp = self._padded(x, 0.0)
+        offsets = self._windows(x.shape)
+        out = xp[:, :, offsets[0][0], offsets[0][1]] * 1.0
+        for rows, cols in offsets[1:]:
+            out += xp[:, :, rows, cols]
+        out /= len(offsets)
+        self.cache = (xp, tuple(x.shape))
+        return out
+
+    def backward(self, grad_out):
+        xp, x_shape = self.cache
+        self.cache = None
+        B = backend_of(grad_out)
+        offsets = self._windows(x_shape)
+        g = grad_out / len(offsets)
+        grad = B.zeros_like(xp)
+        for rows, cols in offsets:
+            grad[:, :, rows, cols] += g
+        p = self.padding
+        return grad[:, :, p:p + x_shape[2], p:p + x_shape[3]] if p else grad
+
+
+class GlobalAvgPool2d(Module):
+    """x: (N, C, H, W) -> (N, C, 1, 1), the twin of ``nn.AdaptiveAvgPool2d(1)``."""
+
+    def forward(self, x):
+        _check_input(self, x, 4)
+        self.cache = tuple(x.shape)
+        return backend_of(x).mean(x, axis=(2, 3), keepdims=True)
+
+    def backward(self, grad_out):
+        n, c, h, w = self.cache
+        B = backend_of(grad_out)
+        grad = B.empty((n, h, w, c), dtype=B.dtype_name(grad_out))
+        grad[...] = B.transpose(grad_out, (0, 2, 3, 1)) / (h * w)
+        return B.transpose(grad, (0, 3, 1, 2))
+
+
+class Dropout(Module):
+    """Inverted dropout: in train mode zero each value with probability ``p`` and scale the
+    rest by 1 / (1 - p); identity in eval mode. Masks come from the backend's generator."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p = p
+        self.cache = None
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            self.cache = None
+            return x
+        B = backend_of(x)
+        mask = (B.uniform(tuple(x.shape), dtype=B.dtype_name(x)) >= self.p) * (1.0 / (1.0 - self.p))
+        self.cache = B.astype(mask, B.dtype_name(x))
+        return x * self.cache
+
+    def backward(self, grad_out):
+        mask, self.cache = self.cache, None
+        return grad_out if mask is None else grad_out * mask
+
+
+class Flatten(Module):
+    """x: (N, C, H, W) -> (N, C * H * W) in PyTorch's (C, H, W) order."""
+
+    def forward(self, x):
+        self.cache = tuple(x.shape)
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, grad_out):
+        return grad_out.reshape(self.cache)

@@ -1,0 +1,109 @@
+"""Containers and the two reference models.
+
+Their ``state_dict()`` keys and array layouts are those of the equivalent ``torch.nn``
+definitions (see ``tests/torch_twins.py``), so a checkpoint loads into PyTorch with
+``strict=True``.
+"""
+from __future__ import annotations
+
+from cnn.layers import (BatchNorm2d, Conv2d, Dropout, Flatten, GlobalAvgPool2d, Linear,
+                        MaxPool2d, ReLU)
+from cnn.module import Module
+
+
+class Sequential(Module):
+    """Runs its layers in order; children are named ``0``, ``1``, ... as in PyTorch."""
+
+    def __init__(self, *layers: Module):
+        super().__init__()
+        for i, layer in enumerate(layers):
+            setattr(self, str(i), layer)
+
+    def __getitem__(self, i: int) -> Module:
+        return list(self._modules.values())[i]
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def forward(self, x):
+        for layer in self._modules.values():
+            x = layer.forward(x)
+        return x
+
+    def backward(self, grad_out):
+        for layer in reversed(self._modules.values()):
+            grad_out = layer.backward(grad_out)
+        return grad_out
+
+
+class ResidualBlock(Module):
+    """relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)).
+
+    x: (N, in_channels, H, W) -> (N, out_channels, H / stride, W / stride). The shortcut is
+    the identity, or a 1x1 convolution with ``stride`` plus batch norm when the shape changes.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = Conv2d(in_channels, out_channels, 3, stride=stride, padding=1)
+        self.bn1 = BatchNorm2d(out_channels)
+        self.relu1 = ReLU()
+        self.conv2 = Conv2d(out_channels, out_channels, 3, stride=1, padding=1)
+        self.bn2 = BatchNorm2d(out_channels)
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = Sequential(Conv2d(in_channels, out_channels, 1, stride=stride),
+                                       BatchNorm2d(out_channels))
+        else:
+            self.shortcut = None
+        self.relu2 = ReLU()
+
+    def forward(self, x):
+        out = self.relu1.forward(self.bn1.forward(self.conv1.forward(x)))
+        out = self.bn2.forward(self.conv2.forward(out))
+        out += x if self.shortcut is None else self.shortcut.forward(x)
+        return self.relu2.forward(out)
+
+    def backward(self, grad_out):
+        g = self.relu2.backward(grad_out)  # flows into both branches
+        dx = self.bn2.backward(g)
+        dx = self.conv2.backward(dx)
+        dx = self.bn1.backward(self.relu1.backward(dx))
+        dx = self.conv1.backward(dx)
+        dx += g if self.shortcut is None else self.shortcut.backward(g)
+        return dx
+
+
+def simple_cnn(num_classes: int = 10) -> Sequential:
+    """SimpleCNN, 620,810 parameters: three [conv3x3 -> BN -> ReLU -> maxpool2] stages
+    (3->32->64->128 channels), then Linear(2048, 256) -> ReLU -> Dropout(0.5) -> Linear(256, 10).
+    x: (N, 3, 32, 32) -> logits (N, num_classes)."""
+    layers = []
+    for c_in, c_out in ((3, 32), (32, 64), (64, 128)):
+        layers += [Conv2d(c_in, c_out, 3, padding=1), BatchNorm2d(c_out), ReLU(), MaxPool2d(2)]
+    layers += [Flatten(), Linear(128 * 4 * 4, 256), ReLU(), Dropout(0.5), Linear(256, num_classes)]
+    model = Sequential(*layers)
+    model[0].input_grad = False  # nothing upstream needs the image gradient
+    return model
+
+
+def small_resnet(num_classes: int = 10) -> Sequential:
+    """SmallResNet, 175,818 parameters: conv3x3(3->16) -> BN -> ReLU, residual blocks
+    16->16 x2, 16->32 (stride 2), 32->32, 32->64 (stride 2), 64->64, global average pool,
+    Linear(64, 10). x: (N, 3, 32, 32) -> logits (N, num_classes)."""
+    blocks = [ResidualBlock(16, 16), ResidualBlock(16, 16),
+              ResidualBlock(16, 32, stride=2), ResidualBlock(32, 32),
+              ResidualBlock(32, 64, stride=2), ResidualBlock(64, 64)]
+    model = Sequential(Conv2d(3, 16, 3, padding=1), BatchNorm2d(16), ReLU(), *blocks,
+                       GlobalAvgPool2d(), Flatten(), Linear(64, num_classes))
+    model[0].input_grad = False
+    return model
+
+
+MODELS = {"simple": simple_cnn, "resnet": small_resnet}
+
+
+def build_model(name: str) -> Sequential:
+    """A reference model by its CLI name: ``simple`` or ``resnet``."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
+    return MODELS[name]()

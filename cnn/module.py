@@ -1,0 +1,180 @@
+"""``Module`` and ``Parameter``: the user-facing API, modelled on ``torch.nn.Module``.
+
+A module computes ``forward(x)`` and, by hand, ``backward(grad_out) -> grad_in``; backward
+also fills ``p.grad`` of each of its parameters (overwriting, not accumulating: every
+parameter is used once per forward). Sub-modules assigned as attributes are registered in
+order, which gives ``state_dict()`` PyTorch's key names (``0.weight``, ``3.bn1.running_mean``).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Iterator
+
+import numpy as np
+
+from cnn.backend import Backend, backend_of, get_backend
+
+
+class Parameter:
+    """A trainable array and its gradient (``None`` until a backward pass fills it)."""
+
+    __slots__ = ("data", "grad")
+
+    def __init__(self, data):
+        self.data = data
+        self.grad = None
+
+    @property
+    def shape(self):
+        return tuple(self.data.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    def __repr__(self) -> str:
+        return f"Parameter(shape={self.shape})"
+
+
+class Module:
+    def __init__(self):
+        object.__setattr__(self, "_parameters", OrderedDict())
+        object.__setattr__(self, "_buffers", OrderedDict())
+        object.__setattr__(self, "_modules", OrderedDict())
+        object.__setattr__(self, "training", True)
+
+    def __setattr__(self, name, value):
+        if isinstance(value, Parameter):
+            self._parameters[name] = value
+        elif isinstance(value, Module):
+            self._modules[name] = value
+        elif name in self._buffers:
+            self._buffers[name] = value
+            return
+        object.__setattr__(self, name, value)
+
+    def __getattr__(self, name):
+        # Only reached for names not found normally: buffers live in _buffers.
+        buffers = self.__dict__.get("_buffers", {})
+        if name in buffers:
+            return buffers[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def register_buffer(self, name: str, value) -> None:
+        """State that is saved and moved with the module but not trained (e.g. running means)."""
+        self._buffers[name] = value
+
+    # -- computation ----------------------------------------------------------------
+    def forward(self, x):
+        raise NotImplementedError
+
+    def backward(self, grad_out):
+        raise NotImplementedError
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    # -- traversal ------------------------------------------------------------------
+    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, "Module"]]:
+        yield prefix, self
+        for name, child in self._modules.items():
+            yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+
+    def children(self) -> Iterator["Module"]:
+        return iter(self._modules.values())
+
+    def named_parameters(self) -> Iterator[tuple[str, Parameter]]:
+        for path, module in self.named_modules():
+            for name, p in module._parameters.items():
+                yield (f"{path}.{name}" if path else name), p
+
+    def parameters(self) -> list[Parameter]:
+        return [p for _, p in self.named_parameters()]
+
+    def num_parameters(self) -> int:
+        return sum(p.size for p in self.parameters())
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.grad = None
+
+    def train(self, mode: bool = True) -> "Module":
+        for _, module in self.named_modules():
+            object.__setattr__(module, "training", mode)
+        return self
+
+    def eval(self) -> "Module":
+        return self.train(False)
+
+    # -- state ----------------------------------------------------------------------
+    def _named_state(self):
+        """(key, owner module, attribute name, is_parameter) in PyTorch's state_dict order."""
+        for path, module in self.named_modules():
+            prefix = f"{path}." if path else ""
+            for name in module._parameters:
+                yield prefix + name, module, name, True
+            for name in module._buffers:
+                yield prefix + name, module, name, False
+
+    def state_dict(self) -> "OrderedDict[str, np.ndarray]":
+        """Host (NumPy) copies of every parameter and buffer, under PyTorch's key names."""
+        state = OrderedDict()
+        for key, module, name, is_param in self._named_state():
+            value = module._parameters[name].data if is_param else module._buffers[name]
+            state[key] = np.array(backend_of(value).to_numpy(value), copy=True)
+        return state
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """Copy arrays (NumPy, torch or cupy) into this module, on its own backend and dtype."""
+        own = {key: (module, name, is_param) for key, module, name, is_param in self._named_state()}
+        if strict:
+            missing = sorted(set(own) - set(state))
+            unexpected = sorted(set(state) - set(own))
+            if missing or unexpected:
+                raise KeyError(f"state_dict does not match {type(self).__name__}: "
+                               f"missing keys {missing}, unexpected keys {unexpected}")
+        for key, value in state.items():
+            if key not in own:
+                continue
+            module, name, is_param = own[key]
+            current = module._parameters[name].data if is_param else module._buffers[name]
+            B = backend_of(current)
+            value = np.asarray(value) if isinstance(value, (np.ndarray, list, float, int)) else \
+                backend_of(value).to_numpy(value)
+            if tuple(value.shape) != tuple(current.shape):
+                raise ValueError(f"{key}: checkpoint has shape {tuple(value.shape)}, "
+                                 f"model expects {tuple(current.shape)}")
+            new = B.asarray(np.ascontiguousarray(value), dtype=B.dtype_name(current))
+            if is_param:
+                module._parameters[name].data = new
+                module._parameters[name].grad = None
+            else:
+                module._buffers[name] = new
+
+    def to(self, backend: Backend | str = "numpy", device: str = "auto",
+           dtype: str | None = None) -> "Module":
+        """Move every parameter and buffer to ``backend`` (and cast floats to ``dtype``)."""
+        if isinstance(backend, str):
+            backend = get_backend(backend, device)
+        for _, module, name, is_param in list(self._named_state()):
+            value = module._parameters[name].data if is_param else module._buffers[name]
+            host = backend_of(value).to_numpy(value)
+            if dtype is not None and host.dtype.kind == "f":
+                host = host.astype(dtype)
+            new = backend.asarray(np.ascontiguousarray(host))
+            if is_param:
+                module._parameters[name].data = new
+                module._parameters[name].grad = None
+            else:
+                module._buffers[name] = new
+        return self
+
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__}({self.extra_repr()}"]
+        for name, child in self._modules.items():
+            child_lines = repr(child).splitlines()
+            lines.append(f"  ({name}): " + "\n  ".join(child_lines))
+        return "\n".join(lines) + ")" if len(lines) > 1 else lines[0] + ")"
