@@ -22,6 +22,7 @@ the file or member at fault and says what to do about it.
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import pickle
@@ -160,14 +161,26 @@ def _load_archive(path: Path) -> CIFAR10:
     wanted = {f"{BATCH_DIR}/{m}": m for m in MEMBERS}
     found: dict[str, dict] = {}
     try:
-        # "r|*": a forward-only stream; members are unpickled in archive order,
-        # so the gzip data is decompressed once and never seeked.
-        with tarfile.open(path, mode="r|*") as tar:
-            for info in tar:
-                name = posixpath.normpath(info.name)
-                if name in wanted and info.isfile():
-                    raw = tar.extractfile(info).read()
-                    found[wanted[name]] = _unpickle(raw, f"{path}: member {name}")
+        with open(path, "rb") as raw:
+            is_gzip = raw.read(2) == b"\x1f\x8b"
+            raw.seek(0)
+            # gzip.GzipFile rather than tarfile's own "r|gz": tarfile's stream
+            # reader never checks the gzip CRC-32, GzipFile does once read to EOF.
+            stream = gzip.GzipFile(fileobj=raw, mode="rb") if is_gzip else raw
+            # "r|": a forward-only stream; members are unpickled in archive
+            # order, so the data is decompressed once and never seeked.
+            with tarfile.open(fileobj=stream, mode="r|" if is_gzip else "r|*",
+                              bufsize=1 << 20) as tar:
+                for info in tar:
+                    name = posixpath.normpath(info.name)
+                    if name in wanted and info.isfile():
+                        data = tar.extractfile(info).read()
+                        found[wanted[name]] = _unpickle(data, f"{path}: member {name}")
+            if is_gzip:
+                # The tar reader stops at its end-of-archive block; drain the rest
+                # (padding) so GzipFile reaches EOF and verifies CRC and length.
+                while stream.read(1 << 20):
+                    pass
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         # gzip.BadGzipFile is an OSError; truncation shows up as EOFError/ReadError.
         raise DatasetError(f"{path}: archive is truncated or corrupt ({e}): re-download "

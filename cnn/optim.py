@@ -1,0 +1,133 @@
+"""Optimizers and learning-rate schedules whose updates equal ``torch.optim``'s.
+
+Updates are in place on each parameter's array through plain arithmetic operators, so they
+run on every backend.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from cnn.backend import backend_of
+from cnn.module import Parameter
+
+
+class Optimizer:
+    state_keys: tuple[str, ...] = ()
+
+    def __init__(self, params, lr: float):
+        self.params: list[Parameter] = list(params)
+        if not self.params:
+            raise ValueError("optimizer got an empty parameter list")
+        if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"learning rate must be a positive number, got {lr!r}")
+        self.lr = float(lr)
+        self.state: list[dict] = [{} for _ in self.params]
+        self.steps = 0
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def step(self) -> None:
+        self.steps += 1
+        for p, state in zip(self.params, self.state):
+            if p.grad is not None:
+                self._update(p, state)
+
+    def _update(self, p: Parameter, state: dict) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Flat host arrays: ``steps`` and ``<param index>.<buffer>``, for npz checkpoints."""
+        out = {"steps": np.array(self.steps)}
+        for i, state in enumerate(self.state):
+            for key, value in state.items():
+                out[f"{i}.{key}"] = backend_of(value).to_numpy(value).copy()
+        return out
+
+    def load_state_dict(self, flat: dict) -> None:
+        self.steps = int(flat["steps"])
+        self.state = [{} for _ in self.params]
+        for name, value in flat.items():
+            if name == "steps":
+                continue
+            index, key = name.split(".", 1)
+            p = self.params[int(index)].data
+            B = backend_of(p)
+            self.state[int(index)][key] = B.asarray(np.ascontiguousarray(value), dtype=B.dtype_name(p))
+
+
+class SGD(Optimizer):
+    """SGD with optional (Nesterov) momentum and L2 weight decay, as ``torch.optim.SGD``:
+    g = grad + wd * p;  buf = momentum * buf + g;  p -= lr * (g + momentum * buf if nesterov else buf)."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.0, nesterov: bool = False,
+                 weight_decay: float = 0.0):
+        super().__init__(params, lr)
+        if nesterov and momentum <= 0:
+            raise ValueError("Nesterov momentum needs momentum > 0")
+        self.momentum, self.nesterov, self.weight_decay = momentum, nesterov, weight_decay
+
+    def _update(self, p: Parameter, state: dict) -> None:
+        g = p.grad
+        if self.weight_decay:
+            g = g + self.weight_decay * p.data
+        if self.momentum:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = backend_of(g).copy(g)
+            else:
+                buf *= self.momentum
+                buf += g
+            g = g + self.momentum * buf if self.nesterov else buf
+        p.data -= self.lr * g
+
+
+class Adam(Optimizer):
+    """Adam with L2 weight decay added to the gradient, as ``torch.optim.Adam``."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        super().__init__(params, lr)
+        self.betas, self.eps, self.weight_decay = tuple(betas), eps, weight_decay
+
+    def _update(self, p: Parameter, state: dict) -> None:
+        B = backend_of(p.data)
+        b1, b2 = self.betas
+        g = p.grad
+        if self.weight_decay:
+            g = g + self.weight_decay * p.data
+        if "exp_avg" not in state:
+            state["exp_avg"] = B.zeros_like(p.data)
+            state["exp_avg_sq"] = B.zeros_like(p.data)
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m *= b1
+        m += (1 - b1) * g
+        v *= b2
+        v += (1 - b2) * (g * g)
+        t = self.steps
+        step_size = self.lr / (1 - b1 ** t)
+        denom = B.sqrt(v) / math.sqrt(1 - b2 ** t) + self.eps
+        p.data -= step_size * (m / denom)
+
+
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("none", "step", "cosine")
+
+
+def lr_at(epoch: int, base_lr: float, schedule: str = "none", epochs: int = 1,
+          milestones=(30, 40), gamma: float = 0.1) -> float:
+    """Learning rate for 0-based ``epoch``, stepped once per epoch.
+
+    ``step`` equals ``MultiStepLR(milestones, gamma)``; ``cosine`` equals
+    ``CosineAnnealingLR(T_max=epochs, eta_min=0)``.
+    """
+    if schedule == "none":
+        return base_lr
+    if schedule == "step":
+        return base_lr * gamma ** sum(1 for m in milestones if epoch >= m)
+    if schedule == "cosine":
+        return base_lr * (1 + math.cos(math.pi * epoch / epochs)) / 2
+    raise ValueError(f"unknown schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")

@@ -1,0 +1,393 @@
+"""Tests for cnn.data (loading, stats, normalization, augmentation, loader) and cnn.synthetic."""
+
+import io
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+
+from cnn.data import (CIFAR10_CLASSES, DataLoader, DatasetError, augment, channel_stats,
+                      load_cifar10, load_prepared_stats, normalize, save_prepared)
+from cnn.synthetic import write_synthetic_cifar10
+
+N_TRAIN, N_TEST = 500, 100
+
+
+# ----------------------------------------------------------------------------
+# Fixtures and helpers
+# ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    return write_synthetic_cifar10(tmp_path_factory.mktemp("syn") / "cifar-10-python.tar.gz",
+                                   n_train=N_TRAIN, n_test=N_TEST, seed=0)
+
+
+@pytest.fixture(scope="module")
+def ds(archive):
+    return load_cifar10(archive)
+
+
+def read_members(path):
+    """{member name: unpickled dict} of a (synthetic, trusted) archive."""
+    with tarfile.open(path) as tar:
+        return {m.name: pickle.loads(tar.extractfile(m).read(), encoding="bytes")
+                for m in tar if m.isfile()}
+
+
+def write_members(path, members):
+    """Write {member name: dict} as a tar.gz, pickled like the official files."""
+    with tarfile.open(path, "w:gz") as tar:
+        for name, obj in members.items():
+            data = pickle.dumps(obj, protocol=2)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def member(name):
+    return f"cifar-10-batches-py/{name}"
+
+
+# ----------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------
+
+def test_archive_contents_shapes_and_labels(archive, ds):
+    assert ds.train_x.shape == (N_TRAIN, 3, 32, 32) and ds.train_x.dtype == np.uint8
+    assert ds.test_x.shape == (N_TEST, 3, 32, 32) and ds.test_x.dtype == np.uint8
+    assert ds.train_y.shape == (N_TRAIN,) and ds.train_y.dtype == np.int64
+    assert ds.test_y.shape == (N_TEST,) and ds.test_y.dtype == np.int64
+    assert ds.classes == CIFAR10_CLASSES
+    assert set(np.unique(ds.train_y)) == set(range(10))
+    # Train set = batches 1..5 in order; rows reshape straight to NCHW.
+    raw = read_members(archive)
+    batches = [raw[member(f"data_batch_{i}")] for i in range(1, 6)]
+    np.testing.assert_array_equal(ds.train_x.reshape(N_TRAIN, -1),
+                                  np.concatenate([b[b"data"] for b in batches]))
+    np.testing.assert_array_equal(ds.train_y, sum((b[b"labels"] for b in batches), []))
+    np.testing.assert_array_equal(ds.test_y, raw[member("test_batch")][b"labels"])
+    # Red plane first: pixel (0, 0) of channel 0 is column 0, of channel 1 column 1024.
+    np.testing.assert_array_equal(ds.train_x[:, 1, 0, 0], ds.train_x.reshape(N_TRAIN, -1)[:, 1024])
+
+
+def test_synthetic_is_reproducible(tmp_path, archive):
+    again = write_synthetic_cifar10(tmp_path / "again.tar.gz", n_train=N_TRAIN, n_test=N_TEST, seed=0)
+    assert again.read_bytes() == archive.read_bytes()
+
+
+def test_load_extracted_folder_and_parent(tmp_path, archive, ds):
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path, filter="data")
+    for path in (tmp_path / "cifar-10-batches-py", tmp_path):
+        got = load_cifar10(path)
+        for k in ("train_x", "train_y", "test_x", "test_y"):
+            np.testing.assert_array_equal(getattr(got, k), getattr(ds, k))
+        assert got.classes == ds.classes
+
+
+def test_prepared_round_trip(tmp_path, archive, ds):
+    mean, std = channel_stats(ds.train_x)
+    out = tmp_path / "prepared.npz"
+    save_prepared(out, ds, mean, std)
+    assert [p.name for p in tmp_path.iterdir()] == ["prepared.npz"]  # no temp file left
+    got = load_cifar10(out)
+    for k in ("train_x", "train_y", "test_x", "test_y"):
+        a, b = getattr(got, k), getattr(ds, k)
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    assert got.classes == ds.classes
+    m, s = load_prepared_stats(out)
+    np.testing.assert_array_equal(m, mean)
+    np.testing.assert_array_equal(s, std)
+    assert load_prepared_stats(archive) is None  # not a prepared file: compute stats instead
+
+
+def test_save_prepared_is_atomic(tmp_path, ds, monkeypatch):
+    out = tmp_path / "prepared.npz"
+    save_prepared(out, ds, [0.5] * 3, [0.25] * 3)
+    before = out.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("simulated crash while writing")
+    monkeypatch.setattr(np, "savez", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_prepared(out, ds, [0.1] * 3, [0.2] * 3)
+    assert out.read_bytes() == before  # the old file is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["prepared.npz"]
+
+
+# ----------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------
+
+def test_nonexistent_path(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_cifar10(tmp_path / "nope.tar.gz")
+
+
+def test_truncated_archive(tmp_path, archive):
+    data = archive.read_bytes()
+    bad = tmp_path / "cut.tar.gz"
+    bad.write_bytes(data[:len(data) // 2])
+    with pytest.raises(DatasetError, match="truncated or corrupt.*md5"):
+        load_cifar10(bad)
+
+
+def test_corrupt_archive(tmp_path):
+    bad = tmp_path / "junk.tar.gz"
+    bad.write_bytes(np.random.default_rng(0).bytes(100_000))
+    with pytest.raises(DatasetError, match="truncated or corrupt"):
+        load_cifar10(bad)
+
+
+def test_flipped_bytes_are_detected(tmp_path, archive):
+    data = bytearray(archive.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside the deflate data
+    bad = tmp_path / "flipped.tar.gz"
+    bad.write_bytes(data)
+    with pytest.raises(DatasetError, match="corrupt"):
+        load_cifar10(bad)
+    data = bytearray(archive.read_bytes())
+    data[-8] ^= 0x01  # the gzip trailer's CRC-32: members decode fine, only the CRC tells
+    bad.write_bytes(data)
+    with pytest.raises(DatasetError, match="CRC check failed"):
+        load_cifar10(bad)
+
+
+def test_corrupt_prepared_file(tmp_path, ds):
+    out = tmp_path / "prepared.npz"
+    save_prepared(out, ds, [0.5] * 3, [0.25] * 3)
+    out.write_bytes(out.read_bytes()[:100_000])
+    with pytest.raises(DatasetError, match="prepared.npz"):
+        load_cifar10(out)
+
+
+def test_missing_member(tmp_path, archive):
+    members = read_members(archive)
+    del members[member("data_batch_3")]
+    bad = write_members(tmp_path / "bad.tar.gz", members)
+    with pytest.raises(DatasetError, match="cifar-10-batches-py/data_batch_3 missing"):
+        load_cifar10(bad)
+
+
+def test_missing_member_in_folder(tmp_path, archive):
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path, filter="data")
+    (tmp_path / "cifar-10-batches-py" / "test_batch").unlink()
+    with pytest.raises(DatasetError, match="test_batch missing"):
+        load_cifar10(tmp_path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda b: b.update({b"data": b[b"data"][:, :3071]}), r"data_batch_2: data is uint8 \(100, 3071\)"),
+    (lambda b: b.update({b"data": b[b"data"].astype(np.float32)}), "expected uint8"),
+    (lambda b: b[b"labels"].__setitem__(7, 10), r"data_batch_2: labels out of range 0\.\.9"),
+    (lambda b: b[b"labels"].__setitem__(7, -1), "labels out of range"),
+    (lambda b: b[b"labels"].pop(), "99 labels for 100 images"),
+    (lambda b: b.pop(b"data"), "no b'data' entry"),
+])
+def test_malformed_batch(tmp_path, archive, edit, message):
+    members = read_members(archive)
+    edit(members[member("data_batch_2")])
+    bad = write_members(tmp_path / "bad.tar.gz", members)
+    with pytest.raises(DatasetError, match=message):
+        load_cifar10(bad)
+
+
+def test_wrong_class_names(tmp_path, archive):
+    members = read_members(archive)
+    members[member("batches.meta")][b"label_names"].pop()
+    with pytest.raises(DatasetError, match="9 class names"):
+        load_cifar10(write_members(tmp_path / "bad.tar.gz", members))
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+        return (os.getcwd, ())
+
+
+def test_unsafe_pickle_is_refused(tmp_path, archive):
+    members = read_members(archive)
+    members[member("batches.meta")][b"payload"] = _Evil()
+    with pytest.raises(DatasetError, match="refusing to load"):
+        load_cifar10(write_members(tmp_path / "bad.tar.gz", members))
+
+
+# ----------------------------------------------------------------------------
+# Statistics and normalization
+# ----------------------------------------------------------------------------
+
+def test_channel_stats_matches_float64(ds):
+    ref = ds.train_x.astype(np.float64) / 255
+    mean, std = channel_stats(ds.train_x, chunk=37)  # odd chunk: exercises the remainder
+    assert mean.shape == std.shape == (3,) and mean.dtype == std.dtype == np.float64
+    np.testing.assert_allclose(mean, ref.mean(axis=(0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(std, ref.std(axis=(0, 2, 3)), rtol=1e-12)
+
+
+def test_channel_stats_rejects_floats(ds):
+    with pytest.raises(DatasetError, match="uint8"):
+        channel_stats(ds.train_x.astype(np.float32))
+
+
+def test_normalize(ds):
+    mean, std = channel_stats(ds.train_x)
+    z = normalize(ds.train_x, mean, std)
+    assert z.dtype == np.float32 and z.shape == ds.train_x.shape
+    np.testing.assert_allclose(z.mean(axis=(0, 2, 3), dtype=np.float64), 0, atol=1e-5)
+    np.testing.assert_allclose(z.std(axis=(0, 2, 3), dtype=np.float64), 1, atol=1e-5)
+    ref = (ds.train_x[:5] / 255 - mean[:, None, None]) / std[:, None, None]
+    np.testing.assert_allclose(z[:5], ref, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# Augmentation
+# ----------------------------------------------------------------------------
+
+def crop_offsets(img, out):
+    """All (flip, dy, dx) such that `out` is that crop of the zero-padded (flipped) `img`."""
+    hits = []
+    for flip in (False, True):
+        src = img[:, :, ::-1] if flip else img
+        padded = np.pad(src, ((0, 0), (4, 4), (4, 4)))
+        win = np.lib.stride_tricks.sliding_window_view(padded, (32, 32), axis=(1, 2))  # (3,9,9,32,32)
+        match = (win == out[:, None, None]).all(axis=(0, 3, 4))  # (9, 9) over all 81 offsets
+        # A flipped crop at offset dx of the flipped image is the crop at 8 - dx, then flipped.
+        hits += [(flip, dy, 8 - dx if flip else dx) for dy, dx in zip(*np.nonzero(match))]
+    return hits
+
+
+def test_augment_outputs_are_padded_crops(ds):
+    x = ds.train_x[:40]
+    out = augment(x, np.random.default_rng(1))
+    assert out.shape == x.shape and out.dtype == np.uint8
+    found = [crop_offsets(x[i], out[i]) for i in range(len(x))]
+    assert all(found), "every output must be a crop of the padded, possibly flipped input"
+    # Noisy images are not symmetric, so each match is unique.
+    flips = [h[0][0] for h in found]
+    shifts = [h[0][1:] for h in found]
+    assert any(flips) and not all(flips)
+    assert any(s != (4, 4) for s in shifts)
+    assert len(set(shifts)) > 10
+
+
+def test_augment_pads_with_black():
+    x = np.full((200, 3, 32, 32), 255, np.uint8)
+    out = augment(x, np.random.default_rng(0))
+    # A shifted crop of an all-white image shows the zero padding on some rows/columns.
+    black = (out == 0).all(axis=1)
+    assert black.any() and set(np.unique(out)) == {0, 255}
+
+
+def test_augment_is_seeded(ds):
+    x = ds.train_x[:64]
+    a = augment(x, np.random.default_rng(5))
+    np.testing.assert_array_equal(a, augment(x, np.random.default_rng(5)))
+    assert not np.array_equal(a, augment(x, np.random.default_rng(6)))
+
+
+# ----------------------------------------------------------------------------
+# DataLoader
+# ----------------------------------------------------------------------------
+
+N_IDS = 103
+
+
+@pytest.fixture(scope="module")
+def id_data():
+    """Images whose pixel (0, 0) encodes their index, and labels."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(N_IDS, 3, 32, 32), dtype=np.uint8)
+    x[:, 0, 0, 0] = np.arange(N_IDS) % 256
+    x[:, 1, 0, 0] = np.arange(N_IDS) // 256
+    return x, rng.integers(0, 10, size=N_IDS)
+
+
+def ids_of(loader):
+    """Indices of the samples in iteration order (needs mean 0, std 1/255: identity)."""
+    batches = list(loader)
+    ids = np.concatenate([np.rint(xb[:, 0, 0, 0]) + 256 * np.rint(xb[:, 1, 0, 0])
+                          for xb, _ in batches]).astype(int)
+    return ids, batches
+
+
+def make_loader(id_data, **kw):
+    x, y = id_data
+    kw.setdefault("batch_size", 10)
+    return DataLoader(x, y, mean=[0, 0, 0], std=[1 / 255] * 3, **kw)
+
+
+def test_loader_batches(id_data):
+    loader = make_loader(id_data, shuffle=True)
+    assert len(loader) == 11 and loader.num_samples == N_IDS
+    _, batches = ids_of(loader)
+    assert [len(yb) for _, yb in batches] == [10] * 10 + [3]
+    for xb, yb in batches:
+        assert xb.dtype == np.float32 and xb.shape[1:] == (3, 32, 32) and yb.dtype == np.int64
+    dropped = make_loader(id_data, drop_last=True)
+    assert len(dropped) == 10 and [len(yb) for _, yb in dropped] == [10] * 10
+
+
+def test_loader_every_sample_once_with_its_label(id_data):
+    x, y = id_data
+    loader = make_loader(id_data, shuffle=True, seed=3)
+    ids, batches = ids_of(loader)
+    assert sorted(ids) == list(range(N_IDS))
+    np.testing.assert_array_equal(np.concatenate([yb for _, yb in batches]), y[ids])
+    np.testing.assert_array_equal(batches[0][0], normalize(x[ids[:10]], [0] * 3, [1 / 255] * 3))
+
+
+def test_loader_order_is_function_of_seed_and_epoch(id_data):
+    a, b = make_loader(id_data, shuffle=True, seed=7), make_loader(id_data, shuffle=True, seed=7)
+    a.set_epoch(3)
+    b.set_epoch(3)
+    ids3 = ids_of(a)[0]
+    np.testing.assert_array_equal(ids3, ids_of(b)[0])
+    np.testing.assert_array_equal(ids3, ids_of(a)[0])  # iterating again repeats the epoch
+    a.set_epoch(4)
+    assert not np.array_equal(ids3, ids_of(a)[0])
+    assert not np.array_equal(ids3, ids_of(make_loader(id_data, shuffle=True, seed=8))[0])
+
+
+def test_loader_without_shuffle_keeps_order(id_data):
+    loader = make_loader(id_data)
+    loader.set_epoch(5)
+    np.testing.assert_array_equal(ids_of(loader)[0], np.arange(N_IDS))
+
+
+def test_loader_augmented_resume_reproduces(ds):
+    mean, std = channel_stats(ds.train_x)
+
+    def epochs(loader, which):
+        out = []
+        for e in which:
+            loader.set_epoch(e)
+            out.append([(xb.copy(), yb.copy()) for xb, yb in loader])
+        return out
+
+    kw = dict(batch_size=64, shuffle=True, augment=True, mean=mean, std=std, seed=11)
+    full = epochs(DataLoader(ds.train_x, ds.train_y, **kw), [0, 1, 2])
+    resumed = epochs(DataLoader(ds.train_x, ds.train_y, **kw), [2])  # "restart" at epoch 2
+    for (xa, ya), (xb, yb) in zip(full[2], resumed[0]):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+    # Augmentation really changed the images relative to plain normalization.
+    plain = DataLoader(ds.train_x, ds.train_y, **{**kw, "augment": False})
+    plain.set_epoch(2)
+    xp, yp = next(iter(plain))
+    np.testing.assert_array_equal(yp, full[2][0][1])
+    assert not np.array_equal(xp, full[2][0][0])
+
+
+def test_loader_rejects_bad_input(id_data):
+    x, y = id_data
+    with pytest.raises(DatasetError, match="one label per image"):
+        DataLoader(x, y[:-1], 10, mean=[0] * 3, std=[1] * 3)
+    with pytest.raises(ValueError, match="batch_size"):
+        DataLoader(x, y, 0, mean=[0] * 3, std=[1] * 3)
+    with pytest.raises(DatasetError, match="uint8"):
+        DataLoader(x.astype(np.float32), y, 10, mean=[0] * 3, std=[1] * 3)
