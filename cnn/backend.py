@@ -72,6 +72,14 @@ class Backend:
     def transpose(self, a, axes):
         return a.transpose(axes)
 
+    def as_strided(self, a, shape, strides):
+        """A view of contiguous ``a`` with ``strides`` counted in elements (not bytes)."""
+        item = a.itemsize
+        return self.xp.lib.stride_tricks.as_strided(a, shape, tuple(s * item for s in strides))
+
+    def is_contiguous(self, a) -> bool:
+        return bool(a.flags.c_contiguous)
+
     # -- math -----------------------------------------------------------------------
     def sum(self, a, axis=None, keepdims=False):
         return a.sum(axis=axis, keepdims=keepdims)
@@ -81,6 +89,15 @@ class Backend:
 
     def max(self, a, axis=None, keepdims=False):
         return a.max(axis=axis, keepdims=keepdims)
+
+    def column_sums(self, a):
+        """a: (M, K) -> (K,). A matrix-vector product: BLAS is several times faster
+        (and multithreaded) than numpy's row-by-row reduction."""
+        return self.xp.ones(a.shape[0], dtype=a.dtype) @ a
+
+    def column_dots(self, a, b):
+        """a, b: (M, K) -> (K,) with out[k] = sum_m a[m, k] * b[m, k], without a temporary."""
+        return self.xp.einsum("mk,mk->k", a, b)
 
     def argmax(self, a, axis):
         return a.argmax(axis=axis)
@@ -200,6 +217,18 @@ class TorchBackend(Backend):
 
     def transpose(self, a, axes):
         return a.permute(axes)
+
+    def as_strided(self, a, shape, strides):
+        return a.as_strided(shape, strides)
+
+    def is_contiguous(self, a) -> bool:
+        return a.is_contiguous()
+
+    def column_sums(self, a):
+        return a.sum(dim=0)
+
+    def column_dots(self, a, b):
+        return (a * b).sum(dim=0)
 
     def sum(self, a, axis=None, keepdims=False):
         return a.sum() if axis is None else a.sum(dim=axis, keepdim=keepdims)

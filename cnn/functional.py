@@ -51,33 +51,34 @@ def pad_channels_last(x, padding: int, value: float = 0.0):
 def im2col(x, kernel_size: tuple[int, int], stride: int, padding: int):
     """Unfold every convolution patch of ``x`` into a row.
 
-    x: (N, C, H, W) -> cols: (N, Ho, Wo, kh, kw, C), contiguous, so that
-    ``cols.reshape(N * Ho * Wo, kh * kw * C)`` is a free view. One strided copy per
-    kernel offset (kh * kw copies in all); no loop over images or pixels.
+    x: (N, C, H, W) -> cols: (N * Ho * Wo, kh * kw * C), rows ordered (n, ho, wo) and
+    columns (i, j, c). In channels-last memory the kw * C values of one kernel row are
+    contiguous, so a strided view of the padded input turns into ``cols`` in a single copy
+    with long contiguous runs; no loop over images, pixels or kernel offsets.
     """
     B = backend_of(x)
     kh, kw = kernel_size
     n, c, h, w = x.shape
     ho = conv_output_size(h, kh, stride, padding)
     wo = conv_output_size(w, kw, stride, padding)
-    xp = pad_channels_last(x, padding)
-    cols = B.empty((n, ho, wo, kh, kw, c), dtype=B.dtype_name(x))
-    for i in range(kh):
-        for j in range(kw):
-            cols[:, :, :, i, j, :] = xp[:, window(i, ho, stride), window(j, wo, stride), :]
-    return cols
+    xp = B.contiguous(pad_channels_last(x, padding))  # (N, Hp, Wp, C)
+    sn, sh, sw = xp.shape[1] * xp.shape[2] * c, xp.shape[2] * c, c
+    patches = B.as_strided(xp, (n, ho, wo, kh, kw, c), (sn, sh * stride, sw * stride, sh, sw, 1))
+    return patches.reshape(n * ho * wo, kh * kw * c)
 
 
 def col2im(cols, input_shape, kernel_size: tuple[int, int], stride: int, padding: int):
     """Adjoint of :func:`im2col`: sum every patch gradient back onto the input grid.
 
-    cols: (N, Ho, Wo, kh, kw, C) -> (N, C, H, W) (a channels-last view). Overlapping
+    cols: (N * Ho * Wo, kh * kw * C) -> (N, C, H, W) (a channels-last view). Overlapping
     patches are summed by one strided add per kernel offset, not by a scatter-add.
     """
     B = backend_of(cols)
     n, c, h, w = input_shape
     kh, kw = kernel_size
-    _, ho, wo = cols.shape[:3]
+    ho = conv_output_size(h, kh, stride, padding)
+    wo = conv_output_size(w, kw, stride, padding)
+    cols = cols.reshape(n, ho, wo, kh, kw, c)
     grad = B.zeros((n, h + 2 * padding, w + 2 * padding, c), dtype=B.dtype_name(cols))
     for i in range(kh):
         for j in range(kw):

@@ -66,9 +66,10 @@ class Conv2d(Module):
     def forward(self, x):
         _check_input(self, x, 4, self.in_channels)
         B = backend_of(x)
-        cols = F.im2col(x, self.kernel_size, self.stride, self.padding)
-        n, ho, wo = cols.shape[:3]
-        cols2d = cols.reshape(n * ho * wo, -1)
+        n = x.shape[0]
+        ho = F.conv_output_size(x.shape[2], self.kernel_size[0], self.stride, self.padding)
+        wo = F.conv_output_size(x.shape[3], self.kernel_size[1], self.stride, self.padding)
+        cols2d = F.im2col(x, self.kernel_size, self.stride, self.padding)
         w2d = self._weight_matrix(B)
         out = cols2d @ w2d.T  # (N*Ho*Wo, F): channels-last output, no transpose needed
         if self.bias is not None:
@@ -84,12 +85,11 @@ class Conv2d(Module):
         dw = (g.T @ cols2d).reshape(-1, kh, kw, x_shape[1])  # (F, kh, kw, C)
         self.weight.grad = B.contiguous(B.transpose(dw, (0, 3, 1, 2)))
         if self.bias is not None:
-            self.bias.grad = B.sum(g, axis=0)
+            self.bias.grad = B.column_sums(g)
         self.cache = None
         if not self.input_grad:
             return None
-        dcols = (g @ w2d).reshape(n, ho, wo, kh, kw, x_shape[1])
-        return F.col2im(dcols, x_shape, self.kernel_size, self.stride, self.padding)
+        return F.col2im(g @ w2d, x_shape, self.kernel_size, self.stride, self.padding)
 
 
 class Linear(Module):
@@ -118,7 +118,7 @@ class Linear(Module):
         B = backend_of(grad_out)
         self.weight.grad = grad_out.T @ x
         if self.bias is not None:
-            self.bias.grad = B.sum(grad_out, axis=0)
+            self.bias.grad = B.column_sums(grad_out)
         return grad_out @ self.weight.data
 
 
@@ -146,49 +146,55 @@ class BatchNorm2d(Module):
     def forward(self, x):
         _check_input(self, x, 4, self.num_features)
         B = backend_of(x)
-        axes = (0, 2, 3)
+        n, c, h, w = x.shape
+        x2 = _channels_last_2d(x)  # (M, C), M = N * H * W
+        m = x2.shape[0]
         if self.training:
-            m = x.shape[0] * x.shape[2] * x.shape[3]
             if m < 2:
                 raise ValueError("BatchNorm2d in train mode needs more than one value per "
                                  f"channel, got input shape {tuple(x.shape)}")
-            mean = B.mean(x, axis=axes)
-            xc = x - mean[:, None, None]
-            var = B.mean(xc * xc, axis=axes)
+            mean = B.column_sums(x2) / m
+            xc = x2 - mean
+            var = B.column_dots(xc, xc) / m
             mom = self.momentum
             self.running_mean = (1 - mom) * self.running_mean + mom * mean
             self.running_var = (1 - mom) * self.running_var + mom * var * (m / (m - 1))
             self.num_batches_tracked = self.num_batches_tracked + 1
         else:
             mean, var = self.running_mean, self.running_var
-            xc = x - mean[:, None, None]
+            xc = x2 - mean
         inv_std = 1.0 / B.sqrt(var + self.eps)
-        out = xc * (self.weight.data * inv_std)[:, None, None]
-        out += self.bias.data[:, None, None]
+        out = xc * (self.weight.data * inv_std)
+        out += self.bias.data
         self.cache = (xc, inv_std, self.training)
-        return out
+        return B.transpose(out.reshape(n, h, w, c), (0, 3, 1, 2))
 
     def backward(self, grad_out):
         xc, inv_std, batch_stats = self.cache
         self.cache = None
         B = backend_of(grad_out)
-        axes = (0, 2, 3)
-        gamma = self.weight.data
-        dbeta = B.sum(grad_out, axis=axes)
-        dgamma = B.sum(grad_out * xc, axis=axes) * inv_std  # sum(grad * x_hat)
+        n, c, h, w = grad_out.shape
+        g = _channels_last_2d(grad_out)
+        dbeta = B.column_sums(g)
+        dgamma = B.column_dots(g, xc) * inv_std  # sum(grad * x_hat)
         self.weight.grad, self.bias.grad = dgamma, dbeta
-        scale = gamma * inv_std
-        if not batch_stats:
-            return grad_out * scale[:, None, None]
-        # dx = scale * (g - mean(g) - x_hat * mean(g * x_hat)), written as a*g + b*xc + c
-        # so that no normalised copy of x needs to be kept or rebuilt.
-        m = grad_out.shape[0] * grad_out.shape[2] * grad_out.shape[3]
-        b = -scale * inv_std * dgamma / m
-        c = -scale * dbeta / m
-        dx = grad_out * scale[:, None, None]
-        dx += xc * b[:, None, None]
-        dx += c[:, None, None]
-        return dx
+        scale = self.weight.data * inv_std
+        if batch_stats:
+            # dx = scale * (g - mean(g) - x_hat * mean(g * x_hat)), written as a*g + b*xc + c
+            # so that no normalised copy of x is kept or rebuilt.
+            m = g.shape[0]
+            dx = g * scale
+            dx += xc * (-scale * inv_std * dgamma / m)
+            dx -= scale * dbeta / m
+        else:
+            dx = g * scale
+        return B.transpose(dx.reshape(n, h, w, c), (0, 3, 1, 2))
+
+
+def _channels_last_2d(x):
+    """x: (N, C, H, W) -> (N * H * W, C): a free view when x is channels-last in memory."""
+    B = backend_of(x)
+    return B.transpose(x, (0, 2, 3, 1)).reshape(-1, x.shape[1])
 
 
 class ReLU(Module):
@@ -203,6 +209,8 @@ class ReLU(Module):
 
 
 class _Pool2d(Module):
+    """Pooling over kernel offsets: one strided slice of the channels-last input per offset."""
+
     def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__()
         self.kernel_size = _pair(kernel_size)
@@ -223,41 +231,48 @@ class _Pool2d(Module):
         return [(F.window(i, ho, self.stride), F.window(j, wo, self.stride))
                 for i in range(kh) for j in range(kw)]
 
-    def _padded(self, x, value):
-        if not self.padding:
-            return x
-        return backend_of(x).transpose(F.pad_channels_last(x, self.padding, value), (0, 3, 1, 2))
+    def _scatter(self, parts, x_shape):
+        """Adjoint of slicing: (N, Ho, Wo, C) gradients per offset -> (N, C, H, W)."""
+        B = backend_of(parts[0])
+        n, c, h, w = x_shape
+        p = self.padding
+        grad = B.zeros((n, h + 2 * p, w + 2 * p, c), dtype=B.dtype_name(parts[0]))
+        overlap = self.stride < max(self.kernel_size)
+        for (rows, cols), part in zip(self._windows(x_shape), parts):
+            if overlap:
+                grad[:, rows, cols, :] += part
+            else:  # windows tile the input: each position is written once
+                grad[:, rows, cols, :] = part
+        return B.transpose(grad[:, p:p + h, p:p + w, :], (0, 3, 1, 2))
 
 
 class MaxPool2d(_Pool2d):
     """x: (N, C, H, W) -> (N, C, Ho, Wo); the gradient goes to the first maximum of each
-    window, exactly as in PyTorch (ties included)."""
+    window in row-major order, exactly as in PyTorch (ties included)."""
 
     def forward(self, x):
         _check_input(self, x, 4)
         B = backend_of(x)
-        xp = self._padded(x, -float("inf"))
+        xp = F.pad_channels_last(x, self.padding, -float("inf"))  # (N, Hp, Wp, C)
         offsets = self._windows(x.shape)
-        out = B.copy(xp[:, :, offsets[0][0], offsets[0][1]])
+        rows, cols = offsets[0]
+        out = B.copy(xp[:, rows, cols, :])
         argmax = B.zeros(out.shape, dtype="uint8")
         for k, (rows, cols) in enumerate(offsets[1:], start=1):
-            candidate = xp[:, :, rows, cols]
+            candidate = xp[:, rows, cols, :]
             better = candidate > out  # strict: an earlier offset keeps ties
-            out = B.where(better, candidate, out)
-            argmax = B.where(better, k, argmax)
-        self.cache = (argmax, xp, tuple(x.shape))
-        return out
+            out = B.maximum(out, candidate)
+            argmax += better * (k - argmax)  # = where(better, k, argmax); arithmetic is faster
+        self.cache = (argmax, tuple(x.shape))
+        return B.transpose(out, (0, 3, 1, 2))
 
     def backward(self, grad_out):
-        argmax, xp, x_shape = self.cache
+        argmax, x_shape = self.cache
         self.cache = None
         B = backend_of(grad_out)
-        offsets = self._windows(x_shape)
-        grad = B.zeros_like(xp)
-        for k, (rows, cols) in enumerate(offsets):
-            grad[:, :, rows, cols] += B.where(argmax == k, grad_out, 0)
-        p = self.padding
-        return grad[:, :, p:p + x_shape[2], p:p + x_shape[3]] if p else grad
+        g = B.transpose(grad_out, (0, 2, 3, 1))
+        parts = [g * (argmax == k) for k in range(len(self._windows(x_shape)))]
+        return self._scatter(parts, x_shape)
 
 
 class AvgPool2d(_Pool2d):
@@ -265,26 +280,22 @@ class AvgPool2d(_Pool2d):
 
     def forward(self, x):
         _check_input(self, x, 4)
-        xp = self._padded(x, 0.0)
+        xp = F.pad_channels_last(x, self.padding, 0.0)
         offsets = self._windows(x.shape)
-        out = xp[:, :, offsets[0][0], offsets[0][1]] * 1.0
-        for rows, cols in offsets[1:]:
-            out += xp[:, :, rows, cols]
+        out = None
+        for rows, cols in offsets:
+            out = xp[:, rows, cols, :] * 1.0 if out is None else out + xp[:, rows, cols, :]
         out /= len(offsets)
-        self.cache = (xp, tuple(x.shape))
-        return out
+        self.cache = tuple(x.shape)
+        return backend_of(x).transpose(out, (0, 3, 1, 2))
 
     def backward(self, grad_out):
-        xp, x_shape = self.cache
+        x_shape = self.cache
         self.cache = None
         B = backend_of(grad_out)
-        offsets = self._windows(x_shape)
-        g = grad_out / len(offsets)
-        grad = B.zeros_like(xp)
-        for rows, cols in offsets:
-            grad[:, :, rows, cols] += g
-        p = self.padding
-        return grad[:, :, p:p + x_shape[2], p:p + x_shape[3]] if p else grad
+        k = len(self._windows(x_shape))
+        g = B.transpose(grad_out, (0, 2, 3, 1)) / k
+        return self._scatter([g] * k, x_shape)
 
 
 class GlobalAvgPool2d(Module):

@@ -1,0 +1,75 @@
+"""Checkpoints: one ``.npz`` that PyTorch can read, written atomically.
+
+Layout: the model's ``state_dict`` under PyTorch's own key names (``0.weight``,
+``3.bn1.running_var``, ...), the optimizer state under ``optimizer/<key>``, and a JSON
+document under ``meta`` (model name, epoch, normalisation statistics, config, history).
+Loading the weights into the ``torch.nn`` twin::
+
+    ck = cnn.checkpoint.load_checkpoint("runs/x/best.npz")
+    twin.load_state_dict({k: torch.from_numpy(v) for k, v in ck.model_state.items()})
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = 1
+_OPTIM = "optimizer/"
+_META = "meta"
+
+
+@dataclass
+class Checkpoint:
+    model_state: dict[str, np.ndarray]
+    optimizer_state: dict[str, np.ndarray] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+
+def save_checkpoint(path, model_state: dict, meta: dict, optimizer_state: dict | None = None) -> Path:
+    """Write a checkpoint so that a reader never sees a half-written file: the data goes
+    to a temporary file in the same folder, is flushed to disk, and is renamed over
+    ``path`` in one step (a kill at any moment leaves the previous checkpoint intact)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = dict(model_state)
+    for key, value in (optimizer_state or {}).items():
+        arrays[_OPTIM + key] = value
+    arrays[_META] = np.array(json.dumps({"format_version": FORMAT_VERSION, **meta}))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path) -> Checkpoint:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError, EOFError) as err:
+        raise ValueError(f"{path} is not a readable checkpoint ({err}); "
+                         "re-create it by training again") from err
+    if _META not in arrays:
+        raise ValueError(f"{path} has no '{_META}' entry: not a checkpoint written by cnn")
+    meta = json.loads(str(arrays.pop(_META)))
+    optimizer = {k[len(_OPTIM):]: arrays.pop(k) for k in list(arrays) if k.startswith(_OPTIM)}
+    return Checkpoint(model_state=arrays, optimizer_state=optimizer, meta=meta)
+
+
+def read_meta(path) -> dict:
+    """The checkpoint's metadata (model name, epoch, test accuracy, config, history)."""
+    return load_checkpoint(path).meta

@@ -1,0 +1,293 @@
+"""Training loop and command line.
+
+    python -m cnn.train --model simple --epochs 5 --backend numpy
+
+Each epoch prints one line (``Epoch   3/5 | Loss: ... | Time: 59.2s``) after a tqdm bar,
+writes ``last.npz`` (for ``--resume``) and, when the test accuracy improves, ``best.npz``.
+Everything random in an epoch (shuffle, augmentation, dropout) is a function of
+(seed, epoch), so a run resumed from ``last.npz`` ends with exactly the weights of an
+uninterrupted run.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from tqdm import tqdm
+
+from cnn.backend import BACKENDS, DEVICES, Backend, get_backend, manual_seed
+from cnn.checkpoint import load_checkpoint, save_checkpoint
+from cnn.data import DataLoader, channel_stats, load_cifar10, load_prepared_stats
+from cnn.functional import softmax_cross_entropy
+from cnn.models import MODELS, build_model
+from cnn.module import Module
+from cnn.optim import OPTIMIZERS, SCHEDULES, SGD, Adam, Optimizer, lr_at
+
+EVAL_BATCH_SIZE = 500
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss became NaN); the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    model: str = "simple"
+    epochs: int = 5
+    augment: bool = False
+    schedule: str = "none"
+    milestones: list[int] = field(default_factory=lambda: [30, 40])
+    gamma: float = 0.1
+    early_stop: int = 0
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    batch_size: int = 64
+    seed: int = 0
+    backend: str = "numpy"
+    device: str = "auto"
+    data: str = "data/raw/cifar-10-python.tar.gz"
+    out: str = "runs/cli"
+    resume: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field and what it accepts."""
+        choices = {"model": MODELS, "schedule": SCHEDULES, "optimizer": OPTIMIZERS,
+                   "backend": BACKENDS, "device": DEVICES}
+        for key, allowed in choices.items():
+            value = getattr(self, key)
+            if value not in allowed and not (key == "device" and str(value).startswith("cuda:")):
+                raise ValueError(f"{key}: unknown value {value!r}; choose one of {', '.join(allowed)}")
+        for key in ("epochs", "batch_size"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{key}: must be a positive integer, got {value!r}")
+        if not isinstance(self.early_stop, int) or self.early_stop < 0:
+            raise ValueError(f"early_stop: must be an integer >= 0 (0 = off), got {self.early_stop!r}")
+        for key in ("lr", "momentum", "weight_decay", "gamma"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"{key}: must be a number, got {value!r}")
+        if self.lr <= 0:
+            raise ValueError(f"lr: must be positive, got {self.lr!r}")
+        if self.momentum < 0 or self.weight_decay < 0 or self.gamma <= 0:
+            raise ValueError("momentum and weight_decay must be >= 0 and gamma > 0")
+
+
+@dataclass
+class TrainResult:
+    history: list[dict]
+    best_test_acc: float
+    best_epoch: int
+    best_checkpoint: Path
+    last_checkpoint: Path
+    stopped_early: bool
+    device: str
+
+
+def make_optimizer(config: TrainConfig, model: Module) -> Optimizer:
+    if config.optimizer == "adam":
+        return Adam(model.parameters(), config.lr, betas=config.betas,
+                    weight_decay=config.weight_decay)
+    return SGD(model.parameters(), config.lr, momentum=config.momentum,
+               nesterov=config.nesterov, weight_decay=config.weight_decay)
+
+
+def predict(model: Module, x: np.ndarray, batch_size: int = EVAL_BATCH_SIZE,
+            backend: Backend | None = None) -> np.ndarray:
+    """Class predictions (N,) int64 for normalised images x: (N, 3, 32, 32) float32."""
+    B = backend or _model_backend(model)
+    model.eval()
+    preds = [B.to_numpy(B.argmax(model(B.asarray(x[i:i + batch_size])), axis=1))
+             for i in range(0, len(x), batch_size)]
+    return np.concatenate(preds).astype(np.int64)
+
+
+def evaluate(model: Module, loader: DataLoader, B: Backend) -> float:
+    """Accuracy over a loader, counted on the device and read back once."""
+    model.eval()
+    correct = 0
+    for xb, yb in loader:
+        correct = correct + B.sum(B.argmax(model(B.asarray(xb)), axis=1) == B.asarray(yb))
+    return B.item(correct) / loader.num_samples
+
+
+def load_model(checkpoint_path, backend: str = "numpy", device: str = "auto") -> Module:
+    """The model stored in a checkpoint, on the given backend, in eval mode."""
+    ck = load_checkpoint(checkpoint_path)
+    model = build_model(ck.meta["model"]).to(get_backend(backend, device))
+    model.load_state_dict(ck.model_state)
+    return model.eval()
+
+
+def _model_backend(model: Module) -> Backend:
+    from cnn.backend import backend_of
+
+    return backend_of(model.parameters()[0].data)
+
+
+def fit(config: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train ``config.model`` on CIFAR-10 at ``config.data``; see the module docstring."""
+    config.validate()
+    B = get_backend(config.backend, config.device)
+    ds = load_cifar10(config.data)
+    stats = load_prepared_stats(config.data) if str(config.data).endswith(".npz") else None
+    mean, std = stats if stats is not None else channel_stats(ds.train_x)
+
+    manual_seed(config.seed)
+    model = build_model(config.model).to(B)
+    optimizer = make_optimizer(config, model)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    last_path, best_path = out / "last.npz", out / "best.npz"
+
+    history: list[dict] = []
+    best_acc, best_epoch, bad_epochs, start = -1.0, 0, 0, 0
+    if config.resume and last_path.exists():
+        ck = load_checkpoint(last_path)
+        if ck.meta["model"] != config.model:
+            raise ValueError(f"{last_path} holds a {ck.meta['model']!r} model, not {config.model!r}: "
+                             "use another --out or drop --resume")
+        model.load_state_dict(ck.model_state)
+        optimizer.load_state_dict(ck.optimizer_state)
+        history = ck.meta["history"]
+        start, bad_epochs = ck.meta["epoch"], ck.meta["bad_epochs"]
+        best_acc, best_epoch = ck.meta["best_test_acc"], ck.meta["best_epoch"]
+        tqdm.write(f"Resuming {config.model} from {last_path} after epoch {start}")
+
+    train_loader = DataLoader(ds.train_x, ds.train_y, config.batch_size, shuffle=True,
+                              augment=config.augment, mean=mean, std=std, seed=config.seed)
+    test_loader = DataLoader(ds.test_x, ds.test_y, EVAL_BATCH_SIZE, mean=mean, std=std)
+    meta = {"model": config.model, "classes": ds.classes, "mean": list(map(float, mean)),
+            "std": list(map(float, std)), "config": asdict(config), "device": repr(B)}
+
+    stopped_early = False
+    for epoch in range(start, config.epochs):
+        optimizer.lr = lr_at(epoch, config.lr, config.schedule, config.epochs,
+                             config.milestones, config.gamma)
+        train_loader.set_epoch(epoch)
+        B.seed([config.seed, epoch])  # dropout masks of this epoch
+        started = time.perf_counter()
+        loss, train_acc = _train_epoch(model, optimizer, train_loader, B, epoch, config)
+        test_acc = evaluate(model, test_loader, B)
+        seconds = time.perf_counter() - started
+        metrics = {"epoch": epoch + 1, "loss": loss, "train_acc": train_acc, "test_acc": test_acc,
+                   "lr": optimizer.lr, "seconds": seconds}
+        history.append(metrics)
+        if test_acc > best_acc:
+            best_acc, best_epoch, bad_epochs = test_acc, epoch + 1, 0
+        else:
+            bad_epochs += 1
+        state = {**meta, "epoch": epoch + 1, "test_acc": test_acc, "best_test_acc": best_acc,
+                 "best_epoch": best_epoch, "bad_epochs": bad_epochs, "history": history}
+        model_state = model.state_dict()
+        if best_epoch == epoch + 1:
+            save_checkpoint(best_path, model_state, state)
+        save_checkpoint(last_path, model_state, state, optimizer.state_dict())
+        tqdm.write(f"Epoch {epoch + 1:3d}/{config.epochs} | Loss: {loss:.4f} | Train: {train_acc:.4f} | "
+                   f"Test: {test_acc:.4f} | LR: {optimizer.lr:.6f} | Time: {seconds:.1f}s")
+        if on_epoch_end is not None:
+            on_epoch_end(dict(metrics))
+        if config.early_stop and bad_epochs >= config.early_stop:
+            tqdm.write(f"Early stop: no better test accuracy for {bad_epochs} epochs "
+                       f"(best {best_acc:.4f} at epoch {best_epoch})")
+            stopped_early = True
+            break
+    return TrainResult(history, best_acc, best_epoch, best_path, last_path, stopped_early, repr(B))
+
+
+def _train_epoch(model, optimizer, loader, B, epoch, config) -> tuple[float, float]:
+    """One pass over the training set; returns (mean loss, accuracy).
+
+    Loss and accuracy are summed on the device and read once at the end, so a GPU step
+    never waits for the host; the bar's loss figure is refreshed every 50 steps.
+    """
+    model.train()
+    loss_sum, correct = 0.0, 0
+    bar = tqdm(loader, desc=f"Epoch {epoch + 1}/{config.epochs}", leave=False,
+               disable=not config.progress, unit="batch", dynamic_ncols=True)
+    for step, (xb, yb) in enumerate(bar):
+        xb, yb = B.asarray(xb), B.asarray(yb)
+        logits = model(xb)
+        loss, grad = softmax_cross_entropy(logits, yb)
+        model.backward(grad)
+        optimizer.step()
+        loss_sum = loss_sum + loss * len(yb)
+        correct = correct + B.sum(B.argmax(logits, axis=1) == yb)
+        if step % 50 == 0:
+            value = B.item(loss)
+            if not math.isfinite(value):
+                _diverged(value, epoch)
+            bar.set_postfix(loss=f"{value:.4f}")
+    mean_loss = B.item(loss_sum) / loader.num_samples
+    if not math.isfinite(mean_loss):
+        _diverged(mean_loss, epoch)
+    return mean_loss, B.item(correct) / loader.num_samples
+
+
+def _diverged(value: float, epoch: int):
+    raise TrainingError(f"the training loss became {value} in epoch {epoch + 1}: the run diverged. "
+                        "Lower --lr (or use --schedule); the last good checkpoint (last.npz) is kept.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="python -m cnn.train", description="Train a hand-written CNN on CIFAR-10.")
+    p.add_argument("--model", choices=list(MODELS), default=d.model)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--augment", action="store_true", help="random crop (4-pixel padding) and horizontal flip")
+    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)
+    p.add_argument("--milestones", type=int, nargs="+", default=d.milestones, help="epochs of the step schedule")
+    p.add_argument("--gamma", type=float, default=d.gamma, help="LR factor at each milestone")
+    p.add_argument("--early-stop", type=int, default=d.early_stop, metavar="N",
+                   help="stop after N epochs without a better test accuracy (0 = off)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument("--nesterov", action="store_true")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--backend", choices=BACKENDS, default=d.backend)
+    p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--data", default=d.data,
+                   help="cifar-10-python.tar.gz, its extracted folder, or a prepared .npz")
+    p.add_argument("--out", default=None, help="checkpoint folder (default runs/<model>)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/last.npz")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    config = TrainConfig(
+        model=args.model, epochs=args.epochs, augment=args.augment, schedule=args.schedule,
+        milestones=args.milestones, gamma=args.gamma, early_stop=args.early_stop,
+        optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
+        weight_decay=args.weight_decay, batch_size=args.batch_size, seed=args.seed,
+        backend=args.backend, device=args.device, data=args.data,
+        out=args.out or f"runs/{args.model}", resume=args.resume, progress=not args.no_progress)
+    from cnn.data import DatasetError
+
+    try:
+        result = fit(config)
+    except (ValueError, DatasetError, TrainingError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"Best test accuracy {result.best_test_acc:.4f} at epoch {result.best_epoch} "
+          f"on {result.device}; checkpoint {result.best_checkpoint}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
