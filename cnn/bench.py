@@ -1,0 +1,148 @@
+"""Training-step benchmark: the hand-written engine against native PyTorch.
+
+    python -m cnn.bench                                   # CPU: numpy, torch, native
+    python -m cnn.bench --device cuda --engines torch cupy native --batch-sizes 64 512
+
+One full SGD step (forward, loss, backward, update) on random data is timed for each
+model, engine and batch size. ``native`` is the equivalent ``torch.nn`` model with autograd
+and ``torch.optim.SGD``: the baseline. Every case runs in a fresh subprocess, one after the
+other, so its peak memory is its own and no case warms caches for another. The figure per
+case is the best of ``--repeats`` blocks of ``--steps`` steps (mean time per step within a
+block), the usual way to measure on a machine that other work may disturb.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+TRAIN_IMAGES = 50_000
+
+
+def _time_case(model_name: str, engine: str, device: str, batch_size: int, steps: int,
+               repeats: int, warmup: int) -> dict:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch_size, 3, 32, 32)).astype(np.float32)
+    y = rng.integers(0, 10, batch_size)
+    if engine == "native":
+        import torch
+
+        from cnn.torch_twins import torch_twin
+
+        torch.set_grad_enabled(True)
+        dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+        model = torch_twin(model_name).to(dev).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+        xb, yb = torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(xb), yb).backward()
+            opt.step()
+
+        def sync():
+            if dev.startswith("cuda"):
+                torch.cuda.synchronize()
+        where = f"torch.nn {dev}"
+    else:
+        from cnn import build_model, get_backend
+        from cnn.functional import softmax_cross_entropy
+        from cnn.optim import SGD
+
+        B = get_backend(engine, device)
+        model = build_model(model_name).to(B).train()
+        opt = SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+        xb, yb = B.asarray(x), B.asarray(y)
+
+        def step():
+            _, grad = softmax_cross_entropy(model(xb), yb)
+            model.backward(grad)
+            opt.step()
+
+        sync = B.synchronize
+        where = repr(B)
+    for _ in range(warmup):
+        step()
+    sync()
+    blocks = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        blocks.append((time.perf_counter() - start) / steps)
+    result = {"model": model_name, "engine": engine, "where": where, "batch_size": batch_size,
+              "ms_per_step": 1000 * min(blocks), "ms_blocks": [1000 * b for b in blocks],
+              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if "cuda" in where:
+        import torch
+
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if engine == "cupy":
+        import cupy
+
+        result["peak_gpu_mb"] = cupy.get_default_memory_pool().total_bytes() / 2**20
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m cnn.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["simple", "resnet"], choices=["simple", "resnet"])
+    p.add_argument("--engines", nargs="+", default=["numpy", "torch", "native"],
+                   choices=["numpy", "torch", "cupy", "native"])
+    p.add_argument("--device", default="cpu", help="cpu | cuda | mps | auto (numpy always runs on the CPU)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[64])
+    p.add_argument("--steps", type=int, default=20, help="steps per timed block")
+    p.add_argument("--repeats", type=int, default=3, help="timed blocks; the best one counts")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
+    args = p.parse_args(argv)
+
+    if args.case:
+        model, engine, bs = args.case.split(":")
+        device = "cpu" if engine == "numpy" else args.device
+        print(json.dumps(_time_case(model, engine, device, int(bs), args.steps, args.repeats, args.warmup)))
+        return 0
+
+    results = []
+    for bs in args.batch_sizes:
+        for model in args.models:
+            for engine in args.engines:
+                cmd = [sys.executable, "-m", "cnn.bench", "--case", f"{model}:{engine}:{bs}",
+                       "--device", args.device, "--steps", str(args.steps),
+                       "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+                print(f"timing {model} on {engine}, batch {bs} ...", file=sys.stderr, flush=True)
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+                if proc.returncode != 0:
+                    print(f"{model} {engine} batch {bs}: failed\n{proc.stderr.strip()}", file=sys.stderr)
+                    continue
+                results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    print(f"{'model':7} {'batch':>5} {'engine':30} {'ms/step':>8} {'s/epoch':>8} "
+          f"{'x native':>8} {'peak RSS MB':>11} {'peak GPU MB':>11}")
+    for r in results:
+        _print_row(r, results)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+def _print_row(r: dict, results: list[dict]) -> None:
+    native = next((o for o in results if o["engine"] == "native" and o["model"] == r["model"]
+                   and o["batch_size"] == r["batch_size"]), None)
+    ratio = f"{r['ms_per_step'] / native['ms_per_step']:.2f}" if native else "-"
+    epoch_s = r["ms_per_step"] / 1000 * TRAIN_IMAGES / r["batch_size"]
+    gpu = f"{r['peak_gpu_mb']:.0f}" if "peak_gpu_mb" in r else "-"
+    print(f"{r['model']:7} {r['batch_size']:5d} {r['engine'] + ': ' + r['where']:30.30} "
+          f"{r['ms_per_step']:8.1f} {epoch_s:8.1f} {ratio:>8} {r['peak_rss_mb']:11.0f} {gpu:>11}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
