@@ -14,6 +14,9 @@ channels-last in memory (a transposed view), which both libraries handle transpa
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 DTYPES = ("float32", "float64")
@@ -28,6 +31,8 @@ class Backend:
         self.xp = xp
         self.device = device
         self.rng = xp.random.default_rng(0)
+        self.workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self._pool = ThreadPoolExecutor(self.workers) if xp is np and self.workers > 1 else None
 
     def __repr__(self) -> str:
         return f"{self.name} ({self.device})"
@@ -49,6 +54,10 @@ class Backend:
     def zeros_like(self, a):
         """Zeros with ``a``'s shape, dtype and memory layout."""
         return self.xp.zeros_like(a)
+
+    def empty_like(self, a):
+        """Uninitialised, with ``a``'s shape, dtype and memory layout."""
+        return self.xp.empty_like(a)
 
     def full_like(self, a, value):
         return self.xp.full_like(a, value)
@@ -90,20 +99,34 @@ class Backend:
     def max(self, a, axis=None, keepdims=False):
         return a.max(axis=axis, keepdims=keepdims)
 
-    def column_sums(self, a):
-        """a: (M, K) -> (K,). A matrix-vector product: BLAS is several times faster
-        (and multithreaded) than numpy's row-by-row reduction."""
-        return self.xp.ones(a.shape[0], dtype=a.dtype) @ a
+    def column_sums(self, a, block: int = 512):
+        """a: (M, K) -> (K,), accurate and fast.
 
-    def column_dots(self, a, b):
-        """a, b: (M, K) -> (K,) with out[k] = sum_m a[m, k] * b[m, k], without a temporary."""
-        return self.xp.einsum("mk,mk->k", a, b)
+        Matrix products with a vector of ones (BLAS: several times faster than numpy's
+        row-by-row reduction, and multithreaded) sum blocks of ``block`` rows; the block
+        sums are added in float64. A single float32 sum over 65,536 rows would be off by
+        about 1e-5 relative, enough to flip ReLUs after batch norm; this is off by ~1e-7.
+        """
+        xp = self.xp
+        m = a.shape[0]
+        full = m - m % block
+        total = xp.ones(m - full, dtype=a.dtype) @ a[full:]
+        if full:
+            blocks = xp.ones(block, dtype=a.dtype) @ a[:full].reshape(full // block, block, -1)
+            total = blocks.sum(axis=0, dtype="float64") + total
+        return total.astype(a.dtype)
 
     def argmax(self, a, axis):
         return a.argmax(axis=axis)
 
-    def maximum(self, a, b):
-        return self.xp.maximum(a, b)
+    def maximum(self, a, b, out=None):
+        return self.xp.maximum(a, b, out=out)
+
+    def multiply(self, a, b, out=None):
+        return self.xp.multiply(a, b, out=out)
+
+    def subtract(self, a, b, out=None):
+        return self.xp.subtract(a, b, out=out)
 
     def where(self, cond, a, b):
         return self.xp.where(cond, a, b)
@@ -122,6 +145,25 @@ class Backend:
 
     def item(self, a) -> float:
         return float(a)
+
+    # -- parallel element-wise work ------------------------------------------------
+    def map_chunks(self, fn, *arrays, min_size: int = 1 << 16):
+        """Run ``fn(*parts)`` on matching chunks of ``arrays`` split along axis 0; return
+        the list of results, in chunk order.
+
+        NumPy runs one thread per call, but releases the GIL inside its loops, so the
+        NumPy backend hands the chunks to one thread per core: memory-bound element-wise
+        work (the part BLAS does not cover) then uses every core too. ``fn`` must only
+        write into its own parts. Other backends parallelise internally and run ``fn`` once.
+        """
+        n = arrays[0].shape[0]
+        if self._pool is None or n < 2 or arrays[0].size < min_size:
+            return [fn(*arrays)]
+        chunks = min(self.workers, n)
+        bounds = [n * i // chunks for i in range(chunks + 1)]
+        futures = [self._pool.submit(fn, *(a[lo:hi] for a in arrays))
+                   for lo, hi in zip(bounds[:-1], bounds[1:])]
+        return [f.result() for f in futures]
 
     # -- randomness -----------------------------------------------------------------
     def seed(self, seed) -> None:
@@ -171,6 +213,7 @@ class TorchBackend(Backend):
         self.device = str(torch.device(device))
         self.rng = torch.Generator(device=self.device)
         self.rng.manual_seed(0)
+        self._pool = None  # torch parallelises its own kernels
 
     def __repr__(self) -> str:
         if self.device.startswith("cuda"):
@@ -196,6 +239,9 @@ class TorchBackend(Backend):
 
     def zeros_like(self, a):
         return self.torch.zeros_like(a)
+
+    def empty_like(self, a):
+        return self.torch.empty_like(a)
 
     def full_like(self, a, value):
         return self.torch.full_like(a, value)
@@ -227,9 +273,6 @@ class TorchBackend(Backend):
     def column_sums(self, a):
         return a.sum(dim=0)
 
-    def column_dots(self, a, b):
-        return (a * b).sum(dim=0)
-
     def sum(self, a, axis=None, keepdims=False):
         return a.sum() if axis is None else a.sum(dim=axis, keepdim=keepdims)
 
@@ -242,10 +285,16 @@ class TorchBackend(Backend):
     def argmax(self, a, axis):
         return a.argmax(dim=axis)
 
-    def maximum(self, a, b):
+    def maximum(self, a, b, out=None):
         if not isinstance(b, self.torch.Tensor):
-            return a.clamp_min(b)
-        return self.torch.maximum(a, b)
+            return self.torch.clamp_min(a, b, out=out)
+        return self.torch.maximum(a, b, out=out)
+
+    def multiply(self, a, b, out=None):
+        return self.torch.mul(a, b, out=out)
+
+    def subtract(self, a, b, out=None):
+        return self.torch.sub(a, b, out=out)
 
     def isfinite(self, a) -> bool:
         return bool(self.torch.isfinite(a).all())
@@ -332,7 +381,7 @@ def get_backend(name: str = "numpy", device: str = "auto") -> Backend:
 
 def backend_of(x) -> Backend:
     """The backend that owns array ``x``."""
-    if isinstance(x, np.ndarray):
+    if isinstance(x, (np.ndarray, np.generic)):
         return _make_backend("numpy", "cpu")
     module = type(x).__module__
     if module.startswith("torch"):

@@ -64,7 +64,13 @@ def im2col(x, kernel_size: tuple[int, int], stride: int, padding: int):
     xp = B.contiguous(pad_channels_last(x, padding))  # (N, Hp, Wp, C)
     sn, sh, sw = xp.shape[1] * xp.shape[2] * c, xp.shape[2] * c, c
     patches = B.as_strided(xp, (n, ho, wo, kh, kw, c), (sn, sh * stride, sw * stride, sh, sw, 1))
-    return patches.reshape(n * ho * wo, kh * kw * c)
+    cols = B.empty(patches.shape, dtype=B.dtype_name(x))
+
+    def copy(patches, cols):
+        cols[...] = patches
+
+    B.map_chunks(copy, patches, cols)
+    return cols.reshape(n * ho * wo, kh * kw * c)
 
 
 def col2im(cols, input_shape, kernel_size: tuple[int, int], stride: int, padding: int):
@@ -80,9 +86,13 @@ def col2im(cols, input_shape, kernel_size: tuple[int, int], stride: int, padding
     wo = conv_output_size(w, kw, stride, padding)
     cols = cols.reshape(n, ho, wo, kh, kw, c)
     grad = B.zeros((n, h + 2 * padding, w + 2 * padding, c), dtype=B.dtype_name(cols))
-    for i in range(kh):
-        for j in range(kw):
-            grad[:, window(i, ho, stride), window(j, wo, stride), :] += cols[:, :, :, i, j, :]
+
+    def accumulate(cols, grad):
+        for i in range(kh):
+            for j in range(kw):
+                grad[:, window(i, ho, stride), window(j, wo, stride), :] += cols[:, :, :, i, j, :]
+
+    B.map_chunks(accumulate, cols, grad)
     grad = grad[:, padding:padding + h, padding:padding + w, :]
     return B.transpose(grad, (0, 3, 1, 2))
 
@@ -120,7 +130,19 @@ def softmax_cross_entropy(logits, labels):
     return loss, grad
 
 
-def kaiming_normal(shape: tuple[int, ...], fan_in: int) -> np.ndarray:
-    """He initialisation for ReLU networks: N(0, 2 / fan_in), float32, from ``init_rng``."""
-    std = math.sqrt(2.0 / fan_in)
-    return (init_rng.standard_normal(shape) * std).astype(np.float32)
+def kaiming_uniform(shape: tuple[int, ...], fan_in: int, a: float = math.sqrt(5)) -> np.ndarray:
+    """He (Kaiming) uniform initialisation, float32, drawn from ``init_rng``.
+
+    U(-b, b) with b = gain * sqrt(3 / fan_in) and gain = sqrt(2 / (1 + a^2)) (He et al., for
+    leaky ReLU slope ``a``). The default a = sqrt(5) gives b = 1 / sqrt(fan_in): PyTorch's
+    default for Conv2d and Linear, so the engine starts from the same distribution as its
+    torch.nn twins and the two train alike.
+    """
+    bound = math.sqrt(2.0 / (1 + a * a)) * math.sqrt(3.0 / fan_in)
+    return init_rng.uniform(-bound, bound, shape).astype(np.float32)
+
+
+def bias_uniform(size: int, fan_in: int) -> np.ndarray:
+    """PyTorch's default bias initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), float32."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return init_rng.uniform(-bound, bound, size).astype(np.float32)

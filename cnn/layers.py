@@ -49,8 +49,8 @@ class Conv2d(Module):
         self.padding = _square(padding, "padding")
         kh, kw = self.kernel_size
         fan_in = in_channels * kh * kw
-        self.weight = Parameter(F.kaiming_normal((out_channels, in_channels, kh, kw), fan_in))
-        self.bias = Parameter(np.zeros(out_channels, np.float32)) if bias else None
+        self.weight = Parameter(F.kaiming_uniform((out_channels, in_channels, kh, kw), fan_in))
+        self.bias = Parameter(F.bias_uniform(out_channels, fan_in)) if bias else None
         self.input_grad = True
         self.cache = None
 
@@ -98,8 +98,8 @@ class Linear(Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.weight = Parameter(F.kaiming_normal((out_features, in_features), in_features))
-        self.bias = Parameter(np.zeros(out_features, np.float32)) if bias else None
+        self.weight = Parameter(F.kaiming_uniform((out_features, in_features), in_features))
+        self.bias = Parameter(F.bias_uniform(out_features, in_features)) if bias else None
         self.cache = None
 
     def extra_repr(self) -> str:
@@ -149,23 +149,36 @@ class BatchNorm2d(Module):
         n, c, h, w = x.shape
         x2 = _channels_last_2d(x)  # (M, C), M = N * H * W
         m = x2.shape[0]
+        xc = B.empty_like(x2)
         if self.training:
             if m < 2:
                 raise ValueError("BatchNorm2d in train mode needs more than one value per "
                                  f"channel, got input shape {tuple(x.shape)}")
             mean = B.column_sums(x2) / m
-            xc = x2 - mean
-            var = B.column_dots(xc, xc) / m
+            squares = B.empty_like(x2)
+
+            def center(x2, xc, squares):
+                B.subtract(x2, mean, out=xc)
+                B.multiply(xc, xc, out=squares)
+
+            B.map_chunks(center, x2, xc, squares)
+            var = B.column_sums(squares) / m
             mom = self.momentum
             self.running_mean = (1 - mom) * self.running_mean + mom * mean
             self.running_var = (1 - mom) * self.running_var + mom * var * (m / (m - 1))
-            self.num_batches_tracked = self.num_batches_tracked + 1
+            self.num_batches_tracked += 1  # in place: stays a 0-d array, as in PyTorch
         else:
             mean, var = self.running_mean, self.running_var
-            xc = x2 - mean
+            B.map_chunks(lambda x2, xc: B.subtract(x2, mean, out=xc), x2, xc)
         inv_std = 1.0 / B.sqrt(var + self.eps)
-        out = xc * (self.weight.data * inv_std)
-        out += self.bias.data
+        scale, shift = self.weight.data * inv_std, self.bias.data
+        out = B.empty_like(x2)
+
+        def affine(xc, out):
+            B.multiply(xc, scale, out=out)
+            out += shift
+
+        B.map_chunks(affine, xc, out)
         self.cache = (xc, inv_std, self.training)
         return B.transpose(out.reshape(n, h, w, c), (0, 3, 1, 2))
 
@@ -176,18 +189,27 @@ class BatchNorm2d(Module):
         n, c, h, w = grad_out.shape
         g = _channels_last_2d(grad_out)
         dbeta = B.column_sums(g)
-        dgamma = B.column_dots(g, xc) * inv_std  # sum(grad * x_hat)
+        dx = B.empty_like(g)  # first holds grad * xc, for the reduction
+        B.map_chunks(lambda g, xc, dx: B.multiply(g, xc, out=dx), g, xc, dx)
+        dgamma = B.column_sums(dx) * inv_std  # sum(grad * x_hat)
         self.weight.grad, self.bias.grad = dgamma, dbeta
         scale = self.weight.data * inv_std
         if batch_stats:
             # dx = scale * (g - mean(g) - x_hat * mean(g * x_hat)), written as a*g + b*xc + c
             # so that no normalised copy of x is kept or rebuilt.
             m = g.shape[0]
-            dx = g * scale
-            dx += xc * (-scale * inv_std * dgamma / m)
-            dx -= scale * dbeta / m
+            coef_xc = -scale * inv_std * dgamma / m
+            offset = -scale * dbeta / m
+
+            def input_grad(g, xc, dx):
+                B.multiply(g, scale, out=dx)
+                dx += xc * coef_xc
+                dx += offset
         else:
-            dx = g * scale
+            def input_grad(g, xc, dx):
+                B.multiply(g, scale, out=dx)
+
+        B.map_chunks(input_grad, g, xc, dx)
         return B.transpose(dx.reshape(n, h, w, c), (0, 3, 1, 2))
 
 
@@ -199,13 +221,18 @@ def _channels_last_2d(x):
 
 class ReLU(Module):
     def forward(self, x):
-        out = backend_of(x).maximum(x, 0)
+        B = backend_of(x)
+        out = B.empty_like(x)
+        B.map_chunks(lambda x, out: B.maximum(x, 0, out=out), x, out)
         self.cache = out
         return out
 
     def backward(self, grad_out):
         out, self.cache = self.cache, None
-        return grad_out * (out > 0)
+        B = backend_of(grad_out)
+        grad = B.empty_like(out)
+        B.map_chunks(lambda g, out, grad: B.multiply(g, out > 0, out=grad), grad_out, out, grad)
+        return grad
 
 
 class _Pool2d(Module):
@@ -231,18 +258,24 @@ class _Pool2d(Module):
         return [(F.window(i, ho, self.stride), F.window(j, wo, self.stride))
                 for i in range(kh) for j in range(kw)]
 
-    def _scatter(self, parts, x_shape):
-        """Adjoint of slicing: (N, Ho, Wo, C) gradients per offset -> (N, C, H, W)."""
-        B = backend_of(parts[0])
+    def _unpool(self, x_shape, part, *arrays):
+        """Adjoint of the window slicing: the input gradient (N, C, H, W) from the gradient
+        ``part(k, *chunks)`` (N, Ho, Wo, C) that kernel offset k receives."""
+        B = backend_of(arrays[0])
         n, c, h, w = x_shape
         p = self.padding
-        grad = B.zeros((n, h + 2 * p, w + 2 * p, c), dtype=B.dtype_name(parts[0]))
+        grad = B.zeros((n, h + 2 * p, w + 2 * p, c), dtype=B.dtype_name(arrays[0]))
         overlap = self.stride < max(self.kernel_size)
-        for (rows, cols), part in zip(self._windows(x_shape), parts):
-            if overlap:
-                grad[:, rows, cols, :] += part
-            else:  # windows tile the input: each position is written once
-                grad[:, rows, cols, :] = part
+        windows = self._windows(x_shape)
+
+        def scatter(grad, *chunks):
+            for k, (rows, cols) in enumerate(windows):
+                if overlap:
+                    grad[:, rows, cols, :] += part(k, *chunks)
+                else:  # the windows tile the input: each position is written once
+                    grad[:, rows, cols, :] = part(k, *chunks)
+
+        B.map_chunks(scatter, grad, *arrays)
         return B.transpose(grad[:, p:p + h, p:p + w, :], (0, 3, 1, 2))
 
 
@@ -255,14 +288,21 @@ class MaxPool2d(_Pool2d):
         B = backend_of(x)
         xp = F.pad_channels_last(x, self.padding, -float("inf"))  # (N, Hp, Wp, C)
         offsets = self._windows(x.shape)
-        rows, cols = offsets[0]
-        out = B.copy(xp[:, rows, cols, :])
+        n, c, h, w = x.shape
+        kh, kw = self.kernel_size
+        out = B.empty((n, F.conv_output_size(h, kh, self.stride, self.padding),
+                       F.conv_output_size(w, kw, self.stride, self.padding), c), dtype=B.dtype_name(x))
         argmax = B.zeros(out.shape, dtype="uint8")
-        for k, (rows, cols) in enumerate(offsets[1:], start=1):
-            candidate = xp[:, rows, cols, :]
-            better = candidate > out  # strict: an earlier offset keeps ties
-            out = B.maximum(out, candidate)
-            argmax += better * (k - argmax)  # = where(better, k, argmax); arithmetic is faster
+
+        def pool(xp, out, argmax):
+            out[...] = xp[:, offsets[0][0], offsets[0][1], :]
+            for k, (rows, cols) in enumerate(offsets[1:], start=1):
+                candidate = xp[:, rows, cols, :]
+                better = candidate > out  # strict: an earlier offset keeps ties
+                B.maximum(out, candidate, out=out)
+                argmax += better * (k - argmax)  # where(better, k, argmax), but faster
+
+        B.map_chunks(pool, xp, out, argmax)
         self.cache = (argmax, tuple(x.shape))
         return B.transpose(out, (0, 3, 1, 2))
 
@@ -271,8 +311,7 @@ class MaxPool2d(_Pool2d):
         self.cache = None
         B = backend_of(grad_out)
         g = B.transpose(grad_out, (0, 2, 3, 1))
-        parts = [g * (argmax == k) for k in range(len(self._windows(x_shape)))]
-        return self._scatter(parts, x_shape)
+        return self._unpool(x_shape, lambda k, g, argmax: g * (argmax == k), g, argmax)
 
 
 class AvgPool2d(_Pool2d):
@@ -293,9 +332,8 @@ class AvgPool2d(_Pool2d):
         x_shape = self.cache
         self.cache = None
         B = backend_of(grad_out)
-        k = len(self._windows(x_shape))
-        g = B.transpose(grad_out, (0, 2, 3, 1)) / k
-        return self._scatter([g] * k, x_shape)
+        g = B.transpose(grad_out, (0, 2, 3, 1)) / len(self._windows(x_shape))
+        return self._unpool(x_shape, lambda k, g: g, g)
 
 
 class GlobalAvgPool2d(Module):

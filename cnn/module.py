@@ -144,7 +144,7 @@ class Module:
             if tuple(value.shape) != tuple(current.shape):
                 raise ValueError(f"{key}: checkpoint has shape {tuple(value.shape)}, "
                                  f"model expects {tuple(current.shape)}")
-            new = B.asarray(np.ascontiguousarray(value), dtype=B.dtype_name(current))
+            new = B.asarray(np.asarray(value, order="C"), dtype=B.dtype_name(current))
             if is_param:
                 module._parameters[name].data = new
                 module._parameters[name].grad = None
@@ -161,7 +161,7 @@ class Module:
             host = backend_of(value).to_numpy(value)
             if dtype is not None and host.dtype.kind == "f":
                 host = host.astype(dtype)
-            new = backend.asarray(np.ascontiguousarray(host))
+            new = backend.asarray(np.asarray(host, order="C"))
             if is_param:
                 module._parameters[name].data = new
                 module._parameters[name].grad = None

@@ -56,7 +56,7 @@ class Optimizer:
             index, key = name.split(".", 1)
             p = self.params[int(index)].data
             B = backend_of(p)
-            self.state[int(index)][key] = B.asarray(np.ascontiguousarray(value), dtype=B.dtype_name(p))
+            self.state[int(index)][key] = B.asarray(np.asarray(value, order="C"), dtype=B.dtype_name(p))
 
 
 class SGD(Optimizer):
