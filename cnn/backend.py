@@ -66,7 +66,7 @@ class Backend:
         return self.xp.arange(n)
 
     def copy(self, a):
-        return a.copy()
+        return self.xp.array(a, copy=True)  # an array even for a NumPy scalar
 
     def contiguous(self, a):
         return self.xp.ascontiguousarray(a)

@@ -44,7 +44,8 @@ class Optimizer:
         out = {"steps": np.array(self.steps)}
         for i, state in enumerate(self.state):
             for key, value in state.items():
-                out[f"{i}.{key}"] = backend_of(value).to_numpy(value).copy()
+                out[f"{i}.{key}"] = np.array(value if isinstance(value, int)
+                                             else backend_of(value).to_numpy(value))
         return out
 
     def load_state_dict(self, flat: dict) -> None:
@@ -54,6 +55,9 @@ class Optimizer:
             if name == "steps":
                 continue
             index, key = name.split(".", 1)
+            if key == "step":
+                self.state[int(index)][key] = int(value)
+                continue
             p = self.params[int(index)].data
             B = backend_of(p)
             self.state[int(index)][key] = B.asarray(np.asarray(value, order="C"), dtype=B.dtype_name(p))
@@ -107,7 +111,8 @@ class Adam(Optimizer):
         m += (1 - b1) * g
         v *= b2
         v += (1 - b2) * (g * g)
-        t = self.steps
+        # Each parameter counts its own steps (it may have skipped some without a gradient).
+        t = state["step"] = state.get("step", 0) + 1
         step_size = self.lr / (1 - b1 ** t)
         denom = B.sqrt(v) / math.sqrt(1 - b2 ** t) + self.eps
         p.data -= step_size * (m / denom)

@@ -1,0 +1,536 @@
+"""Every layer's hand-written forward and backward against PyTorch autograd.
+
+Each comparison checks the forward output, the input gradient returned by ``backward`` and
+the gradient of every parameter, on every backend (see conftest.py), in float64 (tight)
+and float32 (loose).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import cnn
+from cnn import functional as F
+from cnn.backend import manual_seed
+from cnn.layers import (AvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, GlobalAvgPool2d,
+                        Linear, MaxPool2d, ReLU)
+from tests.oracle import (TOLERANCES, assert_close, check_layer, load_into_torch, run_ours,
+                          run_torch, to_numpy)
+
+
+def randomize_bn(layer: BatchNorm2d, rng, tracked: int = 3) -> BatchNorm2d:
+    """Non-trivial gamma, beta and running statistics (the defaults make BN nearly identity)."""
+    c = layer.num_features
+    layer.load_state_dict({
+        "weight": rng.uniform(0.5, 1.5, c), "bias": rng.normal(size=c),
+        "running_mean": rng.normal(size=c), "running_var": rng.uniform(0.5, 2.0, c),
+        "num_batches_tracked": np.array(tracked, np.int64)})
+    return layer
+
+
+def randomize_bias(layer, rng):
+    if layer.bias is not None:
+        layer.load_state_dict({**layer.state_dict(), "bias": rng.normal(size=layer.bias.shape)})
+    return layer
+
+
+# ---------------------------------------------------------------------------------------
+# Conv2d
+# ---------------------------------------------------------------------------------------
+
+# (C_in, C_out, kernel, stride, padding, bias, N, H, W)
+CONV_CASES = [
+    (5, 4, 3, 1, 1, True, 2, 7, 9),
+    (5, 4, 3, 1, 0, True, 2, 7, 9),
+    (5, 4, 3, 2, 0, True, 2, 7, 9),
+    (5, 4, 3, 2, 1, False, 1, 7, 9),
+    (3, 6, 1, 1, 0, True, 2, 7, 9),
+    (3, 6, 1, 2, 0, False, 3, 7, 9),
+    (3, 6, 1, 1, 1, True, 1, 5, 6),
+    (2, 3, 5, 1, 1, True, 2, 7, 9),
+    (2, 3, 5, 2, 0, False, 1, 9, 7),
+    (2, 3, 5, 2, 1, True, 2, 8, 11),
+    (4, 2, (3, 5), 1, 1, True, 2, 7, 9),
+    (1, 1, 3, 1, 0, True, 1, 3, 3),  # output 1x1
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "c{}-{}_k{}_s{}_p{}_b{}_n{}_{}x{}".format(*c))
+def test_conv2d_matches_torch(case, backend, dtype, rng):
+    c_in, c_out, k, s, p, bias, n, h, w = case
+    ours = randomize_bias(Conv2d(c_in, c_out, k, stride=s, padding=p, bias=bias), rng)
+    theirs = nn.Conv2d(c_in, c_out, k, stride=s, padding=p, bias=bias)
+    x = rng.standard_normal((n, c_in, h, w))
+    check_layer(ours, theirs, x, backend, dtype, rng=rng)
+
+
+def test_conv2d_without_input_grad_still_fills_parameter_grads(backend, rng):
+    ours = Conv2d(3, 4, 3, padding=1)
+    x = rng.standard_normal((2, 3, 6, 5))
+    g = rng.standard_normal((2, 4, 6, 5))
+    ref = run_torch(load_into_torch(ours.to(backend, dtype="float64"), nn.Conv2d(3, 4, 3, padding=1)),
+                    x, g)
+    ours.input_grad = False
+    got = run_ours(ours, x, g, backend, "float64")
+    assert got.grad_in is None
+    for name in ("weight", "bias"):
+        assert_close(got.grads[name], ref.grads[name], "float64", name)
+
+
+def test_conv2d_parameter_shapes_and_count():
+    conv = Conv2d(5, 7, 3)
+    assert conv.weight.shape == (7, 5, 3, 3) and conv.bias.shape == (7,)
+    assert conv.num_parameters() == 7 * 5 * 9 + 7
+    assert [n for n, _ in Conv2d(5, 7, 3, bias=False).named_parameters()] == ["weight"]
+
+
+# ---------------------------------------------------------------------------------------
+# Linear
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("d_in,d_out,bias,n", [(7, 5, True, 3), (7, 5, False, 4), (9, 1, True, 1),
+                                               (1, 3, False, 1)])
+def test_linear_matches_torch(d_in, d_out, bias, n, backend, dtype, rng):
+    ours = randomize_bias(Linear(d_in, d_out, bias=bias), rng)
+    theirs = nn.Linear(d_in, d_out, bias=bias)
+    check_layer(ours, theirs, rng.standard_normal((n, d_in)), backend, dtype, rng=rng)
+
+
+# ---------------------------------------------------------------------------------------
+# BatchNorm2d
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [(4, 5, 7, 9), (1, 3, 4, 5), (2, 1, 1, 3)], ids=str)
+def test_batchnorm2d_matches_torch(shape, train, backend, dtype, rng):
+    c = shape[1]
+    ours = randomize_bn(BatchNorm2d(c), rng)
+    theirs = nn.BatchNorm2d(c)
+    x = rng.standard_normal(shape) * 3 + 1.5
+    check_layer(ours, theirs, x, backend, dtype, train=train, rng=rng)
+
+
+def test_batchnorm2d_custom_eps_momentum(backend, dtype, rng):
+    ours = randomize_bn(BatchNorm2d(3, eps=1e-2, momentum=0.3), rng)
+    theirs = nn.BatchNorm2d(3, eps=1e-2, momentum=0.3)
+    x = rng.standard_normal((3, 3, 5, 4)) * 0.1
+    check_layer(ours, theirs, x, backend, dtype, train=True, rng=rng)
+    check_layer(ours, theirs, x, backend, dtype, train=False, rng=rng)
+
+
+def test_batchnorm2d_running_stats_follow_torch(backend, dtype, rng):
+    """Several train steps update running_mean/var/num_batches_tracked as torch does; eval
+    afterwards (running stats) then matches too."""
+    c = 5
+    ours = randomize_bn(BatchNorm2d(c), rng, tracked=0).to(backend, dtype=dtype)
+    theirs = load_into_torch(ours, nn.BatchNorm2d(c), "float64")
+    for step in range(4):
+        shape = (3 if step % 2 else 2, c, 5, 7)
+        x = (rng.standard_normal(shape) * (step + 1) + step).astype(dtype).astype(np.float64)
+        g = rng.standard_normal(shape).astype(dtype).astype(np.float64)
+        got = run_ours(ours, x, g, backend, dtype, train=True, move=False)
+        ref = run_torch(theirs, x, g, train=True)
+        assert_close(got.out, ref.out, dtype, f"step {step} output")
+        assert_close(got.grad_in, ref.grad_in, dtype, f"step {step} input gradient")
+    assert_close(ours.running_mean, theirs.running_mean, dtype, "running_mean")
+    assert_close(ours.running_var, theirs.running_var, dtype, "running_var")
+    tracked = to_numpy(ours.num_batches_tracked)  # its shape is checked separately below
+    assert tracked.dtype == np.int64 and tracked.item() == int(theirs.num_batches_tracked) == 4
+    # eval after training uses the running statistics
+    x = rng.standard_normal((2, c, 3, 4)).astype(dtype).astype(np.float64)
+    g = rng.standard_normal((2, c, 3, 4)).astype(dtype).astype(np.float64)
+    got = run_ours(ours, x, g, backend, dtype, train=False, move=False)
+    ref = run_torch(theirs, x, g, train=False)
+    assert_close(got.out, ref.out, dtype, "eval output")
+    assert_close(got.grad_in, ref.grad_in, dtype, "eval input gradient")
+    for name in ("weight", "bias"):
+        assert_close(got.grads[name], ref.grads[name], dtype, f"eval grad of {name}")
+    # eval must not touch the running statistics
+    assert to_numpy(ours.num_batches_tracked).item() == 4
+    assert_close(ours.running_mean, theirs.running_mean, dtype, "running_mean after eval")
+
+
+@pytest.mark.parametrize("how", ["fresh", "to", "load_state_dict", "train_step", "unmoved_train_step"])
+def test_batchnorm2d_num_batches_tracked_stays_0d(how, backend):
+    """torch's num_batches_tracked is a 0-d int64 tensor; ours must keep that shape whatever
+    happens to the module (moving it, loading a state_dict, training), or a torch state_dict
+    no longer loads into it."""
+    if how == "unmoved_train_step" and backend.name != "numpy":
+        pytest.skip("a module that was never moved holds numpy arrays")
+    bn = BatchNorm2d(3)
+    if how in ("to", "train_step"):
+        bn.to(backend)
+    if how == "load_state_dict":
+        bn.load_state_dict(nn.BatchNorm2d(3).state_dict())
+    if how in ("train_step", "unmoved_train_step"):
+        bn(backend.asarray(np.random.default_rng(0).standard_normal((2, 3, 4, 4)), dtype="float32"))
+    tracked = to_numpy(bn.num_batches_tracked)
+    assert tracked.shape == (), f"num_batches_tracked has shape {tracked.shape} after {how!r}, torch's is ()"
+    # state_dict() goes through backend_of(), which must accept the buffer (a numpy scalar
+    # such as np.int64(1), what `0-d array + 1` gives in numpy, is rejected today).
+    state = bn.state_dict()
+    assert state["num_batches_tracked"].shape == ()
+    assert state["num_batches_tracked"].dtype == np.int64
+
+
+def test_batchnorm2d_single_value_per_channel_in_train_raises(backend):
+    bn = BatchNorm2d(3).to(backend)
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        bn(backend.asarray(np.ones((1, 3, 1, 1), np.float32)))
+    bn.eval()
+    assert bn(backend.asarray(np.ones((1, 3, 1, 1), np.float32))).shape == (1, 3, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------
+# ReLU
+# ---------------------------------------------------------------------------------------
+
+def test_relu_matches_torch(backend, dtype, rng):
+    x = rng.standard_normal((2, 3, 5, 7))
+    x[0, 0, :2] = 0.0  # the gradient at exactly 0 is 0, as in torch
+    check_layer(ReLU(), nn.ReLU(), x, backend, dtype, rng=rng)
+    check_layer(ReLU(), nn.ReLU(), rng.integers(-2, 3, (4, 6)).astype(float), backend, dtype, rng=rng)
+
+
+# ---------------------------------------------------------------------------------------
+# Pooling
+# ---------------------------------------------------------------------------------------
+
+# (kernel, stride, padding)
+POOL_CASES = [(2, 2, 0), (3, 2, 0), (3, 2, 1), (2, 1, 0), (3, 1, 1), (2, 2, 1), (3, 3, 0),
+              (1, 1, 0), (3, None, 1)]
+POOL_IDS = [f"k{k}_s{s}_p{p}" for k, s, p in POOL_CASES]
+
+
+def _tie_inputs(rng, shape):
+    """Inputs where many windows hold several equal maxima."""
+    return {
+        "normal": rng.standard_normal(shape),
+        "relu": np.maximum(rng.standard_normal(shape), 0.0),
+        "ints": rng.integers(0, 3, shape).astype(float),
+        "constant": np.full(shape, 0.5),
+        "negative": -1.0 - rng.random(shape),  # padding must never win (it is -inf, not 0)
+    }
+
+
+@pytest.mark.parametrize("kind", ["normal", "relu", "ints", "constant", "negative"])
+@pytest.mark.parametrize("k,s,p", POOL_CASES, ids=POOL_IDS)
+def test_maxpool2d_matches_torch(k, s, p, kind, backend, dtype, rng):
+    x = _tie_inputs(rng, (2, 3, 7, 9))[kind]
+    check_layer(MaxPool2d(k, s, p), nn.MaxPool2d(k, s, p), x, backend, dtype, rng=rng)
+
+
+def test_maxpool2d_tie_gradient_goes_to_first_max_in_row_major_order(backend):
+    x = np.ones((1, 1, 2, 2))
+    pool = MaxPool2d(2)
+    out = pool(backend.asarray(x))
+    grad = to_numpy(pool.backward(backend.asarray(np.ones((1, 1, 1, 1)))))
+    assert float(to_numpy(out).squeeze()) == 1.0
+    np.testing.assert_array_equal(grad[0, 0], [[1.0, 0.0], [0.0, 0.0]])
+
+
+@pytest.mark.parametrize("k,s,p", POOL_CASES, ids=POOL_IDS)
+def test_avgpool2d_matches_torch(k, s, p, backend, dtype, rng):
+    x = rng.standard_normal((2, 3, 7, 9))
+    check_layer(AvgPool2d(k, s, p), nn.AvgPool2d(k, s, p), x, backend, dtype, rng=rng)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 9), (1, 3, 1, 1), (1, 2, 4, 4)], ids=str)
+def test_global_avg_pool_matches_adaptive_avg_pool(shape, backend, dtype, rng):
+    x = rng.standard_normal(shape)
+    check_layer(GlobalAvgPool2d(), nn.AdaptiveAvgPool2d(1), x, backend, dtype, rng=rng)
+
+
+def test_pool_padding_larger_than_half_kernel_raises():
+    with pytest.raises(ValueError, match="padding"):
+        MaxPool2d(2, 2, 2)
+    with pytest.raises(ValueError, match="padding"):
+        AvgPool2d(3, 1, 2)
+
+
+# ---------------------------------------------------------------------------------------
+# Flatten
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_flatten_matches_torch_flatten(layout, backend, dtype, rng):
+    x = rng.standard_normal((2, 5, 3, 4))
+    g = rng.standard_normal((2, 60))
+    got = run_ours(Flatten(), x, g, backend, dtype, layout=layout)
+    ref = run_torch(nn.Flatten(), x, g)
+    assert_close(got.out, torch.flatten(torch.from_numpy(x), 1), dtype, "flatten")
+    assert_close(got.out, ref.out, dtype, "flatten")
+    assert_close(got.grad_in, ref.grad_in, dtype, "flatten backward")
+
+
+# ---------------------------------------------------------------------------------------
+# Dropout
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("p", [0.2, 0.5, 0.9])
+def test_dropout_train_mask_fraction_scale_and_backward(p, backend, dtype, rng):
+    manual_seed(3)
+    layer = Dropout(p).to(backend).train()
+    shape = (8, 16, 25, 25)  # 80,000 values
+    x = 1.0 + rng.random(shape)  # never 0, so zeros in the output are dropped values
+    xb = backend.asarray(x, dtype=dtype)
+    out = to_numpy(layer(xb))
+    assert out.dtype == np.dtype(dtype) and out.shape == shape
+    mask = to_numpy(layer.cache).copy()
+    dropped = out == 0
+    assert abs(dropped.mean() - p) < 0.01, f"zero fraction {dropped.mean():.4f} for p={p}"
+    r = TOLERANCES[dtype][0]
+    np.testing.assert_allclose(out[~dropped], x.astype(dtype)[~dropped] / (1 - p), rtol=r)
+    g = rng.standard_normal(shape)
+    grad = to_numpy(layer.backward(backend.asarray(g, dtype=dtype)))
+    np.testing.assert_array_equal(grad == 0, dropped)  # same mask as the forward
+    np.testing.assert_allclose(grad[~dropped], g.astype(dtype)[~dropped] / (1 - p), rtol=r)
+    np.testing.assert_allclose(grad, g.astype(dtype) * mask, rtol=r)
+
+
+def test_dropout_masks_are_reproducible_and_fresh_each_call(backend):
+    x = backend.asarray(np.ones((4, 100), np.float32))
+    layer = Dropout(0.5).to(backend)
+    manual_seed(7)
+    a, b = to_numpy(layer(x)), to_numpy(layer(x))
+    manual_seed(7)
+    c = to_numpy(layer(x))
+    np.testing.assert_array_equal(a, c)
+    assert not np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("p,train", [(0.5, False), (0.0, True), (0.0, False)])
+def test_dropout_identity_in_eval_and_for_p0(p, train, backend, dtype, rng):
+    layer = Dropout(p).to(backend).train(train)
+    x = rng.standard_normal((3, 4, 5))
+    g = rng.standard_normal((3, 4, 5))
+    out = layer(backend.asarray(x, dtype=dtype))
+    np.testing.assert_array_equal(to_numpy(out), x.astype(dtype))
+    np.testing.assert_array_equal(to_numpy(layer.backward(backend.asarray(g, dtype=dtype))),
+                                  g.astype(dtype))
+
+
+@pytest.mark.parametrize("p", [1.0, -0.1, 1.5])
+def test_dropout_invalid_p_raises(p):
+    with pytest.raises(ValueError, match="dropout probability"):
+        Dropout(p)
+
+
+# ---------------------------------------------------------------------------------------
+# Memory layout: a channels-last input gives the same results
+# ---------------------------------------------------------------------------------------
+
+LAYOUT_LAYERS = {
+    "conv3_p1": lambda: Conv2d(5, 4, 3, padding=1),
+    "conv3_s2": lambda: Conv2d(5, 4, 3, stride=2),
+    "conv1": lambda: Conv2d(5, 3, 1, bias=False),
+    "bn_train": lambda: BatchNorm2d(5),
+    "bn_eval": lambda: BatchNorm2d(5),
+    "relu": ReLU,
+    "maxpool2": lambda: MaxPool2d(2),
+    "maxpool3_s2_p1": lambda: MaxPool2d(3, 2, 1),
+    "avgpool3_s2_p1": lambda: AvgPool2d(3, 2, 1),
+    "gap": GlobalAvgPool2d,
+    "flatten": Flatten,
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUT_LAYERS))
+def test_channels_last_input_gives_identical_results(name, backend, dtype, rng):
+    x = rng.standard_normal((2, 5, 7, 9))
+    layer = LAYOUT_LAYERS[name]()
+    if isinstance(layer, BatchNorm2d):
+        randomize_bn(layer, rng)
+    layer.to(backend, dtype=dtype)
+    state = layer.state_dict()
+    train = name != "bn_eval"
+    probe = run_ours(layer, x, None, backend, dtype, train=train, move=False)
+    g = rng.standard_normal(tuple(probe.out.shape))
+    layer.load_state_dict(state)
+    a = run_ours(layer, x, g, backend, dtype, train=train, move=False)
+    layer.load_state_dict(state)
+    b = run_ours(layer, x, g, backend, dtype, train=train, move=False, layout="channels_last")
+    # Bitwise identical, except the global mean, whose summation order follows the memory
+    # layout (a few ulps).
+    rtol, atol = (0, 0) if name != "gap" else TOLERANCES[dtype]
+    assert_close(b.out, a.out, dtype, "output", rtol, atol)
+    assert_close(b.grad_in, a.grad_in, dtype, "input gradient", rtol, atol)
+    for k in a.grads:
+        assert_close(b.grads[k], a.grads[k], dtype, f"grad of {k}", rtol, atol)
+
+
+def test_channels_last_input_vs_torch(backend, rng):
+    """A channels-last input through conv -> bn -> relu -> maxpool matches torch."""
+    model = cnn.Sequential(Conv2d(3, 4, 3, padding=1), randomize_bn(BatchNorm2d(4), rng), ReLU(),
+                           MaxPool2d(3, 2, 1))
+    twin = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.MaxPool2d(3, 2, 1))
+    x = rng.standard_normal((2, 3, 7, 9))
+    model.to(backend, dtype="float64")
+    load_into_torch(model, twin)
+    g = rng.standard_normal((2, 4, 4, 5))
+    ref = run_torch(twin, x, g)
+    got = run_ours(model, x, g, backend, "float64", layout="channels_last", move=False)
+    assert_close(got.out, ref.out, "float64", "output")
+    assert_close(got.grad_in, ref.grad_in, "float64", "input gradient")
+    for k, v in got.grads.items():
+        assert_close(v, ref.grads[k], "float64", k)
+
+
+# ---------------------------------------------------------------------------------------
+# im2col / col2im
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kernel", [(3, 3), (2, 3), (1, 1)], ids=str)
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("padding", [0, 1])
+def test_col2im_is_adjoint_of_im2col(kernel, stride, padding, backend, rng):
+    shape = (2, 3, 7, 8)
+    x = backend.asarray(rng.standard_normal(shape))
+    cols = F.im2col(x, kernel, stride, padding)
+    c = backend.asarray(rng.standard_normal(tuple(cols.shape)))
+    lhs = float(to_numpy(cols).ravel() @ to_numpy(c).ravel())
+    back = F.col2im(c, shape, kernel, stride, padding)
+    assert tuple(back.shape) == shape
+    rhs = float(to_numpy(x).ravel() @ to_numpy(back).ravel())
+    assert lhs == pytest.approx(rhs, rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("stride,padding", [(1, 0), (2, 1), (1, 1)])
+def test_im2col_matches_torch_unfold(stride, padding, backend, rng):
+    """Same patches as F.unfold, up to the documented (n, ho, wo) x (i, j, c) ordering."""
+    n, c, h, w, kh, kw = 2, 3, 6, 7, 3, 2
+    x = rng.standard_normal((n, c, h, w))
+    cols = to_numpy(F.im2col(backend.asarray(x), (kh, kw), stride, padding))
+    ref = torch.nn.functional.unfold(torch.from_numpy(x), (kh, kw), padding=padding, stride=stride)
+    ref = ref.numpy().reshape(n, c, kh, kw, -1).transpose(0, 4, 2, 3, 1).reshape(cols.shape)
+    np.testing.assert_array_equal(cols, ref)
+
+
+def test_conv2d_finite_differences():
+    """Central differences of L = sum(conv(x) * G) w.r.t. x, weight and bias (float64)."""
+    rng = np.random.default_rng(5)
+    conv = randomize_bias(Conv2d(2, 3, 3, stride=2, padding=1), rng).to("numpy", dtype="float64")
+    x = rng.standard_normal((1, 2, 4, 5))
+    G = rng.standard_normal((1, 3, 2, 3))
+
+    def loss():
+        return float((conv.forward(x) * G).sum())
+
+    loss()
+    dx = conv.backward(G)
+    analytic = {"x": dx, "weight": conv.weight.grad, "bias": conv.bias.grad}
+    arrays = {"x": x, "weight": conv.weight.data, "bias": conv.bias.data}
+    eps = 1e-6
+    for name, arr in arrays.items():
+        numeric = np.zeros_like(arr)
+        for idx in np.ndindex(arr.shape):
+            old = arr[idx]
+            arr[idx] = old + eps
+            up = loss()
+            arr[idx] = old - eps
+            down = loss()
+            arr[idx] = old
+            numeric[idx] = (up - down) / (2 * eps)
+        np.testing.assert_allclose(analytic[name], numeric, rtol=1e-6, atol=1e-8, err_msg=name)
+
+
+# ---------------------------------------------------------------------------------------
+# softmax, log_softmax, softmax_cross_entropy
+# ---------------------------------------------------------------------------------------
+
+def _logit_cases(rng):
+    extreme = np.array([[1e4, -1e4, 0.0, 1.0],
+                        [-1e4, -1e4, -1e4, -1e4],
+                        [1e4, 1e4, 1e4, 1e4],
+                        [0.0, 1e4, 0.0, -1e4],
+                        [-1e4, 0.0, -1e4 + 1, 1e4 - 3]])
+    return {
+        "normal": (rng.standard_normal((6, 10)) * 3, rng.integers(0, 10, 6)),
+        "batch1": (rng.standard_normal((1, 10)), np.array([7])),
+        "extreme": (extreme, np.array([1, 2, 0, 3, 2])),
+        "huge_spread": (np.array([[1e30, -1e30, 0.0], [3e4, 2e4, -5e4]]), np.array([1, 2])),
+    }
+
+
+CASES = ["normal", "batch1", "extreme", "huge_spread"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_softmax_and_log_softmax_match_torch(case, backend, dtype, rng):
+    logits, _ = _logit_cases(rng)[case]
+    if dtype == "float32" and case == "huge_spread":
+        logits = logits.clip(-1e30, 1e30)  # still representable in float32
+    logits = logits.astype(dtype).astype(np.float64)
+    ref_t = torch.from_numpy(logits)
+    xb = backend.asarray(logits, dtype=dtype)
+    p = F.softmax(xb)
+    lp = F.log_softmax(xb)
+    assert_close(p, torch.softmax(ref_t, 1), dtype, "softmax")
+    assert_close(lp, torch.log_softmax(ref_t, 1), dtype, "log_softmax")
+    np.testing.assert_allclose(to_numpy(p).sum(1), 1.0, rtol=TOLERANCES[dtype][0])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_softmax_cross_entropy_matches_torch(case, backend, dtype, rng):
+    logits, labels = _logit_cases(rng)[case]
+    logits = logits.astype(dtype).astype(np.float64)
+    with torch.enable_grad():
+        lt = torch.tensor(logits, requires_grad=True)
+        ref = torch.nn.functional.cross_entropy(lt, torch.from_numpy(labels))
+        ref.backward()
+    loss, grad = F.softmax_cross_entropy(backend.asarray(logits, dtype=dtype),
+                                         backend.asarray(labels.astype(np.int64)))
+    loss_np = to_numpy(loss)
+    assert loss_np.shape == () and np.isfinite(loss_np) and np.isfinite(to_numpy(grad)).all()
+    assert_close(loss, ref.detach(), dtype, "loss")
+    assert_close(grad, lt.grad, dtype, "dlogits")
+
+
+def test_softmax_cross_entropy_loss_is_a_0d_array_of_the_backend(backend):
+    """Documented as a 0-d array: the seam (backend_of) must accept it. NumPy reductions
+    return numpy scalars (np.float64), which backend_of rejects."""
+    loss, grad = F.softmax_cross_entropy(backend.asarray(np.zeros((2, 3))),
+                                         backend.asarray(np.array([0, 2])))
+    assert cnn.backend_of(grad) is backend
+    assert cnn.backend_of(loss) is backend, f"loss is a {type(loss).__name__}, not an array"
+    assert tuple(loss.shape) == ()
+
+
+# ---------------------------------------------------------------------------------------
+# Clear errors for wrong input shapes
+# ---------------------------------------------------------------------------------------
+
+def test_wrong_rank_raises_naming_expected_shape(backend):
+    B = backend
+    with pytest.raises(ValueError, match=r"Conv2d expects a 4-d input \(N, C, H, W\).*\(5, 3, 7\)"):
+        Conv2d(3, 4, 3).to(B)(B.asarray(np.zeros((5, 3, 7), np.float32)))
+    with pytest.raises(ValueError, match=r"Linear expects a 2-d input \(N, features\).*\(2, 3, 4, 4\)"):
+        Linear(48, 4).to(B)(B.asarray(np.zeros((2, 3, 4, 4), np.float32)))
+    with pytest.raises(ValueError, match=r"BatchNorm2d expects a 4-d input \(N, C, H, W\)"):
+        BatchNorm2d(3).to(B)(B.asarray(np.zeros((2, 3), np.float32)))
+    for pool in (MaxPool2d(2), AvgPool2d(2), GlobalAvgPool2d()):
+        with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+            pool(B.asarray(np.zeros((3, 8, 8), np.float32)))
+
+
+def test_wrong_channel_count_raises_naming_expected_channels(backend):
+    B = backend
+    with pytest.raises(ValueError, match=r"Conv2d expects 3 input channels, got 4 \(shape \(2, 4, 8, 8\)\)"):
+        Conv2d(3, 4, 3).to(B)(B.asarray(np.zeros((2, 4, 8, 8), np.float32)))
+    with pytest.raises(ValueError, match=r"Linear expects 48 input channels, got 47"):
+        Linear(48, 4).to(B)(B.asarray(np.zeros((2, 47), np.float32)))
+    with pytest.raises(ValueError, match=r"BatchNorm2d expects 3 input channels, got 5"):
+        BatchNorm2d(3).to(B)(B.asarray(np.zeros((2, 5, 4, 4), np.float32)))
+
+
+def test_too_small_input_raises():
+    with pytest.raises(ValueError, match="too small"):
+        Conv2d(1, 1, 5)(np.zeros((1, 1, 3, 3), np.float32))
+
+
+def test_unequal_stride_raises():
+    with pytest.raises(ValueError, match="stride"):
+        Conv2d(1, 1, 3, stride=(1, 2))

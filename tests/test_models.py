@@ -1,0 +1,306 @@
+"""The reference models against their torch.nn twins (cnn.torch_twins): parameter counts,
+state_dict interop in both directions, eval/train outputs, full SGD training steps, and
+the ability to overfit a small batch."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import cnn
+from cnn.backend import manual_seed
+from cnn.functional import softmax_cross_entropy
+from cnn.layers import BatchNorm2d
+from cnn.models import ResidualBlock, build_model
+from cnn.optim import SGD, Adam
+from cnn.torch_twins import Block, torch_twin
+from tests.oracle import assert_close, check_layer, to_numpy
+
+MODELS = ["simple", "resnet"]
+DROPOUT_INDEX = 15  # position of Dropout in simple_cnn (and nn.Dropout in its twin)
+
+
+def randomize_batchnorms(model, rng):
+    """Random gamma/beta/running stats in every BatchNorm2d (defaults are nearly identity)."""
+    state = model.state_dict()
+    for name, module in model.named_modules():
+        if isinstance(module, BatchNorm2d):
+            c, p = module.num_features, f"{name}."
+            state[p + "weight"] = rng.uniform(0.5, 1.5, c).astype(np.float32)
+            state[p + "bias"] = rng.normal(0, 0.2, c).astype(np.float32)
+            state[p + "running_mean"] = rng.normal(0, 0.2, c).astype(np.float32)
+            state[p + "running_var"] = rng.uniform(0.5, 2.0, c).astype(np.float32)
+    model.load_state_dict(state)
+    return model
+
+
+class FixedMaskDropout(nn.Module):
+    """Multiplies by a given (already scaled) mask: replays our Dropout's mask in the twin."""
+
+    def __init__(self):
+        super().__init__()
+        self.mask = None
+
+    def forward(self, x):
+        return x * self.mask if self.training else x
+
+
+def images(rng, n=2):
+    return rng.standard_normal((n, 3, 32, 32))
+
+
+# ---------------------------------------------------------------------------------------
+# Structure
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,count", [("simple", 620_810), ("resnet", 175_818)])
+def test_exact_parameter_counts(name, count):
+    model = build_model(name)
+    assert model.num_parameters() == count
+    assert sum(p.numel() for p in torch_twin(name).parameters()) == count
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_state_dict_keys_shapes_and_order_equal_the_twin(name):
+    ours = build_model(name).state_dict()
+    theirs = torch_twin(name).state_dict()
+    assert list(ours) == list(theirs)
+    for k in ours:
+        assert tuple(ours[k].shape) == tuple(theirs[k].shape), k
+        assert ours[k].dtype == theirs[k].numpy().dtype, k  # float32, int64 counters
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_state_dict_shapes_unchanged_by_a_backend_move(name, backend):
+    """After .to(), state_dict() must still have the twin's shapes (0-d num_batches_tracked)."""
+    ours = build_model(name).to(backend).state_dict()
+    theirs = torch_twin(name).state_dict()
+    bad = {k: (tuple(ours[k].shape), tuple(v.shape)) for k, v in theirs.items()
+           if tuple(ours[k].shape) != tuple(v.shape)}
+    assert not bad, f"(ours, torch) shapes differ after .to({backend.name!r}): {bad}"
+
+
+def test_unknown_model_name_raises():
+    with pytest.raises(ValueError, match="unknown model 'vgg'"):
+        build_model("vgg")
+
+
+def test_train_eval_reach_every_submodule():
+    model = build_model("resnet")
+    model.eval()
+    assert not any(m.training for _, m in model.named_modules())
+    model.train()
+    assert all(m.training for _, m in model.named_modules())
+
+
+# ---------------------------------------------------------------------------------------
+# Our state_dict -> torch twin: same outputs
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", MODELS)
+def test_eval_outputs_equal_the_twin(name, backend, dtype, rng):
+    manual_seed(0)
+    model = randomize_batchnorms(build_model(name), rng).to(backend, dtype=dtype).eval()
+    twin = torch_twin(name, model.state_dict()).double().eval()  # strict=True inside
+    x = images(rng).astype(dtype)
+    with torch.no_grad():
+        expected = twin(torch.from_numpy(x.astype(np.float64)))
+    got = model(backend.asarray(x))
+    assert_close(got, expected, dtype, f"{name} eval logits")
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_sgd_training_steps_equal_the_twin(name, backend, rng):
+    """Three full steps in train mode (batch statistics; SimpleCNN's dropout masks replayed
+    in the twin): forward, cross-entropy, backward, SGD(lr 0.01, momentum 0.9, weight decay
+    1e-4) against torch.optim.SGD. Checks the logits and loss of every step, every parameter
+    gradient of the first step, then every parameter and BN running statistic at the end."""
+    steps, n = 3, 2
+    manual_seed(0)
+    model = randomize_batchnorms(build_model(name), rng).to(backend, dtype="float64").train()
+    twin = torch_twin(name, model.state_dict()).double().train()
+    if name == "simple":
+        twin[DROPOUT_INDEX] = FixedMaskDropout()
+    opt = SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    ref_opt = torch.optim.SGD(twin.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    for step in range(steps):
+        x, y = images(rng, n), rng.integers(0, 10, n)
+        logits = model(backend.asarray(x))
+        if name == "simple":
+            mask = to_numpy(model[DROPOUT_INDEX].cache).copy()
+            assert set(np.unique(mask)) <= {0.0, 2.0}
+            twin[DROPOUT_INDEX].mask = torch.from_numpy(mask)
+        loss, dlogits = softmax_cross_entropy(logits, backend.asarray(y))
+        model.backward(dlogits)
+        with torch.enable_grad():
+            ref_opt.zero_grad()
+            ref_logits = twin(torch.from_numpy(x))
+            ref_loss = nn.functional.cross_entropy(ref_logits, torch.from_numpy(y))
+            ref_loss.backward()
+        assert_close(logits, ref_logits.detach(), "float64", f"step {step} train logits")
+        assert float(to_numpy(loss)) == pytest.approx(ref_loss.item(), rel=1e-10)
+        if step == 0:
+            ref_params = dict(twin.named_parameters())
+            for k, p in model.named_parameters():
+                assert p.grad is not None, f"{k}.grad not filled"
+                assert_close(p.grad, ref_params[k].grad, "float64", f"grad of {k}")
+        opt.step()
+        ref_opt.step()
+    ref_state = twin.state_dict()
+    ours = model.state_dict()
+    assert list(ours) == list(ref_state)
+    for k, v in ours.items():
+        if k.endswith("num_batches_tracked"):
+            assert v.item() == ref_state[k].item() == steps, k
+        else:  # parameters after the updates, and BN running statistics
+            assert_close(v, ref_state[k], "float64", f"{k} after {steps} steps")
+
+
+# ---------------------------------------------------------------------------------------
+# Residual block alone (identity and projection shortcut)
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("c_in,c_out,stride", [(4, 4, 1), (3, 5, 2), (3, 5, 1)])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_residual_block_matches_torch(c_in, c_out, stride, train, backend, dtype, rng):
+    manual_seed(1)
+    ours = randomize_batchnorms(ResidualBlock(c_in, c_out, stride), rng)
+    theirs = Block(c_in, c_out, stride)
+    x = rng.standard_normal((2, c_in, 7, 9))
+    # float32: the conv biases feeding a train-mode BN have a true gradient of exactly 0;
+    # ours is the float32 cancellation noise of a sum of ~100 terms (~1e-5), hence atol 1e-4.
+    atol = 1e-4 if dtype == "float32" and train else None
+    check_layer(ours, theirs, x, backend, dtype, train=train, rng=rng, atol=atol)
+
+
+# ---------------------------------------------------------------------------------------
+# state_dict round trips and the reverse direction
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", MODELS)
+def test_load_state_dict_round_trip(name, backend):
+    manual_seed(0)
+    a = build_model(name)
+    manual_seed(1)
+    b = build_model(name).to(backend)
+    sa = a.state_dict()
+    b.load_state_dict(sa)
+    sb = b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        assert sb[k].dtype == sa[k].dtype, k
+        assert sb[k].shape == sa[k].shape, k
+        np.testing.assert_array_equal(sb[k], sa[k], err_msg=k)
+
+
+def test_load_state_dict_strict_errors():
+    model = build_model("simple")
+    state = model.state_dict()
+    missing = {k: v for k, v in state.items() if k != "0.bias"}
+    with pytest.raises(KeyError, match=r"missing keys \['0.bias'\]"):
+        model.load_state_dict(missing)
+    with pytest.raises(KeyError, match=r"unexpected keys \['extra'\]"):
+        model.load_state_dict({**state, "extra": np.zeros(1)})
+    model.load_state_dict({**missing, "extra": np.zeros(1)}, strict=False)  # ignored
+    with pytest.raises(ValueError, match=r"0.weight: checkpoint has shape \(32, 3, 5, 5\)"):
+        model.load_state_dict({**state, "0.weight": np.zeros((32, 3, 5, 5), np.float32)})
+
+
+@pytest.mark.parametrize("when", ["before_move", "after_move"])
+@pytest.mark.parametrize("name", MODELS)
+def test_twin_state_dict_loads_into_our_model(name, when, backend, rng):
+    """Reverse direction: a torch twin's state_dict (tensors) -> our model, same outputs."""
+    torch.manual_seed(3)
+    twin = torch_twin(name)
+    with torch.no_grad():  # non-trivial BN state
+        for m in twin.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.2)
+                m.num_batches_tracked.fill_(7)
+    model = build_model(name)
+    if when == "before_move":
+        model.load_state_dict(twin.state_dict())
+        model.to(backend, dtype="float64")
+    else:
+        model.to(backend, dtype="float64")
+        model.load_state_dict(twin.state_dict())
+    ours = model.state_dict()
+    for k, v in twin.state_dict().items():
+        assert tuple(ours[k].shape) == tuple(v.shape), k
+        np.testing.assert_array_equal(ours[k], v.numpy().astype(ours[k].dtype), err_msg=k)
+    x = images(rng)
+    twin.double().eval()
+    with torch.no_grad():
+        expected = twin(torch.from_numpy(x))
+    assert_close(model.eval()(backend.asarray(x)), expected, "float64", "eval logits")
+
+
+# ---------------------------------------------------------------------------------------
+# Moving between backends
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", MODELS)
+def test_backend_move_round_trip_keeps_state_and_outputs(name, rng):
+    manual_seed(0)
+    model = randomize_batchnorms(build_model(name), rng)
+    before = model.state_dict()
+    x = images(rng).astype(np.float32)
+    out_numpy = to_numpy(model.eval()(x))
+    model.to("torch", "cpu")
+    p = model.parameters()[0].data
+    assert isinstance(p, torch.Tensor) and p.dtype == torch.float32
+    out_torch = to_numpy(model(cnn.get_backend("torch", "cpu").asarray(x)))
+    model.to("numpy")
+    assert isinstance(model.parameters()[0].data, np.ndarray)
+    after = model.state_dict()
+    assert list(after) == list(before)
+    for k in before:
+        assert after[k].dtype == before[k].dtype, k
+        assert after[k].shape == before[k].shape, k
+        np.testing.assert_array_equal(after[k], before[k], err_msg=k)
+    assert_close(out_torch, out_numpy, "float32", "torch vs numpy logits", rtol=1e-4, atol=1e-5)
+
+
+def test_to_float64_and_back_casts_floats_only():
+    model = build_model("resnet").to("numpy", dtype="float64")
+    state = model.state_dict()
+    assert state["0.weight"].dtype == np.float64 and state["1.running_var"].dtype == np.float64
+    assert state["1.num_batches_tracked"].dtype == np.int64
+    state32 = model.to("numpy", dtype="float32").state_dict()
+    assert state32["0.weight"].dtype == np.float32
+
+
+# ---------------------------------------------------------------------------------------
+# Learning: memorise a small fixed batch
+# ---------------------------------------------------------------------------------------
+
+def test_simple_cnn_memorises_a_small_batch(tmp_path):
+    """32 synthetic images with *random* labels (pure memorisation): Adam reaches 100%
+    accuracy in eval mode within 45 steps (about 15 are needed at this seed)."""
+    from cnn.data import channel_stats, load_cifar10, normalize
+    from cnn.synthetic import write_synthetic_cifar10
+
+    ds = load_cifar10(write_synthetic_cifar10(tmp_path / "c.tar.gz", n_train=50, n_test=10))
+    mean, std = channel_stats(ds.train_x)
+    x = normalize(ds.train_x[:32], mean, std)
+    y = np.random.default_rng(1).integers(0, 10, 32)
+    manual_seed(0)
+    model = build_model("simple")
+    opt = Adam(model.parameters(), lr=1e-3)
+    losses, acc = [], 0.0
+    for step in range(1, 46):
+        model.train()
+        loss, grad = softmax_cross_entropy(model(x), y)
+        losses.append(float(loss))
+        model.backward(grad)
+        opt.step()
+        if step >= 9 and step % 3 == 0:
+            acc = float((model.eval()(x).argmax(1) == y).mean())
+            if acc == 1.0:
+                break
+    assert acc == 1.0, f"eval accuracy {acc} after {step} steps"
+    assert np.mean(losses[-3:]) < 0.5 * losses[0], losses

@@ -1,0 +1,323 @@
+"""The training loop, checkpoints and CLI on a tiny synthetic CIFAR-10 archive."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+import cnn.train as train_mod
+from cnn.checkpoint import load_checkpoint, read_meta, save_checkpoint
+from cnn.data import load_cifar10, normalize
+from cnn.synthetic import write_synthetic_cifar10
+from cnn.torch_twins import torch_twin
+from cnn.train import TrainConfig, TrainingError, fit, load_model, main, predict
+
+HISTORY_KEYS = {"epoch", "loss", "train_acc", "test_acc", "lr", "seconds"}
+EPOCH_LINE = re.compile(r"^Epoch +(\d+)/(\d+) \| Loss: \d+\.\d{4} \| Train: [01]\.\d{4} \| "
+                        r"Test: [01]\.\d{4} \| LR: \d+\.\d{6} \| Time: \d+\.\ds$", re.M)
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    """200 training and 50 test images in the official tar.gz format."""
+    return write_synthetic_cifar10(tmp_path_factory.mktemp("data") / "cifar-10-python.tar.gz",
+                                   n_train=200, n_test=50, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_archive(tmp_path_factory):
+    return write_synthetic_cifar10(tmp_path_factory.mktemp("tiny") / "cifar-10-python.tar.gz",
+                                   n_train=50, n_test=20, seed=1)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+def base_config(archive, out, **kw) -> TrainConfig:
+    """Augmentation on (shuffle, crops, flips and dropout all random), a step schedule that
+    halves the lr after epoch 1 (cosine would depend on the total number of epochs)."""
+    cfg = TrainConfig(model="simple", epochs=2, augment=True, schedule="step", milestones=[1],
+                      gamma=0.5, lr=0.01, momentum=0.9, weight_decay=1e-4, batch_size=50, seed=0,
+                      backend="numpy", data=str(archive), out=str(out), progress=False)
+    return replace(cfg, **kw)
+
+
+@pytest.fixture(scope="module")
+def full_run(archive, runs):
+    """An uninterrupted 2-epoch run."""
+    out = runs / "full"
+    return fit(base_config(archive, out)), out
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(archive, runs):
+    """Epoch 1 of the same run; its last.npz is copied aside before anything resumes it."""
+    out = runs / "first"
+    result = fit(base_config(archive, out, epochs=1))
+    snapshot = runs / "first_epoch1.npz"
+    shutil.copy(out / "last.npz", snapshot)
+    return result, out, snapshot
+
+
+def assert_same_state(a: dict, b: dict, what=""):
+    assert list(a) == list(b), what
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, f"{what}{k}"
+        np.testing.assert_array_equal(a[k], b[k], err_msg=f"{what}{k}")
+
+
+# ---------------------------------------------------------------------------------------
+# fit: history, checkpoints, determinism, resume
+# ---------------------------------------------------------------------------------------
+
+def test_fit_history_and_checkpoint_files(full_run):
+    result, out = full_run
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    for h in result.history:
+        assert set(h) == HISTORY_KEYS
+        assert np.isfinite(h["loss"]) and h["loss"] > 0 and h["seconds"] > 0
+        assert 0.0 <= h["train_acc"] <= 1.0 and 0.0 <= h["test_acc"] <= 1.0
+    assert [h["lr"] for h in result.history] == [0.01, 0.005]
+    assert result.best_checkpoint == out / "best.npz" and result.best_checkpoint.exists()
+    assert result.last_checkpoint == out / "last.npz" and result.last_checkpoint.exists()
+    accs = [h["test_acc"] for h in result.history]
+    assert result.best_test_acc == max(accs)
+    assert result.best_epoch == 1 + accs.index(max(accs))
+    assert not result.stopped_early
+    assert result.history[0]["test_acc"] > 0.2  # learnable data: better than chance (0.1)
+    meta = read_meta(out / "last.npz")
+    assert meta["epoch"] == 2 and meta["model"] == "simple"
+    assert meta["history"] == result.history
+    assert read_meta(out / "best.npz")["epoch"] == result.best_epoch
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_same_seed_gives_identical_weights(archive, runs, one_epoch_run):
+    _, _, snapshot = one_epoch_run
+    again = fit(base_config(archive, runs / "again", epochs=1))
+    a = load_checkpoint(snapshot)
+    b = load_checkpoint(again.last_checkpoint)
+    assert_same_state(a.model_state, b.model_state, "model ")
+    assert_same_state(a.optimizer_state, b.optimizer_state, "optimizer ")
+
+
+def test_resumed_run_ends_exactly_like_an_uninterrupted_one(archive, full_run, one_epoch_run):
+    full, full_out = full_run
+    _, out, _ = one_epoch_run
+    resumed = fit(base_config(archive, out, epochs=2, resume=True))
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    a = load_checkpoint(full_out / "last.npz")
+    b = load_checkpoint(out / "last.npz")
+    assert_same_state(a.model_state, b.model_state, "model ")
+    assert_same_state(a.optimizer_state, b.optimizer_state, "optimizer ")
+    for h_full, h_res in zip(full.history, resumed.history):
+        assert {k: v for k, v in h_full.items() if k != "seconds"} == \
+               {k: v for k, v in h_res.items() if k != "seconds"}
+    assert (resumed.best_test_acc, resumed.best_epoch) == (full.best_test_acc, full.best_epoch)
+
+
+def test_resume_with_another_model_is_refused(archive, runs, one_epoch_run):
+    _, _, snapshot = one_epoch_run
+    out = runs / "wrong_model"
+    out.mkdir()
+    shutil.copy(snapshot, out / "last.npz")
+    with pytest.raises(ValueError, match="holds a 'simple' model, not 'resnet'"):
+        fit(base_config(archive, out, model="resnet", resume=True))
+
+
+def test_best_checkpoint_loads_into_the_torch_twin(archive, full_run):
+    result, _ = full_run
+    ck = load_checkpoint(result.best_checkpoint)
+    twin = torch_twin("simple", ck.model_state).eval()  # strict=True
+    ds = load_cifar10(archive)
+    x = normalize(ds.test_x[:8], ck.meta["mean"], ck.meta["std"])
+    ours = load_model(result.best_checkpoint)
+    with torch.no_grad():
+        expected = twin(torch.from_numpy(x)).numpy()
+    got = ours(x)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_load_model_and_predict_reproduce_the_reported_accuracy(archive, full_run, backend):
+    result, _ = full_run
+    model = load_model(result.best_checkpoint, backend=backend, device="cpu")
+    assert not model.training
+    meta = read_meta(result.best_checkpoint)
+    ds = load_cifar10(archive)
+    x = normalize(ds.test_x, meta["mean"], meta["std"])
+    preds = predict(model, x, batch_size=16)
+    assert preds.dtype == np.int64 and preds.shape == (len(ds.test_y),)
+    assert float((preds == ds.test_y).mean()) == pytest.approx(result.best_test_acc, abs=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_diverging_run_raises_and_keeps_the_last_good_checkpoint(archive, runs, one_epoch_run):
+    """Resume the 1-epoch run with lr=1e6: epoch 2 diverges (NaN loss)."""
+    _, _, snapshot = one_epoch_run
+    out = runs / "diverge"
+    out.mkdir()
+    shutil.copy(snapshot, out / "last.npz")
+    before = load_checkpoint(out / "last.npz")
+    with pytest.raises(TrainingError, match="diverged"):
+        fit(base_config(archive, out, epochs=2, resume=True, lr=1e6))
+    after = load_checkpoint(out / "last.npz")
+    assert after.meta["epoch"] == 1
+    assert_same_state(before.model_state, after.model_state, "model ")
+    assert_same_state(before.optimizer_state, after.optimizer_state, "optimizer ")
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_diverging_first_epoch_raises_training_error(tiny_archive, tmp_path, monkeypatch):
+    """A NaN loss in the very first epoch: TrainingError, and no checkpoint is written."""
+    real = train_mod.softmax_cross_entropy
+
+    def nan_loss(logits, labels):
+        loss, grad = real(logits, labels)
+        return loss * float("nan"), grad
+
+    monkeypatch.setattr(train_mod, "softmax_cross_entropy", nan_loss)
+    with pytest.raises(TrainingError, match="became nan in epoch 1"):
+        fit(base_config(tiny_archive, tmp_path, epochs=1, augment=False))
+    assert not (tmp_path / "last.npz").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# Early stopping (training and evaluation patched out: only the bookkeeping runs)
+# ---------------------------------------------------------------------------------------
+
+def _patch_training(monkeypatch, accuracies):
+    calls = iter(accuracies)
+    monkeypatch.setattr(train_mod, "_train_epoch", lambda *a, **k: (1.0, 0.5))
+    monkeypatch.setattr(train_mod, "evaluate", lambda *a, **k: next(calls))
+
+
+@pytest.mark.parametrize("accs,patience,stopped_after,best", [
+    ([0.5] * 10, 2, 3, (0.5, 1)),                        # fixed accuracy
+    ([0.3, 0.6, 0.6, 0.55, 0.7, 0.1], 2, 4, (0.6, 2)),   # equal is not better
+    ([0.3, 0.4, 0.35, 0.5, 0.45, 0.4, 0.3], 3, 7, (0.5, 4)),
+])
+def test_early_stopping_after_patience_epochs_without_improvement(
+        tiny_archive, tmp_path, monkeypatch, capsys, accs, patience, stopped_after, best):
+    _patch_training(monkeypatch, accs)
+    result = fit(base_config(tiny_archive, tmp_path, epochs=10, early_stop=patience))
+    assert result.stopped_early
+    assert len(result.history) == stopped_after
+    assert [h["test_acc"] for h in result.history] == accs[:stopped_after]
+    assert (result.best_test_acc, result.best_epoch) == best
+    assert read_meta(tmp_path / "last.npz")["bad_epochs"] == patience
+    assert read_meta(tmp_path / "best.npz")["epoch"] == best[1]
+    assert "Early stop" in capsys.readouterr().out
+
+
+def test_no_early_stop_when_off(tiny_archive, tmp_path, monkeypatch):
+    _patch_training(monkeypatch, [0.5] * 4)
+    result = fit(base_config(tiny_archive, tmp_path, epochs=4, early_stop=0))
+    assert not result.stopped_early and len(result.history) == 4
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoint atomicity
+# ---------------------------------------------------------------------------------------
+
+def _state(value):
+    return {"0.weight": np.full((2, 3), value, np.float32), "1.num_batches_tracked": np.array(3)}
+
+
+@pytest.mark.parametrize("fail_in", ["savez", "replace"])
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, fail_in):
+    path = tmp_path / "last.npz"
+    save_checkpoint(path, _state(1.0), {"epoch": 1}, {"steps": np.array(4)})
+    original = path.read_bytes()
+
+    if fail_in == "savez":
+        def broken(f, **arrays):  # writes part of the file, then the disk "fills up"
+            f.write(b"PK\x03\x04 half a zip file")
+            raise OSError("No space left on device")
+
+        monkeypatch.setattr(np, "savez", broken)
+    else:
+        def broken(src, dst):
+            raise OSError("rename failed")
+
+        monkeypatch.setattr(os, "replace", broken)
+    with pytest.raises(OSError):
+        save_checkpoint(path, _state(2.0), {"epoch": 2}, {"steps": np.array(8)})
+    monkeypatch.undo()
+
+    assert path.read_bytes() == original
+    ck = load_checkpoint(path)
+    assert ck.meta["epoch"] == 1 and int(ck.optimizer_state["steps"]) == 4
+    np.testing.assert_array_equal(ck.model_state["0.weight"], _state(1.0)["0.weight"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.npz"]  # no temp file left
+
+
+def test_checkpoint_round_trip(tmp_path):
+    path = save_checkpoint(tmp_path / "sub" / "c.npz", _state(3.0), {"epoch": 5, "history": [{"a": 1}]},
+                           {"steps": np.array(2), "0.momentum_buffer": np.ones(3)})
+    ck = load_checkpoint(path)
+    assert_same_state(ck.model_state, _state(3.0))
+    assert ck.meta["epoch"] == 5 and ck.meta["history"] == [{"a": 1}]
+    assert set(ck.optimizer_state) == {"steps", "0.momentum_buffer"}
+
+
+def test_unreadable_checkpoint_raises_clear_error(tmp_path):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        load_checkpoint(bad)
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "missing.npz")
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------
+
+def test_cli_prints_epoch_lines_and_returns_0(tiny_archive, tmp_path, capsys):
+    out = tmp_path / "cli"
+    code = main(["--model", "simple", "--epochs", "1", "--batch-size", "25", "--data",
+                 str(tiny_archive), "--out", str(out), "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    lines = EPOCH_LINE.findall(captured.out)
+    assert lines == [("1", "1")], captured.out
+    assert "LR: 0.010000" in captured.out
+    assert "Best test accuracy" in captured.out
+    assert (out / "best.npz").exists() and (out / "last.npz").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--epochs", "0"], "epochs: must be a positive integer, got 0"),
+    (["--batch-size", "-3"], "batch_size: must be a positive integer, got -3"),
+    (["--lr", "0"], "lr: must be positive"),
+    (["--lr", "nan"], "lr: must be a number"),
+    (["--early-stop", "-1"], "early_stop: must be an integer >= 0"),
+])
+def test_cli_bad_argument_returns_2_with_a_clear_message(args, message, tiny_archive, tmp_path, capsys):
+    code = main([*args, "--data", str(tiny_archive), "--out", str(tmp_path / "x"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and message in err, err
+    assert not (tmp_path / "x" / "last.npz").exists()
+
+
+def test_cli_missing_data_returns_2(tmp_path, capsys):
+    missing = tmp_path / "nowhere" / "cifar-10-python.tar.gz"
+    code = main(["--epochs", "1", "--data", str(missing), "--out", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "error: " in err and "nowhere" in err
+
+
+def test_cli_unknown_choice_exits_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--model", "vgg"])
+    assert info.value.code == 2
+    assert "invalid choice: 'vgg'" in capsys.readouterr().err
