@@ -90,6 +90,9 @@ class Backend:
         return bool(a.flags.c_contiguous)
 
     # -- math -----------------------------------------------------------------------
+    def matmul(self, a, b, out=None):
+        return self.xp.matmul(a, b, out=out)
+
     def sum(self, a, axis=None, keepdims=False):
         return a.sum(axis=axis, keepdims=keepdims)
 
@@ -272,6 +275,9 @@ class TorchBackend(Backend):
 
     def column_sums(self, a):
         return a.sum(dim=0)
+
+    def matmul(self, a, b, out=None):
+        return self.torch.matmul(a, b, out=out)
 
     def sum(self, a, axis=None, keepdims=False):
         return a.sum() if axis is None else a.sum(dim=axis, keepdim=keepdims)

@@ -48,13 +48,14 @@ def pad_channels_last(x, padding: int, value: float = 0.0):
     return out
 
 
-def im2col(x, kernel_size: tuple[int, int], stride: int, padding: int):
+def im2col(x, kernel_size: tuple[int, int], stride: int, padding: int, out=None):
     """Unfold every convolution patch of ``x`` into a row.
 
     x: (N, C, H, W) -> cols: (N * Ho * Wo, kh * kw * C), rows ordered (n, ho, wo) and
     columns (i, j, c). In channels-last memory the kw * C values of one kernel row are
     contiguous, so a strided view of the padded input turns into ``cols`` in a single copy
-    with long contiguous runs; no loop over images, pixels or kernel offsets.
+    with long contiguous runs; no loop over images, pixels or kernel offsets. ``out``: an
+    optional buffer of that shape to fill (see ``layers.Workspace``).
     """
     B = backend_of(x)
     kh, kw = kernel_size
@@ -64,7 +65,7 @@ def im2col(x, kernel_size: tuple[int, int], stride: int, padding: int):
     xp = B.contiguous(pad_channels_last(x, padding))  # (N, Hp, Wp, C)
     sn, sh, sw = xp.shape[1] * xp.shape[2] * c, xp.shape[2] * c, c
     patches = B.as_strided(xp, (n, ho, wo, kh, kw, c), (sn, sh * stride, sw * stride, sh, sw, 1))
-    cols = B.empty(patches.shape, dtype=B.dtype_name(x))
+    cols = B.empty(patches.shape, dtype=B.dtype_name(x)) if out is None else out.reshape(patches.shape)
 
     def copy(patches, cols):
         cols[...] = patches

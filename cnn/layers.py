@@ -23,6 +23,25 @@ def _square(v, what: str) -> int:
     return a
 
 
+class Workspace:
+    """Buffers a layer reuses from one training step to the next.
+
+    A fresh array of more than 32 MiB comes straight from the operating system, which
+    zero-fills it page by page on first touch: for SmallResNet's im2col columns that costs
+    more than the copy that fills them. Reusing the buffer pays that once.
+    """
+
+    def __init__(self):
+        self.buffers = {}
+
+    def get(self, name: str, shape, B, dtype: str):
+        buf = self.buffers.get(name)
+        if (buf is None or tuple(buf.shape) != tuple(shape) or backend_of(buf) is not B
+                or B.dtype_name(buf) != dtype):
+            buf = self.buffers[name] = B.empty(tuple(shape), dtype=dtype)
+        return buf
+
+
 def _check_input(layer: Module, x, ndim: int, channels: int | None = None) -> None:
     if x.ndim != ndim:
         layout = "(N, C, H, W)" if ndim == 4 else "(N, features)"
@@ -53,6 +72,7 @@ class Conv2d(Module):
         self.bias = Parameter(F.bias_uniform(out_channels, fan_in)) if bias else None
         self.input_grad = True
         self.cache = None
+        self.workspace = Workspace()
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -66,10 +86,15 @@ class Conv2d(Module):
     def forward(self, x):
         _check_input(self, x, 4, self.in_channels)
         B = backend_of(x)
-        n = x.shape[0]
-        ho = F.conv_output_size(x.shape[2], self.kernel_size[0], self.stride, self.padding)
-        wo = F.conv_output_size(x.shape[3], self.kernel_size[1], self.stride, self.padding)
-        cols2d = F.im2col(x, self.kernel_size, self.stride, self.padding)
+        n, c, h, w = x.shape
+        kh, kw = self.kernel_size
+        ho = F.conv_output_size(h, kh, self.stride, self.padding)
+        wo = F.conv_output_size(w, kw, self.stride, self.padding)
+        # Training reuses the column buffer; evaluation (larger batches, no backward
+        # pass) allocates per call, so its big buffers are not kept alive.
+        buf = (self.workspace.get("cols", (n * ho * wo, kh * kw * c), B, B.dtype_name(x))
+               if self.training else None)
+        cols2d = F.im2col(x, self.kernel_size, self.stride, self.padding, out=buf)
         w2d = self._weight_matrix(B)
         out = cols2d @ w2d.T  # (N*Ho*Wo, F): channels-last output, no transpose needed
         if self.bias is not None:
@@ -89,7 +114,9 @@ class Conv2d(Module):
         self.cache = None
         if not self.input_grad:
             return None
-        return F.col2im(g @ w2d, x_shape, self.kernel_size, self.stride, self.padding)
+        dcols = self.workspace.get("dcols", (g.shape[0], w2d.shape[1]), B, B.dtype_name(g))
+        B.matmul(g, w2d, out=dcols)
+        return F.col2im(dcols, x_shape, self.kernel_size, self.stride, self.padding)
 
 
 class Linear(Module):
@@ -139,6 +166,7 @@ class BatchNorm2d(Module):
         self.register_buffer("running_var", np.ones(num_features, np.float32))
         self.register_buffer("num_batches_tracked", np.zeros((), np.int64))
         self.cache = None
+        self.workspace = Workspace()
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
@@ -149,13 +177,14 @@ class BatchNorm2d(Module):
         n, c, h, w = x.shape
         x2 = _channels_last_2d(x)  # (M, C), M = N * H * W
         m = x2.shape[0]
-        xc = B.empty_like(x2)
+        dtype = B.dtype_name(x)
+        xc = self.workspace.get("xc", x2.shape, B, dtype) if self.training else B.empty_like(x2)
         if self.training:
             if m < 2:
                 raise ValueError("BatchNorm2d in train mode needs more than one value per "
                                  f"channel, got input shape {tuple(x.shape)}")
             mean = B.column_sums(x2) / m
-            squares = B.empty_like(x2)
+            squares = self.workspace.get("squares", x2.shape, B, dtype)
 
             def center(x2, xc, squares):
                 B.subtract(x2, mean, out=xc)
