@@ -1,0 +1,111 @@
+"""Small helpers shared by the stage scripts: errors, atomic writes, CLI entry."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+class PipelineError(Exception):
+    """An error with a message meant for the user (no traceback is shown)."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
+
+    On any exception (including KeyboardInterrupt) the temporary file is removed,
+    so an interrupted or failed write never leaves a file at ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix + ".tmp")
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike):
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"{path} is missing; run the stage that produces it first (dvc repro)") from None
+    except json.JSONDecodeError as e:
+        raise PipelineError(f"{path} is not valid JSON ({e}); re-run the stage that produces it") from None
+
+
+def remove(paths) -> None:
+    """Delete files or directories if they exist."""
+    for p in paths:
+        p = Path(p)
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+
+def _sigterm(signum, frame):  # pragma: no cover - exercised by signals only
+    raise SystemExit(128 + signum)
+
+
+def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
+    """Run a stage's ``main`` and turn known errors into one clear line + exit code.
+
+    Exit codes: 0 ok, 1 known failure (message on stderr), 2 bad params/usage,
+    130 interrupted. SIGTERM is turned into an exception so ``finally`` blocks and
+    :func:`atomic_path` clean up temporary files.
+    """
+    from pipeline.params import ParamsError
+
+    signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        rc = main(argv)
+    except ParamsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:  # output piped into `head` etc.
+        sys.stderr.close()
+        sys.exit(0)
+    except Exception as e:
+        # Errors raised by the engine with a user-facing message.
+        name = type(e).__name__
+        if name in ("DatasetError", "TrainingError"):
+            print(f"error: {name}: {e}", file=sys.stderr)
+            sys.exit(1)
+        raise
+    sys.exit(rc or 0)

@@ -1,0 +1,122 @@
+"""Stage ``evaluate@<run>``: reload the best checkpoint and measure it on the test set.
+
+``python -m pipeline.evaluate <run>`` loads ``runs/<run>/best.npz`` with
+``cnn.train.load_model`` (on the run's backend and device), predicts the test
+images of the prepared dataset and writes, under ``runs/<run>/``:
+
+* ``eval.json``       -- test accuracy and per-class accuracy (``dvc metrics``)
+* ``confusion.json``  -- confusion matrix (rows: true class, columns: predicted) + class names
+* ``confusion.png``   -- the same, plotted with class names
+* ``predictions.csv`` -- actual,predicted class name per test image (``dvc plots``, confusion template)
+
+The metrics and the confusion matrix are added to the training run's MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import sys
+import time
+
+import numpy as np
+
+from pipeline import paths, plots, tracking
+from pipeline._util import PipelineError, read_json, remove, write_json, write_text
+from pipeline.params import load
+
+
+def confusion(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> np.ndarray:
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    if y_true.shape != y_pred.shape:
+        raise PipelineError(f"got {y_pred.shape} predictions for {y_true.shape} labels")
+    if len(y_pred) and (y_pred.min() < 0 or y_pred.max() >= n):
+        raise PipelineError(f"predictions outside [0, {n - 1}]")
+    return np.bincount(y_true * n + y_pred, minlength=n * n).reshape(n, n)
+
+
+def scores(cm: np.ndarray, classes: list[str]) -> dict:
+    total = int(cm.sum())
+    per_class = cm.diagonal() / np.maximum(cm.sum(axis=1), 1)
+    return {
+        "test_acc": float(cm.trace() / total) if total else 0.0,
+        "test_images": total,
+        "per_class_acc": {c: float(a) for c, a in zip(classes, per_class)},
+    }
+
+
+def load_test_set(path=paths.PREPARED):
+    """(x normalised float32, y, classes) from the prepared dataset."""
+    from cnn.data import channel_stats, load_cifar10, load_prepared_stats, normalize
+
+    if not path.is_file():
+        raise PipelineError(f"{path} not found; run the normalize stage first (dvc repro normalize)")
+    ds = load_cifar10(path)
+    stats = load_prepared_stats(path)
+    mean, std = stats if stats is not None else channel_stats(ds.train_x)
+    return normalize(ds.test_x, mean, std), np.asarray(ds.test_y), [str(c) for c in ds.classes]
+
+
+def evaluate(run: str) -> dict:
+    from cnn.train import load_model, predict
+
+    d = paths.run_dir(run)
+    outputs = paths.evaluate_outputs(run)
+    remove(outputs)
+    ckpt = d / paths.BEST_CHECKPOINT
+    if not ckpt.is_file():
+        raise PipelineError(f"{ckpt} not found; run the training stage first (dvc repro train@{run})")
+    config = read_json(d / paths.CONFIG)
+    mlflow_info = read_json(d / paths.MLFLOW_RUN)
+
+    x, y, classes = load_test_set()
+    t0 = time.perf_counter()
+    model = load_model(str(ckpt), backend=config["backend"], device=config["device"])
+    pred = np.asarray(predict(model, x))
+    seconds = time.perf_counter() - t0
+    cm = confusion(y, pred, len(classes))
+    result = scores(cm, classes)
+    result["inference_seconds"] = seconds
+
+    try:
+        write_json(d / paths.EVAL_METRICS, result)
+        write_json(d / paths.CONFUSION, {"classes": classes, "rows": "true class", "columns": "predicted class",
+                                         "matrix": cm.tolist()})
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["actual", "predicted"])
+        w.writerows((classes[a], classes[p]) for a, p in zip(y.tolist(), pred.tolist()))
+        write_text(d / paths.PREDICTIONS, buf.getvalue())
+        plots.confusion_matrix(cm, classes, d / paths.CONFUSION_PNG,
+                               title=f"{run}: test accuracy {100 * result['test_acc']:.2f}%")
+    except BaseException:
+        remove(outputs)
+        raise
+
+    tracker = tracking.attach_run(mlflow_info)
+    tracker.log_metrics({"eval_test_acc": result["test_acc"],
+                         **{f"eval_acc_{c}": a for c, a in result["per_class_acc"].items()}})
+    for name in (paths.CONFUSION_PNG, paths.CONFUSION, paths.EVAL_METRICS):
+        tracker.log_artifact(d / name, "evaluation")
+    print(f"evaluate@{run}: test accuracy {result['test_acc']:.4f} on {result['test_images']} images",
+          file=sys.stderr)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.split("\n")[0])
+    ap.add_argument("run", help="name of an entry under runs in params.yaml")
+    ap.add_argument("--params", default=str(paths.PARAMS))
+    args = ap.parse_args(argv)
+    params = load(args.params)
+    params.run(args.run)
+    evaluate(args.run)
+    return 0
+
+
+if __name__ == "__main__":
+    from pipeline._util import run_main
+
+    run_main(main)

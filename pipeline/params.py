@@ -1,0 +1,348 @@
+"""Load and validate ``params.yaml``.
+
+Every stage calls :func:`load` before doing any work, so a typo in any run
+(an unknown key, an unknown model, a non-positive epoch count, an LR that is
+not a number...) stops the whole pipeline with a message that names the run
+and the key, and nothing is computed.
+
+Layout of ``params.yaml``::
+
+    data:      {url, md5, retries, timeout}   # download stage
+    mlflow:    {experiment}                   # MLflow experiment name
+    progress:  true                           # tqdm bars during training
+    resume:    false                          # continue from runs/<run>/last.npz
+    defaults:  {model, epochs, ...}           # every training knob, once
+    runs:
+      <name>: {key: value, ...}               # overrides merged over defaults
+
+Only ``data.url``/``data.md5``, ``defaults`` and ``runs.<name>`` are DVC
+params dependencies; the other keys do not change results, so editing them
+does not re-run anything.
+
+``python -m pipeline.params`` validates the file and prints the resolved runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+MODELS = ("simple", "resnet")
+SCHEDULES = ("none", "step", "cosine")
+OPTIMIZERS = ("sgd", "adam")
+BACKENDS = ("numpy", "torch", "cupy")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+MD5_RE = re.compile(r"^[0-9a-f]{32}$")
+
+MODEL_TITLES = {"simple": "SimpleCNN", "resnet": "SmallResNet"}
+
+
+class ParamsError(ValueError):
+    """params.yaml is invalid; the message lists every problem found."""
+
+
+# --------------------------------------------------------------------------- YAML
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.2, as DVC does)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+# --------------------------------------------------------------------- checkers
+# Each checker returns an error string (without the location) or None.
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _show(v) -> str:
+    return repr(v) if not isinstance(v, str) else f"'{v}'"
+
+
+def _choice(options) -> Callable[[Any], str | None]:
+    def check(v):
+        if v not in options:
+            return f"must be one of {', '.join(options)}; got {_show(v)}"
+        return None
+
+    return check
+
+
+def _int(minimum: int) -> Callable[[Any], str | None]:
+    def check(v):
+        if not _is_int(v) or v < minimum:
+            what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            return f"must be {what}; got {_show(v)}"
+        return None
+
+    return check
+
+
+def _number(low: float, *, low_open: bool, high: float | None = None, high_open: bool = True):
+    def check(v):
+        ok = _is_number(v) and (v > low if low_open else v >= low)
+        if ok and high is not None:
+            ok = v < high if high_open else v <= high
+        if not ok:
+            if high is None:
+                what = "a positive number" if (low == 0 and low_open) else f"a number >= {low}"
+            else:
+                lo = "(" if low_open else "["
+                hi = ")" if high_open else "]"
+                what = f"a number in {lo}{low}, {high}{hi}"
+            return f"must be {what}; got {_show(v)}"
+        return None
+
+    return check
+
+
+def _bool(v):
+    if not isinstance(v, bool):
+        return f"must be true or false; got {_show(v)}"
+    return None
+
+
+def _milestones(v):
+    if not isinstance(v, list) or not all(_is_int(m) and m > 0 for m in v):
+        return f"must be a list of positive epoch numbers; got {_show(v)}"
+    if any(b <= a for a, b in zip(v, v[1:])):
+        return f"must be strictly increasing; got {_show(v)}"
+    return None
+
+
+def _betas(v):
+    if (
+        not isinstance(v, list)
+        or len(v) != 2
+        or not all(_is_number(b) and 0 <= b < 1 for b in v)
+    ):
+        return f"must be a list of two numbers in [0, 1); got {_show(v)}"
+    return None
+
+
+#: Every training knob, in the order TrainConfig declares them.
+RUN_KEYS: dict[str, Callable[[Any], str | None]] = {
+    "model": _choice(MODELS),
+    "epochs": _int(1),
+    "augment": _bool,
+    "schedule": _choice(SCHEDULES),
+    "milestones": _milestones,
+    "gamma": _number(0, low_open=True, high=1, high_open=False),
+    "early_stop": _int(0),
+    "optimizer": _choice(OPTIMIZERS),
+    "lr": _number(0, low_open=True),
+    "momentum": _number(0, low_open=False, high=1),
+    "nesterov": _bool,
+    "weight_decay": _number(0, low_open=False),
+    "betas": _betas,
+    "batch_size": _int(1),
+    "seed": _int(0),
+    "backend": _choice(BACKENDS),
+    "device": _choice(DEVICES),
+}
+
+DATA_KEYS = {
+    "url": lambda v: None if isinstance(v, str) and v.strip() else f"must be a non-empty URL; got {_show(v)}",
+    "md5": lambda v: None
+    if isinstance(v, str) and MD5_RE.match(v)
+    else f"must be 32 lowercase hex digits; got {_show(v)}",
+    "retries": _int(0),
+    "timeout": _number(0, low_open=True),
+}
+DATA_DEFAULTS = {"retries": 5, "timeout": 60}
+
+TOP_KEYS = ("data", "mlflow", "progress", "resume", "defaults", "runs")
+
+
+# ------------------------------------------------------------------ the model
+@dataclass(frozen=True)
+class DataParams:
+    url: str
+    md5: str
+    retries: int = 5
+    timeout: float = 60
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataParams
+    runs: dict[str, dict[str, Any]]  # resolved: defaults merged under each run
+    experiment: str = "cifar10-cnn"
+    progress: bool = True
+    resume: bool = False
+    source: str = "params.yaml"
+    raw: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def run(self, name: str) -> dict[str, Any]:
+        if name not in self.runs:
+            known = ", ".join(self.runs) or "(none)"
+            raise ParamsError(f"{self.source}: no run named '{name}' under runs (known runs: {known})")
+        return dict(self.runs[name])
+
+
+def _check_keys(where: str, mapping: dict, checkers: dict, problems: list[str]) -> None:
+    for key, value in mapping.items():
+        if key not in checkers:
+            problems.append(
+                f"{where}: unknown key '{key}' (allowed keys: {', '.join(checkers)})"
+            )
+            continue
+        msg = checkers[key](value)
+        if msg:
+            problems.append(f"{where}: '{key}' {msg}")
+
+
+def _cross_checks(where: str, cfg: dict, problems: list[str]) -> None:
+    backend, device = cfg.get("backend"), cfg.get("device")
+    if backend == "numpy" and device not in (None, "auto", "cpu"):
+        problems.append(f"{where}: 'device' must be auto or cpu with backend numpy; got '{device}'")
+    if backend == "cupy" and device not in (None, "auto", "cuda"):
+        problems.append(f"{where}: 'device' must be auto or cuda with backend cupy; got '{device}'")
+    if cfg.get("nesterov") is True and cfg.get("optimizer") == "sgd" and cfg.get("momentum") == 0:
+        problems.append(f"{where}: 'nesterov' needs a momentum > 0")
+
+
+def validate(raw: Any, source: str = "params.yaml") -> Params:
+    """Validate the parsed YAML ``raw``; raise :class:`ParamsError` listing every problem."""
+    problems: list[str] = []
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping at the top level; got {_show(raw)}")
+
+    for key in raw:
+        if key not in TOP_KEYS:
+            problems.append(f"{source}: unknown top-level key '{key}' (allowed keys: {', '.join(TOP_KEYS)})")
+
+    # data
+    data = raw.get("data")
+    data_params = None
+    if not isinstance(data, dict):
+        problems.append(f"{source}: 'data' must be a mapping with url and md5; got {_show(data)}")
+    else:
+        _check_keys("data", data, DATA_KEYS, problems)
+        for key in ("url", "md5"):
+            if key not in data:
+                problems.append(f"data: missing key '{key}'")
+        if not problems:
+            data_params = DataParams(**{**DATA_DEFAULTS, **data})
+
+    # mlflow / progress / resume
+    mlflow = raw.get("mlflow", {}) or {}
+    experiment = "cifar10-cnn"
+    if not isinstance(mlflow, dict):
+        problems.append(f"{source}: 'mlflow' must be a mapping; got {_show(mlflow)}")
+    else:
+        _check_keys(
+            "mlflow",
+            mlflow,
+            {"experiment": lambda v: None if isinstance(v, str) and v.strip() else f"must be a non-empty name; got {_show(v)}"},
+            problems,
+        )
+        experiment = mlflow.get("experiment", experiment)
+    for key in ("progress", "resume"):
+        if key in raw and (msg := _bool(raw[key])):
+            problems.append(f"{source}: '{key}' {msg}")
+
+    # defaults
+    defaults = raw.get("defaults", {}) or {}
+    if not isinstance(defaults, dict):
+        problems.append(f"{source}: 'defaults' must be a mapping of training knobs; got {_show(defaults)}")
+        defaults = {}
+    else:
+        _check_keys("defaults", defaults, RUN_KEYS, problems)
+
+    # runs
+    runs_raw = raw.get("runs")
+    runs: dict[str, dict] = {}
+    if not isinstance(runs_raw, dict) or not runs_raw:
+        problems.append(f"{source}: 'runs' must be a non-empty mapping of run name -> settings; got {_show(runs_raw)}")
+    else:
+        for name, settings in runs_raw.items():
+            where = f"run '{name}'"
+            if not isinstance(name, str) or not RUN_NAME_RE.match(name):
+                problems.append(
+                    f"{where}: run names may contain only letters, digits, '_' and '-' "
+                    "(they become DVC stage names and directory names)"
+                )
+                continue
+            if settings is None:
+                settings = {}
+            if not isinstance(settings, dict):
+                problems.append(f"{where}: settings must be a mapping; got {_show(settings)}")
+                continue
+            _check_keys(where, settings, RUN_KEYS, problems)
+            merged = {k: v for k, v in defaults.items() if k in RUN_KEYS}
+            merged.update({k: v for k, v in settings.items() if k in RUN_KEYS})
+            missing = [k for k in RUN_KEYS if k not in merged]
+            if missing:
+                problems.append(
+                    f"{where}: missing key(s) {', '.join(missing)} (set them under defaults or in the run)"
+                )
+            _cross_checks(where, merged, problems)
+            runs[name] = {k: merged[k] for k in RUN_KEYS if k in merged}
+
+    if problems:
+        lines = "\n  ".join(problems)
+        raise ParamsError(f"invalid {source} ({len(problems)} problem{'s' if len(problems) > 1 else ''}):\n  {lines}")
+
+    assert data_params is not None
+    return Params(
+        data=data_params,
+        runs=runs,
+        experiment=experiment,
+        progress=raw.get("progress", True),
+        resume=raw.get("resume", False),
+        source=source,
+        raw=raw,
+    )
+
+
+def load(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``path`` (default: ``params.yaml`` in the working directory)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ParamsError(f"{path} not found (run the pipeline from the repository root)") from None
+    try:
+        raw = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path} is not valid YAML: {e}") from None
+    return validate(raw, source=str(path))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.params", description=__doc__.split("\n")[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--run", help="print only this run's resolved settings")
+    args = ap.parse_args(argv)
+    params = load(args.params)
+    if args.run:
+        print(json.dumps(params.run(args.run), indent=2))
+    else:
+        print(json.dumps(params.runs, indent=2))
+        print(f"{args.params}: OK ({len(params.runs)} runs)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    from pipeline._util import run_main
+
+    run_main(main)

@@ -1,0 +1,50 @@
+"""File layout of the pipeline, relative to the repository root.
+
+``dvc.yaml`` names the same paths (it cannot import them);
+``tests/test_pipeline.py`` checks that the two agree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PARAMS = Path("params.yaml")
+
+# download / normalize
+RAW_ARCHIVE = Path("data/raw/cifar-10-python.tar.gz")
+PREPARED = Path("data/prepared/cifar10.npz")
+STATS = Path("data/prepared/stats.json")
+
+# train@<run> / evaluate@<run>: everything under runs/<run>/
+RUNS = Path("runs")
+BEST_CHECKPOINT = "best.npz"      # written by cnn.train.fit (DVC out)
+LAST_CHECKPOINT = "last.npz"      # written by fit, used by `resume`; not a DVC out
+HISTORY = "history.csv"           # per-epoch metrics (dvc plots)
+METRICS = "metrics.json"          # final training metrics (dvc metrics)
+CONFIG = "config.json"            # the resolved run configuration + device
+MLFLOW_RUN = "mlflow.json"        # MLflow run id, for evaluate to log into
+CURVES = "curves.png"             # per-run training curves
+EVAL_METRICS = "eval.json"        # test accuracy + per-class accuracy (dvc metrics)
+CONFUSION = "confusion.json"      # confusion matrix + class names
+CONFUSION_PNG = "confusion.png"
+PREDICTIONS = "predictions.csv"   # actual,predicted (dvc plots, confusion template)
+
+# report
+REPORTS = Path("reports")
+RESULTS_MD = REPORTS / "results.md"
+TRAINING_CURVES_PNG = REPORTS / "training_curves.png"
+REPORT_CONFUSION_DIR = REPORTS / "confusion"
+
+
+def run_dir(run: str) -> Path:
+    return RUNS / run
+
+
+def train_outputs(run: str) -> list[Path]:
+    d = run_dir(run)
+    return [d / n for n in (BEST_CHECKPOINT, HISTORY, METRICS, CONFIG, MLFLOW_RUN, CURVES)]
+
+
+def evaluate_outputs(run: str) -> list[Path]:
+    d = run_dir(run)
+    return [d / n for n in (EVAL_METRICS, CONFUSION, CONFUSION_PNG, PREDICTIONS)]

@@ -1,0 +1,388 @@
+"""MLflow tracking for the pipeline, robust to queues and unreachable servers.
+
+* **Where runs go.** ``MLFLOW_TRACKING_URI`` if set (e.g. a team server);
+  otherwise a SQLite database ``mlflow.db`` in the root of the *main* repository,
+  with artifacts under ``mlartifacts/`` there (absolute paths). "Main" matters for
+  ``dvc exp run --queue``/``--temp``: those run in a temporary copy under
+  ``.dvc/tmp/exps/`` that DVC deletes afterwards, but DVC sets ``DVC_ROOT`` to the
+  parent repository for them, so runs and artifacts still land in the main store.
+* **Fresh databases.** MLflow creates and migrates a SQLite schema without a lock;
+  the first connection and the experiment creation happen under an ``fcntl`` file
+  lock so parallel queue workers do not race.
+* **Unreachable servers.** An HTTP store is probed once with a short timeout and
+  MLflow's own HTTP retries are shortened; if the store cannot be used, one
+  warning is printed and logging becomes a no-op. Any later logging failure also
+  degrades to a no-op (after a couple of quick retries). Training never fails
+  because of MLflow, and every result is still in the DVC outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+# Shorter HTTP retry loops than MLflow's defaults (7 retries, backoff factor 2 =
+# minutes of waiting) unless the user chose their own. Must be set before use.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+PROBE_TIMEOUT_S = 3.0
+DB_NAME = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+_EXEC_TMP = (".dvc", "tmp", "exps")  # where DVC puts queue/temp executors
+
+_warned = False
+
+
+def warn_once(message: str) -> None:
+    """Print one warning per process (the first one wins)."""
+    global _warned
+    if not _warned:
+        _warned = True
+        print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
+# -------------------------------------------------------------- locations
+def _outside_executor(path: Path) -> Path:
+    """``<repo>/.dvc/tmp/exps/tmpXYZ/...`` -> ``<repo>``; other paths unchanged."""
+    parts = path.parts
+    for i in range(len(parts) - len(_EXEC_TMP) + 1):
+        if parts[i : i + len(_EXEC_TMP)] == _EXEC_TMP:
+            return Path(*parts[:i])
+    return path
+
+
+def main_repo_root(cwd: str | os.PathLike | None = None) -> Path:
+    """The main repository's root, also from inside a DVC queue's temporary copy.
+
+    DVC exports ``DVC_ROOT`` to every stage command; for queued and ``--temp``
+    experiments it points to the parent repository, not the executor's temporary
+    directory. Without DVC (a stage run by hand), search upwards for ``.dvc``.
+    """
+    env = os.environ.get("DVC_ROOT")
+    if env:
+        root = Path(env)
+    else:
+        here = Path(cwd or os.getcwd()).resolve()
+        root = next((p for p in (here, *here.parents) if (p / ".dvc").is_dir()), here)
+    return _outside_executor(root.resolve())
+
+
+def _is_local_scheme(uri: str) -> bool:
+    scheme = urllib.parse.urlparse(uri).scheme
+    return scheme in ("", "file", "sqlite") or (len(scheme) == 1 and os.name == "nt")
+
+
+def resolve_tracking_uri(root: Path | None = None) -> str:
+    """``MLFLOW_TRACKING_URI`` (relative local paths anchored at the main repo), or the default."""
+    root = root or main_repo_root()
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if not uri:
+        return f"sqlite:///{(root / DB_NAME).as_posix()}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        rel = uri[len("sqlite:///"):]
+        if rel and rel != ":memory:" and not Path(rel).is_absolute():
+            return f"sqlite:///{(root / rel).as_posix()}"
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme == "" and not Path(uri).is_absolute():
+        return (root / uri).as_posix()
+    return uri
+
+
+def default_artifact_location(uri: str, root: Path, experiment: str) -> str | None:
+    """Absolute artifact location for a new experiment in a local store; None = server default."""
+    if not _is_local_scheme(uri):
+        return None
+    return (root / ARTIFACTS_DIR / experiment).resolve().as_uri()
+
+
+def display_uri(uri: str) -> str:
+    """The URI without any user:password."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.password or parsed.username:
+        netloc = parsed.hostname or ""
+        if parsed.port:
+            netloc += f":{parsed.port}"
+        return urllib.parse.urlunparse(parsed._replace(netloc=netloc))
+    return uri
+
+
+def probe(uri: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """Why the store at ``uri`` cannot be used, or None if it looks usable."""
+    scheme = urllib.parse.urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+                return None
+        except urllib.error.HTTPError:
+            return None  # the server answered: reachable
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            return f"cannot reach {display_uri(uri)} ({reason})"
+    if scheme == "sqlite":
+        path = Path(uri[len("sqlite:///"):])
+        if not path.parent.is_dir():
+            return f"directory {path.parent} of the SQLite store does not exist"
+    return None
+
+
+@contextlib.contextmanager
+def init_lock(uri: str, root: Path) -> Iterator[None]:
+    """Exclusive lock serialising store creation/migration across processes."""
+    key = hashlib.sha1(uri.encode()).hexdigest()[:12]
+    lock_dir = root / ".dvc" / "tmp"
+    if not lock_dir.is_dir():
+        lock_dir = Path(tempfile.gettempdir())
+    path = lock_dir / f"mlflow-init-{key}.lock"
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no lock
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def git_info(cwd: str | os.PathLike | None = None) -> dict[str, str]:
+    def git(*args):
+        try:
+            return subprocess.run(
+                ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=20, check=True
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    info = {}
+    commit = git("rev-parse", "HEAD")
+    if commit:
+        info["mlflow.source.git.commit"] = commit
+        info["git_commit"] = commit
+        status = git("status", "--porcelain", "--untracked-files=no")
+        if status is not None:
+            info["git_dirty"] = "true" if status else "false"
+    return info
+
+
+def dvc_context(stage_default: str) -> dict[str, str]:
+    """DVC stage / experiment names exported by DVC to stage commands."""
+    ctx = {"dvc_stage": os.environ.get("DVC_STAGE") or stage_default}
+    if os.environ.get("DVC_EXP_NAME"):
+        ctx["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        ctx["dvc_exp_baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
+    return ctx
+
+
+def run_name_for(ctx: dict[str, str]) -> str:
+    return f"{ctx['dvc_exp_name']}:{ctx['dvc_stage']}" if "dvc_exp_name" in ctx else ctx["dvc_stage"]
+
+
+# ---------------------------------------------------------------- tracker
+def _quiet_mlflow_logs() -> None:
+    for name in ("alembic", "mlflow.store.db.utils", "mlflow.store.db", "mlflow.tracking"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _mlflow_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+class Tracker:
+    """A thin wrapper over ``MlflowClient`` that never raises.
+
+    Use :func:`start_run` or :func:`attach_run`. ``enabled`` is False for the
+    no-op tracker (MLflow unavailable); every method is then a no-op.
+    """
+
+    RETRIES = 2
+
+    def __init__(self, client=None, run_id: str | None = None, *, uri: str = "", experiment_id: str | None = None,
+                 experiment: str | None = None, run_name: str | None = None, reason: str | None = None):
+        self.client = client
+        self.run_id = run_id
+        self.uri = uri
+        self.experiment_id = experiment_id
+        self.experiment = experiment
+        self.run_name = run_name
+        self.reason = reason  # why tracking is off
+
+    @property
+    def enabled(self) -> bool:
+        return self.client is not None and self.run_id is not None
+
+    def _disable(self, what: str, err: BaseException) -> None:
+        self.reason = f"{what} failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        warn_once(
+            f"MLflow logging to {display_uri(self.uri)} stopped ({self.reason}); "
+            "continuing without MLflow. All results are still written to the DVC outputs."
+        )
+        self.client = None
+
+    def _call(self, method: str, *args, **kwargs) -> bool:
+        """``self.client.<method>(*args, **kwargs)`` with quick retries; never raises."""
+        if not self.enabled:
+            return False
+        for attempt in range(self.RETRIES):
+            try:
+                getattr(self.client, method)(*args, **kwargs)
+                return True
+            except Exception as e:  # noqa: BLE001 - tracking must never break training
+                if attempt == self.RETRIES - 1:
+                    self._disable(method, e)
+                    return False
+                time.sleep(0.5 * (attempt + 1))
+        return False
+
+    # --- logging API ------------------------------------------------------
+    def log_params(self, params: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Param
+
+        items = [Param(k, _mlflow_value(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self._call("log_batch", self.run_id, params=items[i:i + 100])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, _mlflow_value(v)) for k, v in tags.items()]
+        self._call("log_batch", self.run_id, tags=items)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if v is not None]
+        self._call("log_batch", self.run_id, metrics=items)
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self._call("log_artifact", self.run_id, str(path), artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._call("set_terminated", self.run_id, status)
+
+    def info(self) -> dict[str, Any]:
+        """What the train stage stores in ``runs/<run>/mlflow.json``."""
+        return {
+            "run_id": self.run_id,
+            "run_name": self.run_name,
+            "experiment": self.experiment,
+            "experiment_id": self.experiment_id,
+            "tracking_uri": display_uri(self.uri),
+            **({"disabled_reason": self.reason} if self.reason else {}),
+        }
+
+
+def _client(uri: str):
+    _quiet_mlflow_logs()
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _get_or_create_experiment(client, name: str, artifact_location: str | None) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location)
+        except Exception:  # created meanwhile by another process (remote servers)
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        client.restore_experiment(exp.experiment_id)
+    loc = exp.artifact_location or ""
+    scheme = urllib.parse.urlparse(loc).scheme
+    if loc and (scheme == "" or len(scheme) == 1) and not Path(loc).is_absolute():
+        warn_once(
+            f"MLflow experiment '{name}' stores artifacts at the relative location '{loc}'; "
+            "runs from DVC queue workers will put theirs in temporary directories. "
+            "Create the experiment with an absolute artifact location."
+        )
+    return exp.experiment_id
+
+
+def start_run(experiment: str, run_name: str, tags: dict[str, Any] | None = None,
+              root: Path | None = None) -> Tracker:
+    """Open a new MLflow run, or return a no-op tracker after one warning."""
+    root = root or main_repo_root()
+    uri = resolve_tracking_uri(root)
+    reason = probe(uri)
+    if reason is None:
+        try:
+            with init_lock(uri, root), contextlib.chdir(root):
+                # chdir: a new database gets MLflow's "Default" experiment with an artifact
+                # root of ./mlruns resolved against the working directory -- make that the
+                # main repository, not a DVC queue's temporary copy.
+                client = _client(uri)
+                exp_id = _get_or_create_experiment(client, experiment, default_artifact_location(uri, root, experiment))
+            run = client.create_run(exp_id, run_name=run_name, tags={k: _mlflow_value(v) for k, v in (tags or {}).items()})
+            return Tracker(client, run.info.run_id, uri=uri, experiment_id=exp_id, experiment=experiment,
+                           run_name=run_name)
+        except Exception as e:  # noqa: BLE001
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    warn_once(
+        f"MLflow tracking at {display_uri(uri)} is unavailable ({reason}); "
+        "continuing without MLflow logging. All results are still written to the DVC outputs."
+    )
+    return Tracker(None, None, uri=uri, experiment=experiment, run_name=run_name, reason=reason)
+
+
+def attach_run(info: dict[str, Any], root: Path | None = None) -> Tracker:
+    """Reopen the run recorded by the train stage (``runs/<run>/mlflow.json``)."""
+    run_id = info.get("run_id")
+    if not run_id:
+        warn_once(
+            "the training run was not logged to MLflow "
+            f"({info.get('disabled_reason', 'tracking was unavailable')}); evaluation results are "
+            "written to the DVC outputs only."
+        )
+        return Tracker(None, None, reason="no MLflow run id")
+    root = root or main_repo_root()
+    uri = resolve_tracking_uri(root)
+    recorded = info.get("tracking_uri")
+    if recorded and recorded != display_uri(uri):
+        warn_once(
+            f"the training run was logged to {recorded} but MLflow now points at {display_uri(uri)}; "
+            "evaluation results are written to the DVC outputs only."
+        )
+        return Tracker(None, None, uri=uri, reason="tracking URI changed")
+    reason = probe(uri)
+    if reason is None and uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        reason = f"{uri} does not exist"
+    if reason is None:
+        try:
+            client = _client(uri)
+            run = client.get_run(run_id)
+            return Tracker(client, run_id, uri=uri, experiment_id=run.info.experiment_id,
+                           experiment=info.get("experiment"), run_name=run.info.run_name)
+        except Exception as e:  # noqa: BLE001
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    warn_once(
+        f"MLflow run {run_id} at {display_uri(uri)} is unavailable ({reason}); "
+        "evaluation results are written to the DVC outputs only."
+    )
+    return Tracker(None, None, uri=uri, reason=reason)

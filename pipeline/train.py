@@ -1,0 +1,176 @@
+"""Stage ``train@<run>``: train one entry of ``params.yaml`` ``runs``.
+
+``python -m pipeline.train <run>`` merges the run over ``defaults``, calls
+``cnn.train.fit`` on the prepared dataset and writes, under ``runs/<run>/``:
+
+* ``best.npz``     -- best checkpoint (highest test accuracy), from ``fit``
+* ``history.csv``  -- epoch, loss, train_acc, test_acc, lr, seconds (``dvc plots``)
+* ``metrics.json`` -- best/final accuracies, s/epoch, epochs run, device (``dvc metrics``)
+* ``config.json``  -- the resolved settings of the run and the device it ran on
+* ``curves.png``   -- loss and accuracy per epoch
+* ``mlflow.json``  -- the MLflow run id (``evaluate`` logs into the same run)
+
+The run is also an MLflow run (see :mod:`pipeline.tracking`): parameters, git
+commit and DVC stage as tags, per-epoch metrics with ``step=epoch``, and the
+checkpoint and curves as artifacts. If MLflow is unavailable training still
+completes, with one warning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import sys
+from pathlib import Path
+
+from pipeline import paths, plots
+from pipeline._util import PipelineError, remove, write_json, write_text
+from pipeline.params import MODEL_TITLES, RUN_KEYS, load
+from pipeline import tracking
+
+HISTORY_FIELDS = ("epoch", "loss", "train_acc", "test_acc", "lr", "seconds")
+#: settings that may change when continuing a run from last.npz
+RESUMABLE_CHANGES = {"epochs", "early_stop"}
+
+
+def history_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r.get(k) for k in HISTORY_FIELDS})
+    return buf.getvalue()
+
+
+def read_history(path: str | Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return [{k: (int(v) if k == "epoch" else float(v)) for k, v in r.items()} for r in rows]
+
+
+def summarize(result, history: list[dict]) -> dict:
+    last = history[-1] if history else {}
+    seconds = [r["seconds"] for r in history if r.get("seconds") is not None]
+    return {
+        "best_test_acc": float(result.best_test_acc),
+        "best_epoch": int(result.best_epoch),
+        "final_train_acc": float(last.get("train_acc", float("nan"))),
+        "final_test_acc": float(last.get("test_acc", float("nan"))),
+        "final_loss": float(last.get("loss", float("nan"))),
+        "seconds_per_epoch": float(sum(seconds) / len(seconds)) if seconds else None,
+        "epochs_run": len(history),
+        "stopped_early": bool(result.stopped_early),
+        "device": str(result.device),
+    }
+
+
+def check_resume(last: Path, cfg: dict) -> bool:
+    """Whether ``last`` was written by a run with the same settings (epochs may grow)."""
+    from cnn.checkpoint import read_meta
+
+    try:
+        old = dict(read_meta(last).get("config") or {})
+    except Exception as e:  # noqa: BLE001 - unreadable: start over
+        print(f"not resuming: cannot read {last} ({e})", file=sys.stderr)
+        return False
+    diff = [k for k in RUN_KEYS if k not in RESUMABLE_CHANGES and k in old and old[k] != cfg[k]]
+    if diff:
+        print(f"not resuming from {last}: settings changed ({', '.join(diff)})", file=sys.stderr)
+        return False
+    return True
+
+
+def train(run: str, params) -> dict:
+    from cnn.train import TrainConfig, fit
+
+    cfg = params.run(run)
+    out = paths.run_dir(run)
+    outputs = paths.train_outputs(run)
+    best_path = out / paths.BEST_CHECKPOINT
+    if not paths.PREPARED.is_file():
+        raise PipelineError(f"{paths.PREPARED} not found; run the normalize stage first (dvc repro normalize)")
+    last = out / paths.LAST_CHECKPOINT
+    # Resuming needs last.npz *and* the best.npz written alongside it (best.npz is a
+    # persisted DVC out, so DVC leaves it in place); otherwise start from scratch.
+    resume = bool(params.resume) and last.is_file() and best_path.is_file() and check_resume(last, cfg)
+    remove([p for p in outputs if not (resume and p == best_path)])
+    if not resume:
+        remove([last])
+    out.mkdir(parents=True, exist_ok=True)
+
+    ctx = tracking.dvc_context(f"train@{run}")
+    tags = {**tracking.git_info(), **ctx, "pipeline_run": run, "model_name": MODEL_TITLES[cfg["model"]]}
+    tracker = tracking.start_run(params.experiment, tracking.run_name_for(ctx), tags)
+    tracker.log_params({"run": run, **cfg, "data": paths.PREPARED.as_posix(), "resume": resume})
+
+    history: list[dict] = []
+
+    def on_epoch_end(m: dict) -> None:
+        history.append(dict(m))
+        tracker.log_metrics(
+            {"loss": m["loss"], "train_acc": m["train_acc"], "test_acc": m["test_acc"],
+             "lr": m["lr"], "epoch_seconds": m["seconds"]},
+            step=int(m["epoch"]),
+        )
+        # Rewritten every epoch so a long run can be watched (dvc plots show).
+        write_text(out / paths.HISTORY, history_csv(history))
+
+    # Bars only on a terminal: piped output (CI, dvc queue logs) gets the per-epoch lines only.
+    progress = bool(params.progress) and sys.stderr.isatty()
+    config = TrainConfig(**cfg, data=str(paths.PREPARED), out=str(out), resume=resume, progress=progress)
+    print(f"train@{run}: {MODEL_TITLES[cfg['model']]}, {cfg['epochs']} epochs, backend {cfg['backend']}",
+          file=sys.stderr)
+    try:
+        result = fit(config, on_epoch_end=on_epoch_end)
+    except BaseException as e:
+        tracker.finish("KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
+        remove(outputs)
+        raise
+
+    try:
+        hist = [dict(r) for r in (result.history or history)]
+        best = Path(result.best_checkpoint)
+        if best.resolve() != best_path.resolve() or not best.is_file():
+            raise PipelineError(f"fit did not write its best checkpoint to {best_path} (got {best})")
+        metrics = summarize(result, hist)
+        write_text(out / paths.HISTORY, history_csv(hist))
+        write_json(out / paths.METRICS, metrics)
+        write_json(out / paths.CONFIG, {"run": run, "model_name": MODEL_TITLES[cfg["model"]], **cfg,
+                                        "device_used": metrics["device"], "resumed": resume})
+        plots.training_curves({run: hist}, out / paths.CURVES, title=f"{run} ({metrics['device']})")
+
+        tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        tracker.set_tags({"device": metrics["device"], "stopped_early": metrics["stopped_early"]})
+        tracker.log_artifact(best, "checkpoints")
+        for name in (paths.CURVES, paths.HISTORY, paths.METRICS, paths.CONFIG):
+            tracker.log_artifact(out / name)
+        tracker.finish("FINISHED")
+        write_json(out / paths.MLFLOW_RUN, tracker.info())
+    except BaseException:
+        tracker.finish("FAILED")
+        remove(outputs)
+        raise
+    print(
+        f"train@{run}: best test acc {metrics['best_test_acc']:.4f} at epoch {metrics['best_epoch']}, "
+        f"{metrics['epochs_run']} epochs, {metrics['seconds_per_epoch'] or 0:.1f} s/epoch on {metrics['device']}",
+        file=sys.stderr,
+    )
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__.split("\n")[0])
+    ap.add_argument("run", help="name of an entry under runs in params.yaml")
+    ap.add_argument("--params", default=str(paths.PARAMS))
+    args = ap.parse_args(argv)
+    params = load(args.params)
+    params.run(args.run)  # unknown run -> clear error before any work
+    train(args.run, params)
+    return 0
+
+
+if __name__ == "__main__":
+    from pipeline._util import run_main
+
+    run_main(main)

@@ -1,0 +1,741 @@
+"""Tests of the DVC + MLflow pipeline: pipeline/, params.yaml, dvc.yaml.
+
+Fast tests call the stage code in-process. The tests marked ``slow`` build
+throwaway git + DVC repositories under tmp_path from the project's own files,
+feed them a tiny synthetic CIFAR-10 archive (``cnn.synthetic``) through
+``CIFAR10_SOURCE``/``CIFAR10_MD5``, shrink the runs to one epoch (the real
+params.yaml is never touched) and run the real tools: ``dvc repro``,
+``dvc exp run --queue`` + ``dvc queue start -j 2``, and ``mlflow server`` on a
+loopback port. They run by default; ``-m "not slow"`` skips them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import http.server
+import io
+import json
+import os
+import pickle
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+TINY_RUNS = ("simple_5ep_numpy", "simple_5ep_torch")  # one per backend
+PROJECT_FILES = ("cnn", "pipeline", "params.yaml", "dvc.yaml", ".dvcignore", ".gitignore")
+N_TRAIN, N_TEST = 300, 100
+
+# MLflow's SQLAlchemy store triggers this on import; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from pipeline import download as dl  # noqa: E402
+from pipeline import params as P  # noqa: E402
+from pipeline import paths, tracking  # noqa: E402
+
+
+# ============================================================================ helpers
+def md5_of(path) -> str:
+    return hashlib.md5(Path(path).read_bytes()).hexdigest()
+
+
+def clean_env(**extra) -> dict:
+    """The test process's environment without DVC/MLflow/CIFAR10 settings, venv first on PATH."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_", "CIFAR10_"))}
+    env["PATH"] = str(Path(PY).parent) + os.pathsep + env.get("PATH", "")
+    env.update(
+        DVC_NO_ANALYTICS="1",
+        GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
+        GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com",
+        OMP_NUM_THREADS="1",
+    )
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run(args, cwd, env, timeout=300, check=True) -> subprocess.CompletedProcess:
+    p = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        pytest.fail(f"{' '.join(map(str, args))} exited {p.returncode}\n--- stdout\n{p.stdout}\n--- stderr\n{p.stderr}")
+    return p
+
+
+def dvc(*args, cwd, env, **kw) -> subprocess.CompletedProcess:
+    return run([PY, "-m", "dvc", *args], cwd, env, **kw)
+
+
+def stage(module: str, *args, cwd, env, **kw) -> subprocess.CompletedProcess:
+    return run([PY, "-m", f"pipeline.{module}", *args], cwd, env, **kw)
+
+
+def tiny_params(**changes) -> dict:
+    """The real params.yaml with only TINY_RUNS left, each cut to one epoch."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["runs"] = {name: {**params["runs"][name], "epochs": 1} for name in TINY_RUNS}
+    params.update(changes)
+    return params
+
+
+def make_project(dest: Path, params: dict | None = None) -> Path:
+    """A fresh git + DVC repository holding the project's pipeline files."""
+    dest.mkdir(parents=True)
+    for name in PROJECT_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(src, dest / name)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params or tiny_params(), sort_keys=False))
+    env = clean_env()
+    run(["git", "init", "-q"], dest, env)
+    dvc("init", "-q", cwd=dest, env=env)
+    run(["git", "add", "-A"], dest, env)
+    run(["git", "commit", "-qm", "project"], dest, env)
+    return dest
+
+
+def clone_project(src: Path, dest: Path) -> Path:
+    """Copy a project (git, DVC cache, outputs) without its MLflow store or DVC temp state."""
+    def ignore(d, names):
+        skip = {"mlflow.db", "mlartifacts", "mlruns", "__pycache__"}
+        if Path(d).name == ".dvc":
+            skip.add("tmp")
+        return [n for n in names if n in skip]
+
+    shutil.copytree(src, dest, symlinks=True, ignore=ignore)
+    return dest
+
+
+def rewrite_archive(src: Path, dest: Path, *, drop: tuple[str, ...] = (), labels: dict | None = None) -> Path:
+    """A copy of a CIFAR-10 archive without some members, or with some labels replaced."""
+    with tarfile.open(src, "r:gz") as tin, tarfile.open(dest, "w:gz") as tout:
+        for m in tin.getmembers():
+            if m.name.split("/")[-1] in drop:
+                continue
+            data = tin.extractfile(m).read() if m.isfile() else None
+            base = m.name.split("/")[-1]
+            if labels and base in labels:
+                batch = pickle.loads(data, encoding="bytes")
+                batch[b"labels"] = labels[base](batch[b"labels"])
+                data = pickle.dumps(batch)
+                m.size = len(data)
+            tout.addfile(m, io.BytesIO(data) if data is not None else None)
+    return dest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_json(url: str):
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def mlflow_warnings(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("WARNING:") and "MLflow" in line]
+
+
+# ============================================================================ fixtures
+@pytest.fixture(scope="session")
+def archive(tmp_path_factory):
+    from cnn.synthetic import write_synthetic_cifar10
+
+    path = write_synthetic_cifar10(tmp_path_factory.mktemp("synthetic") / "cifar-10-python.tar.gz",
+                                   n_train=N_TRAIN, n_test=N_TEST, seed=0)
+    return Path(path), md5_of(path)
+
+
+@pytest.fixture(scope="module")
+def repro_project(tmp_path_factory, archive):
+    """A project on which `dvc repro` has run (two one-epoch runs), committed."""
+    path, md5 = archive
+    proj = make_project(tmp_path_factory.mktemp("e2e") / "project")
+    env = clean_env(CIFAR10_SOURCE=path, CIFAR10_MD5=md5)
+    t0 = time.perf_counter()
+    result = dvc("repro", cwd=proj, env=env, timeout=600)
+    print(f"dvc repro: {time.perf_counter() - t0:.1f}s")
+    run(["git", "add", "-A"], proj, env)
+    run(["git", "commit", "-qm", "repro"], proj, env)
+    return proj, env, result
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on a free loopback port; yields its URL."""
+    port = free_port()
+    log = open(tmp_path / "mlflow-server.log", "w")
+    proc = subprocess.Popen(
+        [PY, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+        cwd=tmp_path, env=clean_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                pytest.fail("mlflow server exited:\n" + (tmp_path / "mlflow-server.log").read_text())
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(url + "/health", timeout=2).close()
+                break
+            if time.monotonic() > deadline:
+                pytest.fail("mlflow server did not start:\n" + (tmp_path / "mlflow-server.log").read_text())
+            time.sleep(0.5)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+# ============================================================================ params (fast)
+def test_default_params_are_the_reference_table():
+    params = P.load(REPO / "params.yaml")
+    assert list(params.runs) == ["simple_5ep_numpy", "simple_20ep_torch", "simple_20ep_torch_aug",
+                                 "simple_5ep_torch", "resnet_50ep_step", "resnet_50ep_cosine"]
+    expect = {
+        "simple_5ep_numpy": dict(model="simple", epochs=5, backend="numpy", augment=False, schedule="none"),
+        "simple_20ep_torch": dict(model="simple", epochs=20, backend="torch", augment=False),
+        "simple_20ep_torch_aug": dict(model="simple", epochs=20, backend="torch", augment=True),
+        "simple_5ep_torch": dict(model="simple", epochs=5, backend="torch"),
+        "resnet_50ep_step": dict(model="resnet", epochs=50, augment=True, schedule="step",
+                                 milestones=[30, 40], gamma=0.1, early_stop=10, backend="torch"),
+        "resnet_50ep_cosine": dict(model="resnet", epochs=50, augment=True, schedule="cosine",
+                                   early_stop=0, backend="torch"),
+    }
+    for name, want in expect.items():
+        cfg = params.run(name)
+        assert {k: cfg[k] for k in want} == want, name
+        assert (cfg["optimizer"], cfg["momentum"], cfg["weight_decay"], cfg["batch_size"], cfg["lr"],
+                cfg["device"]) == ("sgd", 0.9, 1e-4, 64, 0.01, "auto"), name
+        assert set(cfg) == set(P.RUN_KEYS)
+    assert params.data.url == "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+    assert params.data.md5 == "c58f30108f718f92721af3b95e74349a"
+    # every knob maps onto cnn.train.TrainConfig
+    from cnn.train import TrainConfig
+
+    TrainConfig(**params.run("resnet_50ep_step")).validate()
+
+
+BAD_PARAMS = [
+    ("model", "vgg", "'model' must be one of simple, resnet"),
+    ("schedule", "linear", "'schedule' must be one of none, step, cosine"),
+    ("backend", "jax", "'backend' must be one of numpy, torch, cupy"),
+    ("optimizer", "rmsprop", "'optimizer' must be one of sgd, adam"),
+    ("epochs", 0, "'epochs' must be a positive integer"),
+    ("epochs", -3, "'epochs' must be a positive integer"),
+    ("epochs", 2.5, "'epochs' must be a positive integer"),
+    ("batch_size", 0, "'batch_size' must be a positive integer"),
+    ("lr", 0, "'lr' must be a positive number"),
+    ("lr", -0.1, "'lr' must be a positive number"),
+    ("lr", "fast", "'lr' must be a positive number; got 'fast'"),
+    ("lr", float("nan"), "'lr' must be a positive number"),
+    ("lr", True, "'lr' must be a positive number"),
+    ("device", "tpu", "'device' must be one of auto, cpu, cuda, mps"),
+    ("momentum", 1.5, "'momentum' must be a number in [0, 1)"),
+    ("milestones", [40, 30], "'milestones' must be strictly increasing"),
+    ("augment", "yes", "'augment' must be true or false"),
+    ("learning_rate", 0.1, "unknown key 'learning_rate'"),
+]
+
+
+@pytest.mark.parametrize("key,value,message", BAD_PARAMS, ids=[f"{k}={v!r}" for k, v, _ in BAD_PARAMS])
+def test_invalid_run_params_name_the_run_and_key(key, value, message):
+    raw = tiny_params()
+    raw["runs"]["simple_5ep_torch"][key] = value
+    with pytest.raises(P.ParamsError) as e:
+        P.validate(raw)
+    assert "run 'simple_5ep_torch'" in str(e.value)
+    assert message in str(e.value)
+    assert "simple_5ep_numpy" not in str(e.value)
+
+
+def test_invalid_params_other_sections():
+    raw = tiny_params()
+    raw["defaults"]["lrr"] = 0.1
+    raw["data"]["md5"] = "nope"
+    raw["extra"] = 1
+    raw["runs"]["bad name!"] = {}
+    del raw["defaults"]["seed"]
+    with pytest.raises(P.ParamsError) as e:
+        P.validate(raw)
+    msg = str(e.value)
+    for part in ("defaults: unknown key 'lrr'", "data: 'md5' must be 32 lowercase hex digits",
+                 "unknown top-level key 'extra'", "run 'bad name!'", "missing key(s) seed"):
+        assert part in msg
+    with pytest.raises(P.ParamsError, match="no run named 'nope'"):
+        P.validate(tiny_params()).run("nope")
+    with pytest.raises(P.ParamsError, match="'runs' must be a non-empty mapping"):
+        P.validate({**tiny_params(), "runs": {}})
+
+
+def test_params_yaml_reads_floats_like_dvc(tmp_path):
+    text = (REPO / "params.yaml").read_text().replace("lr: 0.01", "lr: 1e-3", 1)
+    (tmp_path / "params.yaml").write_text(text)
+    assert P.load(tmp_path / "params.yaml").run("simple_5ep_numpy")["lr"] == 0.001
+
+
+def test_dvc_yaml_matches_pipeline_paths():
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+
+    def names(entries):
+        return sorted(next(iter(e)) if isinstance(e, dict) else e for e in entries)
+
+    k = "${key}"
+    train = spec["train"]["do"]
+    assert spec["train"]["foreach"] == spec["evaluate"]["foreach"] == "${runs}"
+    assert sorted(train["params"]) == sorted(["defaults", f"runs.{k}"])
+    train_outs = names(train["outs"] + train["metrics"] + train["plots"])
+    assert train_outs == sorted(p.as_posix() for p in paths.train_outputs(k))
+    ev = spec["evaluate"]["do"]
+    assert names(ev["outs"] + ev["metrics"] + ev["plots"]) == sorted(p.as_posix() for p in paths.evaluate_outputs(k))
+    assert names(spec["download"]["outs"]) == [paths.RAW_ARCHIVE.as_posix()]
+    assert sorted(spec["download"]["params"]) == ["data.md5", "data.url"]
+    assert names(spec["normalize"]["outs"]) == sorted([paths.PREPARED.as_posix(), paths.STATS.as_posix()])
+    assert names(spec["report"]["outs"]) == sorted(
+        p.as_posix() for p in (paths.RESULTS_MD, paths.TRAINING_CURVES_PNG, paths.REPORT_CONFUSION_DIR))
+
+
+# ============================================================================ download (fast)
+class _FlakyHandler(http.server.BaseHTTPRequestHandler):
+    """1st request: HTTP 500; 2nd: half the body, then the connection drops; 3rd: honours Range."""
+
+    body = b""
+    requests: list = []
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        n = len(self.requests)
+        self.requests.append(self.headers.get("Range"))
+        if self.path != "/cifar-10-python.tar.gz":
+            self.send_error(404)
+        elif n == 0:
+            self.send_error(500)
+        elif n == 1:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(self.body)))
+            self.end_headers()
+            self.wfile.write(self.body[: len(self.body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+        else:
+            start = int(self.headers["Range"].split("=")[1].rstrip("-")) if self.headers.get("Range") else 0
+            self.send_response(206 if start else 200)
+            if start:
+                self.send_header("Content-Range", f"bytes {start}-{len(self.body) - 1}/{len(self.body)}")
+            self.send_header("Content-Length", str(len(self.body) - start))
+            self.end_headers()
+            self.wfile.write(self.body[start:])
+
+
+@pytest.fixture
+def flaky_server(archive):
+    _FlakyHandler.body = archive[0].read_bytes()
+    _FlakyHandler.requests = []
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FlakyHandler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_download_retries_and_resumes_over_http(flaky_server, archive, tmp_path, monkeypatch):
+    monkeypatch.setattr(dl, "BACKOFF_BASE", 0.01)
+    monkeypatch.setenv("CIFAR10_SOURCE", f"{flaky_server}/cifar-10-python.tar.gz")
+    monkeypatch.setenv("CIFAR10_MD5", archive[1])
+    dest = tmp_path / "raw" / "cifar-10-python.tar.gz"
+    dl.download(P.validate(tiny_params()), dest)
+    assert md5_of(dest) == archive[1]
+    assert _FlakyHandler.requests[0] is None and _FlakyHandler.requests[2].startswith("bytes=")
+    assert [p.name for p in dest.parent.iterdir()] == [dest.name]  # no temp files left
+
+
+def test_download_http_404_fails_fast(flaky_server, archive, tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFAR10_SOURCE", f"{flaky_server}/missing.tar.gz")
+    monkeypatch.setenv("CIFAR10_MD5", archive[1])
+    dest = tmp_path / "raw" / "cifar-10-python.tar.gz"
+    with pytest.raises(dl.PipelineError, match="HTTP 404"):
+        dl.download(P.validate(tiny_params()), dest)
+    assert len(_FlakyHandler.requests) == 1
+    assert not dest.parent.exists()
+
+
+def test_download_network_error_gives_up_after_retries(tmp_path, monkeypatch, archive):
+    monkeypatch.setattr(dl, "BACKOFF_BASE", 0.01)
+    monkeypatch.setenv("CIFAR10_SOURCE", f"http://127.0.0.1:{free_port()}/cifar-10-python.tar.gz")
+    params = P.validate({**tiny_params(), "data": {**tiny_params()["data"], "retries": 2}})
+    dest = tmp_path / "raw" / "cifar-10-python.tar.gz"
+    with pytest.raises(dl.PipelineError, match=r"after 3 attempt\(s\).*CIFAR10_SOURCE"):
+        dl.download(params, dest)
+    assert not dest.parent.exists()
+
+
+def _bad_archives(archive, tmp_path):
+    path, md5 = archive
+    truncated = tmp_path / "truncated.tar.gz"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
+    missing = rewrite_archive(path, tmp_path / "missing.tar.gz", drop=("data_batch_3",))
+    return {
+        "md5 mismatch": (path, "0" * 32, ["md5 mismatch", "expected 00000000000000000000000000000000 (CIFAR10_MD5)",
+                                          f"got {md5}"]),
+        "truncated": (truncated, md5_of(truncated), ["truncated or corrupt"]),
+        "missing batch": (missing, md5_of(missing), ["missing cifar-10-batches-py/data_batch_3"]),
+        "no such file": (tmp_path / "nope.tar.gz", md5, ["does not exist", "CIFAR10_SOURCE"]),
+        "official md5": (path, None, ["md5 mismatch", "params.yaml data.md5", f"CIFAR10_MD5={md5}"]),
+    }
+
+
+@pytest.mark.parametrize("case", ["md5 mismatch", "truncated", "missing batch", "no such file", "official md5"])
+def test_download_rejects_bad_archives(case, archive, tmp_path):
+    src, md5, messages = _bad_archives(archive, tmp_path)[case]
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(REPO / "params.yaml", work)
+    env = clean_env(PYTHONPATH=REPO, CIFAR10_SOURCE=src.as_uri() if case == "truncated" else src,
+                    **({"CIFAR10_MD5": md5} if md5 else {}))
+    p = stage("download", cwd=work, env=env, check=False)
+    assert p.returncode == 1, p.stderr
+    assert "Traceback" not in p.stderr
+    for m in messages:
+        assert m in p.stderr
+    assert not (work / "data").exists()  # nothing left behind, not even an empty folder
+
+
+def test_normalize_rejects_bad_labels_and_leaves_nothing(archive, tmp_path):
+    bad = rewrite_archive(archive[0], tmp_path / "bad.tar.gz", labels={"test_batch": lambda ys: [12] + ys[1:]})
+    work = tmp_path / "work"
+    (work / "data" / "raw").mkdir(parents=True)
+    shutil.copy(REPO / "params.yaml", work)
+    shutil.copy(bad, work / paths.RAW_ARCHIVE)
+    p = stage("normalize", cwd=work, env=clean_env(PYTHONPATH=REPO), check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert "DatasetError" in p.stderr and "test_batch" in p.stderr
+    assert not (work / "data" / "prepared").exists() or not any((work / "data" / "prepared").iterdir())
+
+
+# ============================================================================ tracking (fast)
+def test_main_repo_root_escapes_dvc_executor_dirs(tmp_path, monkeypatch):
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpab12" ))
+    assert tracking.main_repo_root() == (tmp_path / "repo").resolve()
+    monkeypatch.delenv("DVC_ROOT")
+    (tmp_path / "repo" / ".dvc").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "repo" / "sub").mkdir()
+    assert tracking.main_repo_root(tmp_path / "repo" / "sub") == (tmp_path / "repo").resolve()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = tmp_path / "repo"
+    assert tracking.resolve_tracking_uri(root) == f"sqlite:///{root}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///team.db")
+    assert tracking.resolve_tracking_uri(root) == f"sqlite:///{root}/team.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://user:pw@host:5000")
+    assert tracking.resolve_tracking_uri(root) == "http://user:pw@host:5000"
+    assert tracking.display_uri("http://user:pw@host:5000") == "http://host:5000"
+
+
+def test_tracker_degrades_to_noop_after_one_warning(monkeypatch, capsys):
+    class Broken:
+        calls = 0
+
+        def log_batch(self, *a, **k):
+            Broken.calls += 1
+            raise ConnectionError("server went away")
+
+    monkeypatch.setattr(tracking, "_warned", False)
+    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
+    t = tracking.Tracker(Broken(), "run123", uri="http://127.0.0.1:1")
+    for epoch in range(1, 4):
+        t.log_metrics({"loss": 1.0}, step=epoch)
+    t.log_artifact(__file__)
+    t.finish()
+    assert not t.enabled and Broken.calls == tracking.Tracker.RETRIES
+    assert len(mlflow_warnings(capsys.readouterr().err)) == 1
+    assert t.info()["run_id"] == "run123" and "server went away" in t.info()["disabled_reason"]
+
+
+def test_training_error_is_reported_and_outputs_removed(tmp_path, monkeypatch, capsys):
+    import cnn.train
+    from pipeline import _util, train
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # no-op tracker
+    monkeypatch.setattr(tracking, "_warned", False)
+    shutil.copy(REPO / "params.yaml", tmp_path)
+    paths.PREPARED.parent.mkdir(parents=True)
+    paths.PREPARED.write_bytes(b"stand-in")
+
+    def diverging_fit(config, on_epoch_end=None):
+        on_epoch_end({"epoch": 1, "loss": 2.3, "train_acc": 0.1, "test_acc": 0.1, "lr": 0.01, "seconds": 1.0})
+        raise cnn.train.TrainingError("the training loss became nan in epoch 2: the run diverged")
+
+    monkeypatch.setattr(cnn.train, "fit", diverging_fit)
+    with pytest.raises(SystemExit) as e:
+        _util.run_main(train.main, ["simple_5ep_torch"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "error: TrainingError: the training loss became nan" in err and "Traceback" not in err
+    assert not any((tmp_path / out).exists() for out in paths.train_outputs("simple_5ep_torch"))
+
+
+# ============================================================================ end to end (slow)
+@pytest.mark.slow
+def test_dvc_repro_end_to_end(repro_project, archive):
+    proj, env, result = repro_project
+    # --- stage outputs
+    assert md5_of(proj / paths.RAW_ARCHIVE) == archive[1]
+    stats = json.loads((proj / paths.STATS).read_text())
+    assert stats["train"]["images"] == N_TRAIN and stats["test"]["images"] == N_TEST
+    assert len(stats["mean"]) == len(stats["std"]) == 3 and stats["prepared"]["bytes"] > 0
+    for name in TINY_RUNS:
+        d = proj / "runs" / name
+        for out in paths.train_outputs(name) + paths.evaluate_outputs(name):
+            assert (proj / out).is_file(), out
+        m = json.loads((d / paths.METRICS).read_text())
+        assert set(m) >= {"best_test_acc", "best_epoch", "final_train_acc", "final_test_acc",
+                          "seconds_per_epoch", "epochs_run", "device"}
+        assert m["epochs_run"] == 1 and m["best_epoch"] == 1 and 0 <= m["best_test_acc"] <= 1
+        assert m["device"].startswith(name.rsplit("_", 1)[1])  # "numpy ..." / "torch ..."
+        with open(d / paths.HISTORY) as f:
+            rows = list(csv.DictReader(f))
+        assert [r["epoch"] for r in rows] == ["1"] and set(rows[0]) >= {"loss", "train_acc", "test_acc", "lr"}
+        ev = json.loads((d / paths.EVAL_METRICS).read_text())
+        assert ev["test_acc"] == pytest.approx(m["best_test_acc"])  # reloaded checkpoint = best epoch
+        assert len(ev["per_class_acc"]) == 10
+        cm = json.loads((d / paths.CONFUSION).read_text())
+        assert len(cm["classes"]) == 10 and sum(map(sum, cm["matrix"])) == N_TEST
+
+    # --- dvc.lock: each train stage depends on its own run's params and the defaults only
+    lock = yaml.safe_load((proj / "dvc.lock").read_text())["stages"]
+    assert set(lock) == {"download", "normalize", "report", *(f"{s}@{n}" for s in ("train", "evaluate") for n in TINY_RUNS)}
+    for name in TINY_RUNS:
+        assert set(lock[f"train@{name}"]["params"]["params.yaml"]) == {"defaults", f"runs.{name}"}
+    assert set(lock["download"]["params"]["params.yaml"]) == {"data.url", "data.md5"}
+    assert "up to date" in dvc("status", cwd=proj, env=env).stdout
+
+    # --- dvc metrics show
+    metrics = json.loads(dvc("metrics", "show", "--json", cwd=proj, env=env).stdout)
+    files = next(iter(metrics.values()))["data"]
+    for name in TINY_RUNS:
+        assert files[f"runs/{name}/metrics.json"]["data"]["best_epoch"] == 1
+        assert "test_acc" in files[f"runs/{name}/eval.json"]["data"]
+
+    # --- dvc plots show renders the history and confusion plots
+    dvc("plots", "show", "-o", str(proj.parent / "plots"), cwd=proj, env=env)
+    assert (proj.parent / "plots" / "index.html").stat().st_size > 0
+
+    # --- MLflow: one run per training stage in the repo's SQLite store
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{proj / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("cifar10-cnn")
+    assert exp.artifact_location == (proj / "mlartifacts" / "cifar10-cnn").resolve().as_uri()
+    runs = {r.data.tags["dvc_stage"]: r for r in client.search_runs([exp.experiment_id])}
+    assert set(runs) == {f"train@{n}" for n in TINY_RUNS}
+    head = run(["git", "rev-parse", "HEAD~1"], proj, env).stdout.strip()  # the commit dvc repro ran on
+    for name in TINY_RUNS:
+        r = runs[f"train@{name}"]
+        cfg = tiny_params()["defaults"] | tiny_params()["runs"][name]
+        assert r.info.status == "FINISHED" and r.info.run_name == f"train@{name}"
+        assert r.info.run_id == json.loads((proj / "runs" / name / paths.MLFLOW_RUN).read_text())["run_id"]
+        assert r.data.params["backend"] == cfg["backend"] and r.data.params["lr"] == str(cfg["lr"])
+        assert r.data.params["epochs"] == "1" and r.data.params["run"] == name
+        assert r.data.tags["mlflow.source.git.commit"] == head
+        for key in ("loss", "train_acc", "test_acc", "lr", "epoch_seconds"):
+            assert [m.step for m in client.get_metric_history(r.info.run_id, key)] == [1], key
+        assert "eval_test_acc" in r.data.metrics and "eval_acc_cat" in r.data.metrics
+        arts = {a.path for a in client.list_artifacts(r.info.run_id, "checkpoints")}
+        assert arts == {"checkpoints/best.npz"}
+        assert {a.path for a in client.list_artifacts(r.info.run_id, "evaluation")} >= {"evaluation/confusion.png"}
+        local = Path(r.info.artifact_uri.removeprefix("file://")) / "checkpoints" / "best.npz"
+        assert local.read_bytes() == (proj / "runs" / name / "best.npz").read_bytes()
+
+    # --- report: generated, every run, numbers from the stage outputs
+    md = (proj / paths.RESULTS_MD).read_text()
+    assert "generated" in md.lower() and "## SimpleCNN" in md
+    for name in TINY_RUNS:
+        m = json.loads((proj / "runs" / name / paths.METRICS).read_text())
+        assert f"`{name}`" in md and f"{100 * m['best_test_acc']:.2f}%" in md
+        assert (proj / paths.REPORT_CONFUSION_DIR / f"{name}.png").is_file()
+    assert (proj / paths.TRAINING_CURVES_PNG).stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_only_the_edited_run_is_stale(repro_project, archive, tmp_path):
+    proj, env, _ = repro_project
+    proj = clone_project(proj, tmp_path / "project")
+    # another offline source with the same bytes: not a change for DVC
+    mirror = tmp_path / "mirror" / "cifar-10-python.tar.gz"
+    mirror.parent.mkdir()
+    shutil.copy(archive[0], mirror)
+    env = {**env, "CIFAR10_SOURCE": mirror.as_uri()}
+    assert "up to date" in dvc("status", cwd=proj, env=env).stdout
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["runs"]["simple_5ep_torch"]["seed"] = 7
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # `dvc status` lists the stages whose own dependencies changed (evaluate@simple_5ep_torch
+    # follows once train has run); report lists the runs, so it depends on all of `runs`.
+    stale = set(json.loads(dvc("status", "--json", cwd=proj, env=env).stdout))
+    assert stale == {"train@simple_5ep_torch", "report"}
+
+
+@pytest.mark.slow
+def test_queued_experiments_log_to_the_main_store(repro_project, tmp_path):
+    proj, env, _ = repro_project
+    proj = clone_project(proj, tmp_path / "project")  # fresh store: no mlflow.db, no mlartifacts
+    assert not (proj / "mlflow.db").exists()
+    dvc("exp", "run", "--queue", "-n", "exp-numpy", "-S", "runs.simple_5ep_numpy.epochs=2", cwd=proj, env=env)
+    dvc("exp", "run", "--queue", "-n", "exp-torch", "-S", "++runs.simple_5ep_torch.seed=3", cwd=proj, env=env)
+    dvc("queue", "start", "-j", "2", cwd=proj, env=env)
+    deadline = time.monotonic() + 400
+    while True:
+        status = dvc("queue", "status", cwd=proj, env=env).stdout
+        done = {n for n in ("exp-numpy", "exp-torch")
+                if any(n in line and ("Success" in line or "Failed" in line) for line in status.splitlines())}
+        if len(done) == 2 and "0 active" in status:
+            break
+        if time.monotonic() > deadline:
+            logs = "\n".join(dvc("queue", "logs", n, cwd=proj, env=env, check=False).stdout for n in ("exp-numpy", "exp-torch"))
+            pytest.fail(f"queue did not finish:\n{status}\n{logs}")
+        time.sleep(2)
+    assert status.count("Success") == 2, status + "\n" + "\n".join(
+        dvc("queue", "logs", n, cwd=proj, env=env, check=False).stdout for n in ("exp-numpy", "exp-torch"))
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{proj / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("cifar10-cnn")
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    assert set(runs) == {"exp-numpy:train@simple_5ep_numpy", "exp-torch:train@simple_5ep_torch"}
+    assert [m.step for m in client.get_metric_history(runs["exp-numpy:train@simple_5ep_numpy"].info.run_id,
+                                                      "test_acc")] == [1, 2]
+    for r in runs.values():
+        assert r.info.status == "FINISHED" and r.data.tags["dvc_exp_name"] in r.info.run_name
+        uri = r.info.artifact_uri
+        assert uri.startswith((proj / "mlartifacts").resolve().as_uri()), uri
+        ckpt = Path(uri.removeprefix("file://")) / "checkpoints" / "best.npz"
+        assert ckpt.is_file() and ckpt.stat().st_size > 0
+        assert "eval_test_acc" in r.data.metrics
+    for e in client.search_experiments():  # nothing points into the deleted temp copies
+        assert ".dvc/tmp" not in e.artifact_location, e
+    assert not list((proj / ".dvc" / "tmp").glob("exps/tmp*/mlflow.db"))
+
+
+@pytest.mark.slow
+def test_mlflow_server_over_http(repro_project, mlflow_server, tmp_path):
+    proj, env, _ = repro_project
+    proj = clone_project(proj, tmp_path / "project")
+    env = {**env, "MLFLOW_TRACKING_URI": mlflow_server}
+    name = "simple_5ep_torch"
+    p = stage("train", name, cwd=proj, env=env)
+    assert not mlflow_warnings(p.stderr), p.stderr
+    stage("evaluate", name, cwd=proj, env=env)
+    run_id = json.loads((proj / "runs" / name / paths.MLFLOW_RUN).read_text())["run_id"]
+    assert run_id and not (proj / "mlflow.db").exists()
+
+    api = f"{mlflow_server}/api/2.0/mlflow"
+    r = http_json(f"{api}/runs/get?run_id={run_id}")["run"]
+    assert r["info"]["status"] == "FINISHED"
+    params = {p["key"]: p["value"] for p in r["data"]["params"]}
+    tags = {t["key"]: t["value"] for t in r["data"]["tags"]}
+    metrics = {m["key"] for m in r["data"]["metrics"]}
+    assert params["backend"] == "torch" and params["run"] == name
+    assert tags["dvc_stage"] == f"train@{name}"
+    assert {"best_test_acc", "eval_test_acc", "test_acc"} <= metrics
+    hist = http_json(f"{api}/metrics/get-history?run_id={run_id}&metric_key=test_acc")["metrics"]
+    assert [m["step"] for m in hist] == [1]
+    arts = http_json(f"{api}/artifacts/list?run_id={run_id}&path=checkpoints")["files"]
+    assert [a["path"] for a in arts] == ["checkpoints/best.npz"] and arts[0]["file_size"] > 0
+
+
+@pytest.mark.slow
+def test_unreachable_tracking_server(repro_project, tmp_path):
+    proj, env, _ = repro_project
+    proj = clone_project(proj, tmp_path / "project")
+    env = {**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}  # nothing listens there
+    name = "simple_5ep_torch"
+    t0 = time.perf_counter()
+    p = stage("train", name, cwd=proj, env=env)
+    assert time.perf_counter() - t0 < 120
+    assert len(mlflow_warnings(p.stderr)) == 1, p.stderr
+    assert "unavailable" in mlflow_warnings(p.stderr)[0]
+    for out in paths.train_outputs(name):
+        assert (proj / out).is_file(), out
+    info = json.loads((proj / "runs" / name / paths.MLFLOW_RUN).read_text())
+    assert info["run_id"] is None and "disabled_reason" in info
+    p = stage("evaluate", name, cwd=proj, env=env)
+    assert len(mlflow_warnings(p.stderr)) == 1, p.stderr
+    assert (proj / "runs" / name / paths.EVAL_METRICS).is_file()
+    assert not (proj / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_dvc_repro_stops_on_bad_params_and_bad_md5(archive, tmp_path):
+    path, md5 = archive
+    bad = tiny_params()
+    bad["runs"]["simple_5ep_torch"]["lr"] = "fast"
+    bad["runs"]["simple_5ep_numpy"]["epoch"] = 3
+    proj = make_project(tmp_path / "project", bad)
+    env = clean_env(CIFAR10_SOURCE=path, CIFAR10_MD5=md5)
+    p = dvc("repro", cwd=proj, env=env, check=False)
+    assert p.returncode != 0
+    err = p.stdout + p.stderr
+    assert "run 'simple_5ep_torch': 'lr' must be a positive number; got 'fast'" in err
+    assert "run 'simple_5ep_numpy': unknown key 'epoch'" in err
+    assert not (proj / "data").exists() and not (proj / "dvc.lock").exists()
+
+    (proj / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    p = dvc("repro", cwd=proj, env={**env, "CIFAR10_MD5": "f" * 32}, check=False)
+    assert p.returncode != 0 and "md5 mismatch" in p.stdout + p.stderr
+    assert not (proj / paths.RAW_ARCHIVE).exists() and not (proj / "dvc.lock").exists()
+
+
+@pytest.mark.slow
+def test_resume_continues_a_run_only_with_the_same_settings(repro_project, tmp_path):
+    proj, env, _ = repro_project
+    proj = clone_project(proj, tmp_path / "project")
+    env = {**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}  # MLflow off: faster
+    name = "simple_5ep_torch"
+    d = proj / "runs" / name
+    first = (d / paths.HISTORY).read_text().splitlines()[1]
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["resume"] = True
+    params["runs"][name]["epochs"] = 2
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    stage("train", name, cwd=proj, env=env)
+    history = (d / paths.HISTORY).read_text().splitlines()
+    assert len(history) == 3 and history[1] == first  # epoch 1 kept from last.npz, epoch 2 trained
+    assert json.loads((d / paths.CONFIG).read_text())["resumed"] is True
+    assert json.loads((d / paths.METRICS).read_text())["epochs_run"] == 2
+
+    params["runs"][name]["lr"] = 0.02  # a different run: must start over
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    p = stage("train", name, cwd=proj, env=env)
+    assert "not resuming" in p.stderr and "lr" in p.stderr
+    assert json.loads((d / paths.CONFIG).read_text())["resumed"] is False
