@@ -35,11 +35,12 @@ from typing import Any, Callable
 
 import yaml
 
-MODELS = ("simple", "resnet")
-SCHEDULES = ("none", "step", "cosine")
-OPTIMIZERS = ("sgd", "adam")
-BACKENDS = ("numpy", "torch", "cupy")
-DEVICES = ("auto", "cpu", "cuda", "mps")
+from cnn.backend import BACKENDS, DEVICES
+from cnn.models import MODELS as _MODELS
+from cnn.optim import OPTIMIZERS, SCHEDULES
+
+# The engine owns the lists of valid choices; the pipeline only checks against them.
+MODELS = tuple(_MODELS)
 
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 MD5_RE = re.compile(r"^[0-9a-f]{32}$")
