@@ -504,6 +504,45 @@ def test_training_error_is_reported_and_outputs_removed(tmp_path, monkeypatch, c
     assert not any((tmp_path / out).exists() for out in paths.train_outputs("simple_5ep_torch"))
 
 
+def test_report_lists_runs_not_trained_yet(tmp_path, monkeypatch):
+    """Part of the table can be regenerated at a time: runs without outputs are listed, not fatal."""
+    from pipeline import report, train
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(REPO / "params.yaml", tmp_path)
+    params = P.load(paths.PARAMS)
+    done = "simple_5ep_numpy"
+    d = paths.run_dir(done)
+    d.mkdir(parents=True)
+    cfg = params.run(done)
+    history = [{"epoch": 1, "loss": 1.5, "train_acc": 0.45, "test_acc": 0.5779, "lr": 0.01, "seconds": 70.0}]
+    (d / paths.HISTORY).write_text(train.history_csv(history))
+    (d / paths.CONFIG).write_text(json.dumps(cfg))
+    (d / paths.METRICS).write_text(json.dumps({"best_test_acc": 0.5779, "best_epoch": 1, "final_train_acc": 0.45,
+                                               "epochs_run": 1, "seconds_per_epoch": 70.0, "device": "numpy (cpu)"}))
+    (d / paths.EVAL_METRICS).write_text(json.dumps({"test_acc": 0.5779, "per_class_acc": {"cat": 0.5}}))
+    (d / paths.MLFLOW_RUN).write_text(json.dumps({"run_id": None}))
+    (d / paths.CONFUSION_PNG).write_bytes(b"stand-in")  # the report only copies it
+
+    report.report(params)
+    md = paths.RESULTS_MD.read_text()
+    assert "`simple_5ep_numpy`" in md and "57.79%" in md
+    pending = md.split("## Not run yet", 1)[1].split("###", 1)[0]
+    assert all(f"`{run}`" in pending for run in params.runs if run != done)
+    assert "`simple_5ep_numpy`" not in pending
+
+
+def test_report_without_any_finished_run_is_a_clear_error(tmp_path, monkeypatch):
+    from pipeline import report
+    from pipeline._util import PipelineError
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(REPO / "params.yaml", tmp_path)
+    with pytest.raises(PipelineError, match="no run has been trained"):
+        report.report(P.load(paths.PARAMS))
+    assert not paths.RESULTS_MD.exists()
+
+
 # ============================================================================ end to end (slow)
 @pytest.mark.slow
 def test_dvc_repro_end_to_end(repro_project, archive):
