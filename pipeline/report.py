@@ -123,16 +123,16 @@ def render(data: dict[str, dict], stats: dict, out_dir: Path = paths.REPORTS,
             ])
         lines += [f"## {MODEL_TITLES.get(model, model)}", "", _table(header, rows), ""]
 
+    lines += ["### Settings", ""]
+    rows = [[f"`{run}`", _optimizer(r["config"]), r["config"].get("batch_size"), r["config"].get("seed"),
+             r["config"].get("early_stop") or "off"] for run, r in data.items()]
+    lines += [_table(["Run", "Optimizer", "Batch", "Seed", "Early stop (patience)"], rows), ""]
+
     if pending:
         lines += ["## Not run yet", "",
                   "These runs of `params.yaml` have no outputs yet, so they have no row above; "
                   "`dvc repro` (or `dvc repro evaluate@<run>`, then `dvc repro report`) fills them in:", ""]
         lines += [f"- `{run}`" for run in pending] + [""]
-
-    lines += ["### Settings", ""]
-    rows = [[f"`{run}`", _optimizer(r["config"]), r["config"].get("batch_size"), r["config"].get("seed"),
-             r["config"].get("early_stop") or "off"] for run, r in data.items()]
-    lines += [_table(["Run", "Optimizer", "Batch", "Seed", "Early stop (patience)"], rows), ""]
 
     classes = next((list(r["eval"]["per_class_acc"]) for r in data.values() if r["eval"].get("per_class_acc")), [])
     lines += [
