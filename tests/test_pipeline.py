@@ -527,7 +527,7 @@ def test_report_lists_runs_not_trained_yet(tmp_path, monkeypatch):
     report.report(params)
     md = paths.RESULTS_MD.read_text()
     assert "`simple_5ep_numpy`" in md and "57.79%" in md
-    pending = md.split("## Not run yet", 1)[1].split("###", 1)[0]
+    pending = md.split("## Not run yet", 1)[1].split("\n## ", 1)[0]
     assert all(f"`{run}`" in pending for run in params.runs if run != done)
     assert "`simple_5ep_numpy`" not in pending
 
