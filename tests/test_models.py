@@ -178,6 +178,15 @@ def test_residual_block_matches_torch(c_in, c_out, stride, train, backend, dtype
 # state_dict round trips and the reverse direction
 # ---------------------------------------------------------------------------------------
 
+def assert_same_state(got: dict, want: dict) -> None:
+    """Same keys in the same order, and bit-identical arrays of the same dtype and shape."""
+    assert list(got) == list(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype, k
+        assert got[k].shape == want[k].shape, k
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_load_state_dict_round_trip(name, backend):
     manual_seed(0)
@@ -186,12 +195,7 @@ def test_load_state_dict_round_trip(name, backend):
     b = build_model(name).to(backend)
     sa = a.state_dict()
     b.load_state_dict(sa)
-    sb = b.state_dict()
-    assert list(sa) == list(sb)
-    for k in sa:
-        assert sb[k].dtype == sa[k].dtype, k
-        assert sb[k].shape == sa[k].shape, k
-        np.testing.assert_array_equal(sb[k], sa[k], err_msg=k)
+    assert_same_state(b.state_dict(), sa)
 
 
 def test_load_state_dict_strict_errors():
@@ -256,12 +260,7 @@ def test_backend_move_round_trip_keeps_state_and_outputs(name, rng):
     out_torch = to_numpy(model(cnn.get_backend("torch", "cpu").asarray(x)))
     model.to("numpy")
     assert isinstance(model.parameters()[0].data, np.ndarray)
-    after = model.state_dict()
-    assert list(after) == list(before)
-    for k in before:
-        assert after[k].dtype == before[k].dtype, k
-        assert after[k].shape == before[k].shape, k
-        np.testing.assert_array_equal(after[k], before[k], err_msg=k)
+    assert_same_state(model.state_dict(), before)
     assert_close(out_torch, out_numpy, "float32", "torch vs numpy logits", rtol=1e-4, atol=1e-5)
 
 
