@@ -13,10 +13,9 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
 import torch
 
-from cnn.data import DataLoader, channel_stats, load_cifar10, load_prepared_stats
+from cnn.data import DataLoader, load_cifar10, normalization_stats
 from cnn.optim import lr_at
 from cnn.torch_twins import torch_twin
 
@@ -37,8 +36,7 @@ def main(argv=None) -> int:
 
     torch.manual_seed(args.seed)
     ds = load_cifar10(args.data)
-    stats = load_prepared_stats(args.data) if args.data.endswith(".npz") else None
-    mean, std = stats if stats is not None else channel_stats(ds.train_x)
+    mean, std = normalization_stats(args.data, ds)
     train = DataLoader(ds.train_x, ds.train_y, args.batch_size, shuffle=True, augment=args.augment,
                        mean=mean, std=std, seed=args.seed)
     test = DataLoader(ds.test_x, ds.test_y, 500, mean=mean, std=std)

@@ -19,9 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-DTYPES = ("float32", "float64")
-
-
 class Backend:
     """NumPy-style backend; ``xp`` is the array module (numpy, or cupy for the subclass)."""
 
@@ -59,9 +56,6 @@ class Backend:
         """Uninitialised, with ``a``'s shape, dtype and memory layout."""
         return self.xp.empty_like(a)
 
-    def full_like(self, a, value):
-        return self.xp.full_like(a, value)
-
     def arange(self, n: int):
         return self.xp.arange(n)
 
@@ -85,9 +79,6 @@ class Backend:
         """A view of contiguous ``a`` with ``strides`` counted in elements (not bytes)."""
         item = a.itemsize
         return self.xp.lib.stride_tricks.as_strided(a, shape, tuple(s * item for s in strides))
-
-    def is_contiguous(self, a) -> bool:
-        return bool(a.flags.c_contiguous)
 
     # -- math -----------------------------------------------------------------------
     def matmul(self, a, b, out=None):
@@ -131,9 +122,6 @@ class Backend:
     def subtract(self, a, b, out=None):
         return self.xp.subtract(a, b, out=out)
 
-    def where(self, cond, a, b):
-        return self.xp.where(cond, a, b)
-
     def exp(self, a):
         return self.xp.exp(a)
 
@@ -142,9 +130,6 @@ class Backend:
 
     def sqrt(self, a):
         return self.xp.sqrt(a)
-
-    def isfinite(self, a) -> bool:
-        return bool(self.xp.isfinite(a).all())
 
     def item(self, a) -> float:
         return float(a)
@@ -246,9 +231,6 @@ class TorchBackend(Backend):
     def empty_like(self, a):
         return self.torch.empty_like(a)
 
-    def full_like(self, a, value):
-        return self.torch.full_like(a, value)
-
     def arange(self, n: int):
         return self.torch.arange(n, device=self.device)
 
@@ -269,9 +251,6 @@ class TorchBackend(Backend):
 
     def as_strided(self, a, shape, strides):
         return a.as_strided(shape, strides)
-
-    def is_contiguous(self, a) -> bool:
-        return a.is_contiguous()
 
     def column_sums(self, a):
         return a.sum(dim=0)
@@ -301,9 +280,6 @@ class TorchBackend(Backend):
 
     def subtract(self, a, b, out=None):
         return self.torch.sub(a, b, out=out)
-
-    def isfinite(self, a) -> bool:
-        return bool(self.torch.isfinite(a).all())
 
     def seed(self, seed) -> None:
         # torch.Generator takes one integer; fold a sequence of ints into one with numpy.

@@ -11,12 +11,12 @@ Loading the weights into the ``torch.nn`` twin::
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from cnn.atomic import atomic_path
 
 FORMAT_VERSION = 1
 _OPTIM = "optimizer/"
@@ -35,21 +35,12 @@ def save_checkpoint(path, model_state: dict, meta: dict, optimizer_state: dict |
     to a temporary file in the same folder, is flushed to disk, and is renamed over
     ``path`` in one step (a kill at any moment leaves the previous checkpoint intact)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = dict(model_state)
     for key, value in (optimizer_state or {}).items():
         arrays[_OPTIM + key] = value
     arrays[_META] = np.array(json.dumps({"format_version": FORMAT_VERSION, **meta}))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
     return path
 
 

@@ -1,6 +1,7 @@
 """CIFAR-10 loading, statistics, normalization, augmentation and batching.
 
-Everything here works on NumPy arrays in NCHW layout:
+Everything here works on NumPy arrays in NCHW layout (the :class:`DataLoader` and
+:func:`crop_flip` also on a GPU backend's arrays):
 
 * images ``x: (N, 3, 32, 32) uint8`` (raw pixels, 0..255),
 * labels ``y: (N,) int64`` in 0..9.
@@ -28,13 +29,15 @@ import os
 import pickle
 import posixpath
 import tarfile
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from cnn.atomic import atomic_path
+from cnn.backend import Backend, backend_of, get_backend
 
 __all__ = [
     "CIFAR10",
@@ -43,8 +46,10 @@ __all__ = [
     "DatasetError",
     "augment",
     "channel_stats",
+    "crop_flip",
     "load_cifar10",
     "load_prepared_stats",
+    "normalization_stats",
     "normalize",
     "save_prepared",
 ]
@@ -295,20 +300,10 @@ def save_prepared(path: str | os.PathLike, ds: CIFAR10, mean, std) -> None:
     """
     path = Path(path)
     mean, std = _stats_array(mean, "mean"), _stats_array(std, "std")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same directory as the target: os.replace is only atomic within one filesystem.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, train_x=ds.train_x, train_y=ds.train_y, test_x=ds.test_x,
-                     test_y=ds.test_y, classes=np.array(ds.classes, dtype=str),
-                     mean=mean, std=std)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, train_x=ds.train_x, train_y=ds.train_y, test_x=ds.test_x,
+                 test_y=ds.test_y, classes=np.array(ds.classes, dtype=str),
+                 mean=mean, std=std)
 
 
 def _open_npz(path: Path):
@@ -353,6 +348,13 @@ def load_prepared_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray
             return None
         mean, std = z["mean"], z["std"]
     return _stats_array(mean, f"{path}: mean"), _stats_array(std, f"{path}: std")
+
+
+def normalization_stats(path: str | os.PathLike, ds: CIFAR10) -> tuple[np.ndarray, np.ndarray]:
+    """``(mean, std)`` for data loaded from ``path``: those stored in a prepared ``.npz``,
+    else computed from ``ds.train_x`` with :func:`channel_stats`."""
+    stats = load_prepared_stats(path)
+    return stats if stats is not None else channel_stats(ds.train_x)
 
 
 def _stats_array(v, what: str) -> np.ndarray:
@@ -433,24 +435,34 @@ def augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     ``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip()`` before Normalize:
     the padding is black (0) in raw pixel space. Draw order from ``rng``:
     dy (N,), dx (N,), flip (N,), so a seeded rng gives the same result.
-    Vectorized: one pad, then one gather with per-image row/column indices.
     """
     _check_images(x)
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-    n, _, h, w = x.shape
-    dy = rng.integers(0, 2 * PAD + 1, size=n)
-    dx = rng.integers(0, 2 * PAD + 1, size=n)
-    flip = rng.random(n) < 0.5
-    padded = np.pad(x, ((0, 0), (0, 0), (PAD, PAD), (PAD, PAD)))  # zeros = black
-    rows = dy[:, None] + np.arange(h)                  # (N, H) rows of each crop
-    cols = dx[:, None] + np.arange(w)                  # (N, W) columns of each crop
-    cols = np.where(flip[:, None], cols[:, ::-1], cols)  # flip = read the crop right to left
-    # Broadcast (N,1,1,1), (1,3,1,1), (N,1,H,1), (N,1,1,W) -> (N, 3, H, W).
-    return padded[np.arange(n)[:, None, None, None],
-                  np.arange(3)[None, :, None, None],
-                  rows[:, None, :, None],
-                  cols[:, None, None, :]]
+    n = len(x)
+    dy, dx = rng.integers(0, 2 * PAD + 1, size=n), rng.integers(0, 2 * PAD + 1, size=n)
+    return crop_flip(x, dy, dx, rng.random(n) < 0.5)
+
+
+def crop_flip(x, dy, dx, flip):
+    """The crops of :func:`augment` for given offsets, on whatever backend owns ``x``.
+
+    x: (N, C, H, W); dy, dx: (N,) integer offsets in 0..2*PAD into the zero-padded image;
+    flip: (N,) bool or 0/1. All on x's backend. Returns (N, C, H, W) of x's dtype.
+    Vectorized: one padded copy, then one gather with per-image row/column indices.
+    """
+    B = backend_of(x)
+    n, c, h, w = x.shape
+    padded = B.zeros((n, c, h + 2 * PAD, w + 2 * PAD), dtype=B.dtype_name(x))  # zeros = black
+    padded[:, :, PAD:PAD + h, PAD:PAD + w] = x
+    i, j = B.arange(h), B.arange(w)
+    rows = dy[:, None] + i                                  # (N, H) rows of each crop
+    # A flipped crop reads its columns right to left: dx + (w-1-j) instead of dx + j
+    # (arithmetic rather than a reversed slice, which torch tensors do not support).
+    cols = dx[:, None] + j + B.astype(flip, "int64")[:, None] * (w - 1 - 2 * j)  # (N, W)
+    # Broadcast (N,1,1,1), (1,C,1,1), (N,1,H,1), (N,1,1,W) -> (N, C, H, W).
+    return padded[B.arange(n)[:, None, None, None], B.arange(c)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
 
 
 # ----------------------------------------------------------------------------
@@ -463,18 +475,25 @@ class DataLoader:
     x: (N, 3, H, W) uint8; y: (N,) integer labels; mean, std: (3,) channel stats.
     The last partial batch is kept unless ``drop_last``.
 
-    Order and augmentation of an epoch are a pure function of (seed, epoch):
-    each iteration draws from ``np.random.default_rng([seed, epoch])``. Call
-    :meth:`set_epoch` before each epoch; iterating again without it repeats the
-    same epoch exactly. This is what lets a run resumed from a checkpoint at
+    ``backend`` (default NumPy) owns the batches: the uint8 images and the labels are
+    copied to its device once, and every batch is gathered, augmented and normalized
+    there, so a GPU run moves no image data between host and device after the start
+    (CIFAR-10's training set is 150 MB as uint8). On the CPU backends this copies
+    nothing.
+
+    Order and augmentation of an epoch are a pure function of (seed, epoch), whatever
+    the backend: the permutation and the crop offsets and flips of the whole epoch are
+    drawn on the host from ``np.random.default_rng([seed, epoch])`` and sent to the device
+    in one transfer. Call :meth:`set_epoch` before each epoch; iterating again without it
+    repeats the same epoch exactly. This is what lets a run resumed from a checkpoint at
     epoch k reproduce an uninterrupted run.
 
-    Memory: only one batch is gathered, augmented and converted at a time.
+    Memory: only one batch is gathered, augmented and converted to float at a time.
     """
 
     def __init__(self, x: np.ndarray, y, batch_size: int, *, shuffle: bool = False,
                  augment: bool = False, mean, std, seed: int = 0,
-                 drop_last: bool = False):
+                 drop_last: bool = False, backend: Backend | None = None):
         _check_images(x)
         y = np.asarray(y)
         if y.shape != (len(x),):
@@ -482,13 +501,17 @@ class DataLoader:
                                f"one label per image")
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        self.x = x
-        self.y = _labels(y, "y")  # one small int64 copy, so every batch is already int64
+        self.backend = B = backend or get_backend("numpy")
+        self.x = B.asarray(x)
+        self.y = B.asarray(_labels(y, "y"))  # int64, so every batch already is
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
         self.augment = augment
         self.mean = _stats_array(mean, "mean")
         self.std = _stats_array(std, "std")
+        # normalize()'s x * scale + shift, with scale and shift kept on the device.
+        self._scale = B.asarray((1.0 / (255.0 * self.std)).astype(np.float32).reshape(3, 1, 1))
+        self._shift = B.asarray((-self.mean / self.std).astype(np.float32).reshape(3, 1, 1))
         self.seed = seed
         self.drop_last = drop_last
         self.epoch = 0
@@ -507,13 +530,25 @@ class DataLoader:
         """Select the epoch whose order/augmentation the next iteration produces."""
         self.epoch = int(epoch)
 
-    def __iter__(self):
+    def _plan(self):
+        """This epoch's (order, dy, dx, flip) rows, (4, N) int64 on the device (or (1, N))."""
         rng = np.random.default_rng([self.seed, self.epoch])
         n = self.num_samples
-        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        rows = [rng.permutation(n) if self.shuffle else np.arange(n)]
+        if self.augment:
+            rows += [rng.integers(0, 2 * PAD + 1, size=n), rng.integers(0, 2 * PAD + 1, size=n),
+                     rng.random(n) < 0.5]
+        return self.backend.asarray(np.stack(rows).astype(np.int64))
+
+    def __iter__(self):
+        B, plan, size = self.backend, self._plan(), self.batch_size
         for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            part = plan[:, b * size:(b + 1) * size]
+            idx = part[0]
             xb = self.x[idx]  # uint8 gather of this batch only
             if self.augment:
-                xb = augment(xb, rng)  # the module function: the attribute is just a flag
-            yield normalize(xb, self.mean, self.std), self.y[idx]
+                xb = crop_flip(xb, part[1], part[2], part[3])
+            out = B.astype(xb, "float32")  # a fresh float32 copy of the batch
+            B.multiply(out, self._scale, out=out)
+            out += self._shift
+            yield out, self.y[idx]

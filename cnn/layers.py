@@ -26,9 +26,11 @@ def _square(v, what: str) -> int:
 class Workspace:
     """Buffers a layer reuses from one training step to the next.
 
-    A fresh array of more than 32 MiB comes straight from the operating system, which
-    zero-fills it page by page on first touch: for SmallResNet's im2col columns that costs
-    more than the copy that fills them. Reusing the buffer pays that once.
+    Large arrays come straight from the operating system (above 32 MiB, such as
+    SmallResNet's im2col columns) or go back to it when freed (the allocator trims freed
+    heap pages, which hits batch norm's 4-8 MiB buffers), and the OS zero-fills every new
+    page on first touch: that costs more than the copy that fills the array. Reusing the
+    buffer pays it once.
     """
 
     def __init__(self):
@@ -280,12 +282,13 @@ class _Pool2d(Module):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
 
     def _windows(self, x_shape):
-        """(row slice, column slice) of the padded input that each kernel offset visits."""
+        """Output size (Ho, Wo) and the (row slice, column slice) of the padded input that
+        each kernel offset visits."""
         kh, kw = self.kernel_size
         ho = F.conv_output_size(x_shape[2], kh, self.stride, self.padding)
         wo = F.conv_output_size(x_shape[3], kw, self.stride, self.padding)
-        return [(F.window(i, ho, self.stride), F.window(j, wo, self.stride))
-                for i in range(kh) for j in range(kw)]
+        return (ho, wo), [(F.window(i, ho, self.stride), F.window(j, wo, self.stride))
+                          for i in range(kh) for j in range(kw)]
 
     def _unpool(self, x_shape, part, *arrays):
         """Adjoint of the window slicing: the input gradient (N, C, H, W) from the gradient
@@ -295,7 +298,7 @@ class _Pool2d(Module):
         p = self.padding
         grad = B.zeros((n, h + 2 * p, w + 2 * p, c), dtype=B.dtype_name(arrays[0]))
         overlap = self.stride < max(self.kernel_size)
-        windows = self._windows(x_shape)
+        _, windows = self._windows(x_shape)
 
         def scatter(grad, *chunks):
             for k, (rows, cols) in enumerate(windows):
@@ -316,11 +319,8 @@ class MaxPool2d(_Pool2d):
         _check_input(self, x, 4)
         B = backend_of(x)
         xp = F.pad_channels_last(x, self.padding, -float("inf"))  # (N, Hp, Wp, C)
-        offsets = self._windows(x.shape)
-        n, c, h, w = x.shape
-        kh, kw = self.kernel_size
-        out = B.empty((n, F.conv_output_size(h, kh, self.stride, self.padding),
-                       F.conv_output_size(w, kw, self.stride, self.padding), c), dtype=B.dtype_name(x))
+        (ho, wo), offsets = self._windows(x.shape)
+        out = B.empty((x.shape[0], ho, wo, x.shape[1]), dtype=B.dtype_name(x))
         argmax = B.zeros(out.shape, dtype="uint8")
 
         def pool(xp, out, argmax):
@@ -349,7 +349,7 @@ class AvgPool2d(_Pool2d):
     def forward(self, x):
         _check_input(self, x, 4)
         xp = F.pad_channels_last(x, self.padding, 0.0)
-        offsets = self._windows(x.shape)
+        _, offsets = self._windows(x.shape)
         out = None
         for rows, cols in offsets:
             out = xp[:, rows, cols, :] * 1.0 if out is None else out + xp[:, rows, cols, :]
@@ -361,7 +361,7 @@ class AvgPool2d(_Pool2d):
         x_shape = self.cache
         self.cache = None
         B = backend_of(grad_out)
-        g = B.transpose(grad_out, (0, 2, 3, 1)) / len(self._windows(x_shape))
+        g = B.transpose(grad_out, (0, 2, 3, 1)) / len(self._windows(x_shape)[1])
         return self._unpool(x_shape, lambda k, g: g, g)
 
 

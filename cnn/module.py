@@ -144,12 +144,8 @@ class Module:
             if tuple(value.shape) != tuple(current.shape):
                 raise ValueError(f"{key}: checkpoint has shape {tuple(value.shape)}, "
                                  f"model expects {tuple(current.shape)}")
-            new = B.asarray(np.asarray(value, order="C"), dtype=B.dtype_name(current))
-            if is_param:
-                module._parameters[name].data = new
-                module._parameters[name].grad = None
-            else:
-                module._buffers[name] = new
+            module._assign(name, is_param, B.asarray(np.asarray(value, order="C"),
+                                                     dtype=B.dtype_name(current)))
 
     def to(self, backend: Backend | str = "numpy", device: str = "auto",
            dtype: str | None = None) -> "Module":
@@ -161,13 +157,16 @@ class Module:
             host = backend_of(value).to_numpy(value)
             if dtype is not None and host.dtype.kind == "f":
                 host = host.astype(dtype)
-            new = backend.asarray(np.asarray(host, order="C"))
-            if is_param:
-                module._parameters[name].data = new
-                module._parameters[name].grad = None
-            else:
-                module._buffers[name] = new
+            module._assign(name, is_param, backend.asarray(np.asarray(host, order="C")))
         return self
+
+    def _assign(self, name: str, is_param: bool, value) -> None:
+        """Replace this module's own parameter (dropping its stale gradient) or buffer."""
+        if is_param:
+            self._parameters[name].data = value
+            self._parameters[name].grad = None
+        else:
+            self._buffers[name] = value
 
     def extra_repr(self) -> str:
         return ""

@@ -21,9 +21,9 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
-from cnn.backend import BACKENDS, DEVICES, Backend, get_backend, manual_seed
+from cnn.backend import BACKENDS, DEVICES, Backend, backend_of, get_backend, manual_seed
 from cnn.checkpoint import load_checkpoint, save_checkpoint
-from cnn.data import DataLoader, channel_stats, load_cifar10, load_prepared_stats
+from cnn.data import DataLoader, load_cifar10, normalization_stats
 from cnn.functional import softmax_cross_entropy
 from cnn.models import MODELS, build_model
 from cnn.module import Module
@@ -131,8 +131,6 @@ def load_model(checkpoint_path, backend: str = "numpy", device: str = "auto") ->
 
 
 def _model_backend(model: Module) -> Backend:
-    from cnn.backend import backend_of
-
     return backend_of(model.parameters()[0].data)
 
 
@@ -141,8 +139,7 @@ def fit(config: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None)
     config.validate()
     B = get_backend(config.backend, config.device)
     ds = load_cifar10(config.data)
-    stats = load_prepared_stats(config.data) if str(config.data).endswith(".npz") else None
-    mean, std = stats if stats is not None else channel_stats(ds.train_x)
+    mean, std = normalization_stats(config.data, ds)
 
     manual_seed(config.seed)
     model = build_model(config.model).to(B)
@@ -165,9 +162,11 @@ def fit(config: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None)
         best_acc, best_epoch = ck.meta["best_test_acc"], ck.meta["best_epoch"]
         tqdm.write(f"Resuming {config.model} from {last_path} after epoch {start}")
 
+    # Both sets live on the backend's device; batches are made there (see DataLoader).
     train_loader = DataLoader(ds.train_x, ds.train_y, config.batch_size, shuffle=True,
-                              augment=config.augment, mean=mean, std=std, seed=config.seed)
-    test_loader = DataLoader(ds.test_x, ds.test_y, EVAL_BATCH_SIZE, mean=mean, std=std)
+                              augment=config.augment, mean=mean, std=std, seed=config.seed,
+                              backend=B)
+    test_loader = DataLoader(ds.test_x, ds.test_y, EVAL_BATCH_SIZE, mean=mean, std=std, backend=B)
     meta = {"model": config.model, "classes": ds.classes, "mean": list(map(float, mean)),
             "std": list(map(float, std)), "config": asdict(config), "device": repr(B)}
 
@@ -210,9 +209,12 @@ def _train_epoch(model, optimizer, loader, B, epoch, config) -> tuple[float, flo
     """One pass over the training set; returns (mean loss, accuracy).
 
     Loss and accuracy are summed on the device and read once at the end, so a GPU step
-    never waits for the host; the bar's loss figure is refreshed every 50 steps.
+    never waits for the host. On the CPU, where reading a value costs nothing, the bar
+    shows the loss every 50 steps and a NaN stops the run at once; on a GPU that read
+    would stall the queue of launched kernels, so the check waits for the epoch's end.
     """
     model.train()
+    live = B.device == "cpu"
     loss_sum, correct = 0.0, 0
     bar = tqdm(loader, desc=f"Epoch {epoch + 1}/{config.epochs}", leave=False,
                disable=not config.progress, unit="batch", dynamic_ncols=True)
@@ -224,7 +226,7 @@ def _train_epoch(model, optimizer, loader, B, epoch, config) -> tuple[float, flo
         optimizer.step()
         loss_sum = loss_sum + loss * len(yb)
         correct = correct + B.sum(B.argmax(logits, axis=1) == yb)
-        if step % 50 == 0:
+        if live and step % 50 == 0:
             value = B.item(loss)
             if not math.isfinite(value):
                 _diverged(value, epoch)

@@ -8,39 +8,14 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+from cnn.atomic import atomic_path
 
 
 class PipelineError(Exception):
     """An error with a message meant for the user (no traceback is shown)."""
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
-
-    On any exception (including KeyboardInterrupt) the temporary file is removed,
-    so an interrupted or failed write never leaves a file at ``path``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix + ".tmp")
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

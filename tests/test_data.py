@@ -7,8 +7,10 @@ import tarfile
 import numpy as np
 import pytest
 
+from cnn.backend import backend_of
 from cnn.data import (CIFAR10_CLASSES, DataLoader, DatasetError, augment, channel_stats,
-                      load_cifar10, load_prepared_stats, normalize, save_prepared)
+                      crop_flip, load_cifar10, load_prepared_stats, normalization_stats, normalize,
+                      save_prepared)
 from cnn.synthetic import write_synthetic_cifar10
 
 N_TRAIN, N_TEST = 500, 100
@@ -381,6 +383,52 @@ def test_loader_augmented_resume_reproduces(ds):
     xp, yp = next(iter(plain))
     np.testing.assert_array_equal(yp, full[2][0][1])
     assert not np.array_equal(xp, full[2][0][0])
+
+
+def test_crop_flip_on_every_backend_matches_numpy(backend, ds):
+    """The on-device crop/flip gives the host result bit for bit (uint8 in, uint8 out)."""
+    x = ds.train_x[:37]
+    rng = np.random.default_rng(3)
+    dy, dx = rng.integers(0, 9, 37), rng.integers(0, 9, 37)
+    flip = rng.random(37) < 0.5
+    expected = crop_flip(x, dy, dx, flip)
+    assert expected.dtype == np.uint8 and expected.shape == x.shape
+    # Spot-check one flipped and one plain crop against a direct slice of the padded image.
+    padded = np.pad(x, ((0, 0), (0, 0), (4, 4), (4, 4)))
+    for k in (int(np.argmax(flip)), int(np.argmin(flip))):
+        crop = padded[k, :, dy[k]:dy[k] + 32, dx[k]:dx[k] + 32]
+        np.testing.assert_array_equal(expected[k], crop[:, :, ::-1] if flip[k] else crop)
+    B = backend
+    got = crop_flip(B.asarray(x), B.asarray(dy), B.asarray(dx), B.asarray(flip))
+    assert backend_of(got) is B
+    np.testing.assert_array_equal(B.to_numpy(got), expected)
+
+
+@pytest.mark.parametrize("augment_", [False, True], ids=["plain", "augment"])
+def test_loader_on_every_backend_matches_numpy(backend, ds, augment_):
+    """Batches built on the device equal the NumPy loader's (same order, crops, values)."""
+    mean, std = channel_stats(ds.train_x)
+    kw = dict(batch_size=64, shuffle=True, augment=augment_, mean=mean, std=std, seed=4)
+    host, device = DataLoader(ds.train_x, ds.train_y, **kw), \
+        DataLoader(ds.train_x, ds.train_y, backend=backend, **kw)
+    host.set_epoch(1)
+    device.set_epoch(1)
+    assert backend_of(device.x) is backend and device.num_samples == host.num_samples
+    n = 0
+    for (xh, yh), (xd, yd) in zip(host, device, strict=True):
+        assert backend_of(xd) is backend and backend.dtype_name(xd) == "float32"
+        np.testing.assert_array_equal(backend.to_numpy(xd), xh)
+        np.testing.assert_array_equal(backend.to_numpy(yd), yh)
+        n += len(yh)
+    assert n == N_TRAIN
+
+
+def test_normalization_stats_prefers_prepared_file(tmp_path, archive, ds):
+    computed = channel_stats(ds.train_x)
+    np.testing.assert_array_equal(normalization_stats(archive, ds), computed)
+    stored = (np.array([0.1, 0.2, 0.3]), np.array([0.4, 0.5, 0.6]))
+    save_prepared(tmp_path / "p.npz", ds, *stored)
+    np.testing.assert_array_equal(normalization_stats(tmp_path / "p.npz", ds), stored)
 
 
 def test_loader_rejects_bad_input(id_data):
