@@ -49,13 +49,12 @@ def scores(cm: np.ndarray, classes: list[str]) -> dict:
 
 def load_test_set(path=paths.PREPARED):
     """(x normalised float32, y, classes) from the prepared dataset."""
-    from cnn.data import channel_stats, load_cifar10, load_prepared_stats, normalize
+    from cnn.data import load_cifar10, normalization_stats, normalize
 
     if not path.is_file():
         raise PipelineError(f"{path} not found; run the normalize stage first (dvc repro normalize)")
     ds = load_cifar10(path)
-    stats = load_prepared_stats(path)
-    mean, std = stats if stats is not None else channel_stats(ds.train_x)
+    mean, std = normalization_stats(path, ds)
     return normalize(ds.test_x, mean, std), np.asarray(ds.test_y), [str(c) for c in ds.classes]
 
 
