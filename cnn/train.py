@@ -14,15 +14,16 @@ import argparse
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
 
-from cnn.backend import BACKENDS, DEVICES, Backend, backend_of, get_backend, manual_seed
+from cnn.backend import BACKENDS, Backend, backend_of, get_backend, manual_seed
 from cnn.checkpoint import load_checkpoint, save_checkpoint
+from cnn.config import TrainConfig
 from cnn.data import DataLoader, load_cifar10, normalization_stats
 from cnn.functional import softmax_cross_entropy
 from cnn.models import MODELS, build_model
@@ -34,54 +35,6 @@ EVAL_BATCH_SIZE = 500
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss became NaN); the last good checkpoint is kept."""
-
-
-@dataclass
-class TrainConfig:
-    model: str = "simple"
-    epochs: int = 5
-    augment: bool = False
-    schedule: str = "none"
-    milestones: list[int] = field(default_factory=lambda: [30, 40])
-    gamma: float = 0.1
-    early_stop: int = 0
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 1e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    batch_size: int = 64
-    seed: int = 0
-    backend: str = "numpy"
-    device: str = "auto"
-    data: str = "data/raw/cifar-10-python.tar.gz"
-    out: str = "runs/cli"
-    resume: bool = False
-    progress: bool = True
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first bad field and what it accepts."""
-        choices = {"model": MODELS, "schedule": SCHEDULES, "optimizer": OPTIMIZERS,
-                   "backend": BACKENDS, "device": DEVICES}
-        for key, allowed in choices.items():
-            value = getattr(self, key)
-            if value not in allowed and not (key == "device" and str(value).startswith("cuda:")):
-                raise ValueError(f"{key}: unknown value {value!r}; choose one of {', '.join(allowed)}")
-        for key in ("epochs", "batch_size"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{key}: must be a positive integer, got {value!r}")
-        if not isinstance(self.early_stop, int) or self.early_stop < 0:
-            raise ValueError(f"early_stop: must be an integer >= 0 (0 = off), got {self.early_stop!r}")
-        for key in ("lr", "momentum", "weight_decay", "gamma"):
-            value = getattr(self, key)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                raise ValueError(f"{key}: must be a number, got {value!r}")
-        if self.lr <= 0:
-            raise ValueError(f"lr: must be positive, got {self.lr!r}")
-        if self.momentum < 0 or self.weight_decay < 0 or self.gamma <= 0:
-            raise ValueError("momentum and weight_decay must be >= 0 and gamma > 0")
 
 
 @dataclass

@@ -26,21 +26,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
-from cnn.backend import BACKENDS, DEVICES
-from cnn.models import MODELS as _MODELS
-from cnn.optim import OPTIMIZERS, SCHEDULES
-
-# The engine owns the lists of valid choices; the pipeline only checks against them.
-MODELS = tuple(_MODELS)
+from cnn.config import CHECKS, boolean, combination_problems, integer, number, show
 
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 MD5_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -65,108 +59,19 @@ _Loader.add_implicit_resolver(
 
 
 # --------------------------------------------------------------------- checkers
-# Each checker returns an error string (without the location) or None.
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
-
-
-def _show(v) -> str:
-    return repr(v) if not isinstance(v, str) else f"'{v}'"
-
-
-def _choice(options) -> Callable[[Any], str | None]:
-    def check(v):
-        if v not in options:
-            return f"must be one of {', '.join(options)}; got {_show(v)}"
-        return None
-
-    return check
-
-
-def _int(minimum: int) -> Callable[[Any], str | None]:
-    def check(v):
-        if not _is_int(v) or v < minimum:
-            what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-            return f"must be {what}; got {_show(v)}"
-        return None
-
-    return check
-
-
-def _number(low: float, *, low_open: bool, high: float | None = None, high_open: bool = True):
-    def check(v):
-        ok = _is_number(v) and (v > low if low_open else v >= low)
-        if ok and high is not None:
-            ok = v < high if high_open else v <= high
-        if not ok:
-            if high is None:
-                what = "a positive number" if (low == 0 and low_open) else f"a number >= {low}"
-            else:
-                lo = "(" if low_open else "["
-                hi = ")" if high_open else "]"
-                what = f"a number in {lo}{low}, {high}{hi}"
-            return f"must be {what}; got {_show(v)}"
-        return None
-
-    return check
-
-
-def _bool(v):
-    if not isinstance(v, bool):
-        return f"must be true or false; got {_show(v)}"
-    return None
-
-
-def _milestones(v):
-    if not isinstance(v, list) or not all(_is_int(m) and m > 0 for m in v):
-        return f"must be a list of positive epoch numbers; got {_show(v)}"
-    if any(b <= a for a, b in zip(v, v[1:])):
-        return f"must be strictly increasing; got {_show(v)}"
-    return None
-
-
-def _betas(v):
-    if (
-        not isinstance(v, list)
-        or len(v) != 2
-        or not all(_is_number(b) and 0 <= b < 1 for b in v)
-    ):
-        return f"must be a list of two numbers in [0, 1); got {_show(v)}"
-    return None
-
+# The training knobs are checked by the engine's own table (cnn.config.CHECKS); the
+# pipeline adds the sections only it has. A checker returns an error string or None.
 
 #: Every training knob, in the order TrainConfig declares them.
-RUN_KEYS: dict[str, Callable[[Any], str | None]] = {
-    "model": _choice(MODELS),
-    "epochs": _int(1),
-    "augment": _bool,
-    "schedule": _choice(SCHEDULES),
-    "milestones": _milestones,
-    "gamma": _number(0, low_open=True, high=1, high_open=False),
-    "early_stop": _int(0),
-    "optimizer": _choice(OPTIMIZERS),
-    "lr": _number(0, low_open=True),
-    "momentum": _number(0, low_open=False, high=1),
-    "nesterov": _bool,
-    "weight_decay": _number(0, low_open=False),
-    "betas": _betas,
-    "batch_size": _int(1),
-    "seed": _int(0),
-    "backend": _choice(BACKENDS),
-    "device": _choice(DEVICES),
-}
+RUN_KEYS = CHECKS
 
 DATA_KEYS = {
-    "url": lambda v: None if isinstance(v, str) and v.strip() else f"must be a non-empty URL; got {_show(v)}",
+    "url": lambda v: None if isinstance(v, str) and v.strip() else f"must be a non-empty URL; got {show(v)}",
     "md5": lambda v: None
     if isinstance(v, str) and MD5_RE.match(v)
-    else f"must be 32 lowercase hex digits; got {_show(v)}",
-    "retries": _int(0),
-    "timeout": _number(0, low_open=True),
+    else f"must be 32 lowercase hex digits; got {show(v)}",
+    "retries": integer(0),
+    "timeout": number(0, low_open=True),
 }
 DATA_DEFAULTS = {"retries": 5, "timeout": 60}
 
@@ -211,21 +116,11 @@ def _check_keys(where: str, mapping: dict, checkers: dict, problems: list[str]) 
             problems.append(f"{where}: '{key}' {msg}")
 
 
-def _cross_checks(where: str, cfg: dict, problems: list[str]) -> None:
-    backend, device = cfg.get("backend"), cfg.get("device")
-    if backend == "numpy" and device not in (None, "auto", "cpu"):
-        problems.append(f"{where}: 'device' must be auto or cpu with backend numpy; got '{device}'")
-    if backend == "cupy" and device not in (None, "auto", "cuda"):
-        problems.append(f"{where}: 'device' must be auto or cuda with backend cupy; got '{device}'")
-    if cfg.get("nesterov") is True and cfg.get("optimizer") == "sgd" and cfg.get("momentum") == 0:
-        problems.append(f"{where}: 'nesterov' needs a momentum > 0")
-
-
 def validate(raw: Any, source: str = "params.yaml") -> Params:
     """Validate the parsed YAML ``raw``; raise :class:`ParamsError` listing every problem."""
     problems: list[str] = []
     if not isinstance(raw, dict):
-        raise ParamsError(f"{source}: expected a mapping at the top level; got {_show(raw)}")
+        raise ParamsError(f"{source}: expected a mapping at the top level; got {show(raw)}")
 
     for key in raw:
         if key not in TOP_KEYS:
@@ -235,7 +130,7 @@ def validate(raw: Any, source: str = "params.yaml") -> Params:
     data = raw.get("data")
     data_params = None
     if not isinstance(data, dict):
-        problems.append(f"{source}: 'data' must be a mapping with url and md5; got {_show(data)}")
+        problems.append(f"{source}: 'data' must be a mapping with url and md5; got {show(data)}")
     else:
         _check_keys("data", data, DATA_KEYS, problems)
         for key in ("url", "md5"):
@@ -248,23 +143,23 @@ def validate(raw: Any, source: str = "params.yaml") -> Params:
     mlflow = raw.get("mlflow", {}) or {}
     experiment = "cifar10-cnn"
     if not isinstance(mlflow, dict):
-        problems.append(f"{source}: 'mlflow' must be a mapping; got {_show(mlflow)}")
+        problems.append(f"{source}: 'mlflow' must be a mapping; got {show(mlflow)}")
     else:
         _check_keys(
             "mlflow",
             mlflow,
-            {"experiment": lambda v: None if isinstance(v, str) and v.strip() else f"must be a non-empty name; got {_show(v)}"},
+            {"experiment": lambda v: None if isinstance(v, str) and v.strip() else f"must be a non-empty name; got {show(v)}"},
             problems,
         )
         experiment = mlflow.get("experiment", experiment)
     for key in ("progress", "resume"):
-        if key in raw and (msg := _bool(raw[key])):
+        if key in raw and (msg := boolean(raw[key])):
             problems.append(f"{source}: '{key}' {msg}")
 
     # defaults
     defaults = raw.get("defaults", {}) or {}
     if not isinstance(defaults, dict):
-        problems.append(f"{source}: 'defaults' must be a mapping of training knobs; got {_show(defaults)}")
+        problems.append(f"{source}: 'defaults' must be a mapping of training knobs; got {show(defaults)}")
         defaults = {}
     else:
         _check_keys("defaults", defaults, RUN_KEYS, problems)
@@ -273,7 +168,7 @@ def validate(raw: Any, source: str = "params.yaml") -> Params:
     runs_raw = raw.get("runs")
     runs: dict[str, dict] = {}
     if not isinstance(runs_raw, dict) or not runs_raw:
-        problems.append(f"{source}: 'runs' must be a non-empty mapping of run name -> settings; got {_show(runs_raw)}")
+        problems.append(f"{source}: 'runs' must be a non-empty mapping of run name -> settings; got {show(runs_raw)}")
     else:
         for name, settings in runs_raw.items():
             where = f"run '{name}'"
@@ -286,7 +181,7 @@ def validate(raw: Any, source: str = "params.yaml") -> Params:
             if settings is None:
                 settings = {}
             if not isinstance(settings, dict):
-                problems.append(f"{where}: settings must be a mapping; got {_show(settings)}")
+                problems.append(f"{where}: settings must be a mapping; got {show(settings)}")
                 continue
             _check_keys(where, settings, RUN_KEYS, problems)
             merged = {k: v for k, v in defaults.items() if k in RUN_KEYS}
@@ -296,7 +191,7 @@ def validate(raw: Any, source: str = "params.yaml") -> Params:
                 problems.append(
                     f"{where}: missing key(s) {', '.join(missing)} (set them under defaults or in the run)"
                 )
-            _cross_checks(where, merged, problems)
+            problems.extend(f"{where}: {p}" for p in combination_problems(merged))
             runs[name] = {k: merged[k] for k in RUN_KEYS if k in merged}
 
     if problems:

@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import sys
 from pathlib import Path
+
+import cnn
 
 from pipeline import paths, plots
 from pipeline._util import PipelineError, remove, write_json, write_text
@@ -65,10 +68,25 @@ def summarize(result, history: list[dict]) -> dict:
     }
 
 
+def engine_fingerprint() -> str:
+    """sha256 of the engine's source (every cnn/*.py): a run resumed on other code would
+    mix two engines in one result, so resuming needs the same fingerprint."""
+    h = hashlib.sha256()
+    for f in sorted(Path(cnn.__file__).parent.glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
 def check_resume(last: Path, cfg: dict) -> bool:
-    """Whether ``last`` was written by a run with the same settings (epochs may grow)."""
+    """Whether ``last`` was written by a run with the same settings (epochs may grow) and
+    the same engine code."""
     from cnn.checkpoint import read_meta
 
+    stamp = last.with_name(paths.ENGINE_STAMP)
+    if not stamp.is_file() or stamp.read_text().strip() != engine_fingerprint():
+        print(f"not resuming from {last}: the engine code (cnn/) changed since it was written",
+              file=sys.stderr)
+        return False
     try:
         old = dict(read_meta(last).get("config") or {})
     except Exception as e:  # noqa: BLE001 - unreadable: start over
@@ -97,7 +115,7 @@ def train(run: str, params) -> dict:
     remove([p for p in outputs if not (resume and p == best_path)])
     if not resume:
         remove([last])
-    out.mkdir(parents=True, exist_ok=True)
+        write_text(out / paths.ENGINE_STAMP, engine_fingerprint() + "\n")
 
     ctx = tracking.dvc_context(f"train@{run}")
     tags = {**tracking.git_info(), **ctx, "pipeline_run": run, "model_name": MODEL_TITLES[cfg["model"]]}
@@ -115,6 +133,14 @@ def train(run: str, params) -> dict:
         )
         # Rewritten every epoch so a long run can be watched (dvc plots show).
         write_text(out / paths.HISTORY, history_csv(history))
+
+    if resume:
+        from cnn.checkpoint import read_meta
+
+        # The epochs before the interruption go into this MLflow run too, so that it
+        # shows the whole run.
+        for m in read_meta(last)["history"]:
+            on_epoch_end(m)
 
     # Bars only on a terminal: piped output (CI, dvc queue logs) gets the per-epoch lines only.
     progress = bool(params.progress) and sys.stderr.isatty()

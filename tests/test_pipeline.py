@@ -778,3 +778,9 @@ def test_resume_continues_a_run_only_with_the_same_settings(repro_project, tmp_p
     p = stage("train", name, cwd=proj, env=env)
     assert "not resuming" in p.stderr and "lr" in p.stderr
     assert json.loads((d / paths.CONFIG).read_text())["resumed"] is False
+
+    with open(proj / "cnn" / "layers.py", "a") as f:  # same settings, other engine code
+        f.write("\n# edited\n")
+    p = stage("train", name, cwd=proj, env=env)
+    assert "not resuming" in p.stderr and "engine code (cnn/) changed" in p.stderr
+    assert json.loads((d / paths.CONFIG).read_text())["resumed"] is False

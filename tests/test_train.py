@@ -295,11 +295,14 @@ def test_cli_prints_epoch_lines_and_returns_0(tiny_archive, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--epochs", "0"], "epochs: must be a positive integer, got 0"),
-    (["--batch-size", "-3"], "batch_size: must be a positive integer, got -3"),
-    (["--lr", "0"], "lr: must be positive"),
-    (["--lr", "nan"], "lr: must be a number"),
-    (["--early-stop", "-1"], "early_stop: must be an integer >= 0"),
+    (["--epochs", "0"], "'epochs' must be a positive integer; got 0"),
+    (["--batch-size", "-3"], "'batch_size' must be a positive integer; got -3"),
+    (["--lr", "0"], "'lr' must be a positive number; got 0.0"),
+    (["--lr", "nan"], "'lr' must be a positive number; got nan"),
+    (["--early-stop", "-1"], "'early_stop' must be an integer >= 0; got -1"),
+    (["--epochs", "0", "--momentum", "2"], "'epochs' must be a positive integer; got 0; "
+                                           "'momentum' must be a number in [0, 1); got 2.0"),
+    (["--backend", "numpy", "--device", "cuda"], "'device' must be auto or cpu with backend numpy"),
 ])
 def test_cli_bad_argument_returns_2_with_a_clear_message(args, message, tiny_archive, tmp_path, capsys):
     code = main([*args, "--data", str(tiny_archive), "--out", str(tmp_path / "x"), "--no-progress"])

@@ -1,0 +1,164 @@
+"""A training run's settings and their one set of checks.
+
+:class:`TrainConfig` is what :func:`cnn.train.fit` takes. :data:`CHECKS` holds one checker
+per knob; :func:`problems` applies them (plus the checks that involve two knobs) and
+returns every problem found, so that ``TrainConfig.validate`` and the pipeline's
+``params.yaml`` validation (which adds the run's name to each message) say the same thing.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from cnn.backend import BACKENDS, DEVICES
+from cnn.models import MODELS
+from cnn.optim import OPTIMIZERS, SCHEDULES
+
+#: A checker returns what is wrong with a value ("must be ...; got ...") or None.
+Checker = Callable[[Any], "str | None"]
+
+
+def is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def show(v) -> str:
+    return repr(v) if not isinstance(v, str) else f"'{v}'"
+
+
+def choice(options) -> Checker:
+    def check(v):
+        return None if v in options else f"must be one of {', '.join(options)}; got {show(v)}"
+
+    return check
+
+
+def integer(minimum: int) -> Checker:
+    def check(v):
+        if is_int(v) and v >= minimum:
+            return None
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        return f"must be {what}; got {show(v)}"
+
+    return check
+
+
+def number(low: float, *, low_open: bool, high: float | None = None, high_open: bool = True) -> Checker:
+    def check(v):
+        ok = is_number(v) and (v > low if low_open else v >= low)
+        if ok and high is not None:
+            ok = v < high if high_open else v <= high
+        if ok:
+            return None
+        if high is None:
+            what = "a positive number" if (low == 0 and low_open) else f"a number >= {low}"
+        else:
+            what = f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        return f"must be {what}; got {show(v)}"
+
+    return check
+
+
+def boolean(v):
+    return None if isinstance(v, bool) else f"must be true or false; got {show(v)}"
+
+
+def _milestones(v):
+    if not isinstance(v, list) or not all(is_int(m) and m > 0 for m in v):
+        return f"must be a list of positive epoch numbers; got {show(v)}"
+    if any(b <= a for a, b in zip(v, v[1:])):
+        return f"must be strictly increasing; got {show(v)}"
+    return None
+
+
+def _betas(v):
+    if not isinstance(v, list) or len(v) != 2 or not all(is_number(b) and 0 <= b < 1 for b in v):
+        return f"must be a list of two numbers in [0, 1); got {show(v)}"
+    return None
+
+
+def _device(v):
+    if v in DEVICES or (isinstance(v, str) and v.startswith("cuda:") and v[5:].isdigit()):
+        return None
+    return f"must be one of {', '.join(DEVICES)} (or cuda:N); got {show(v)}"
+
+
+#: One checker per training knob, in TrainConfig's order.
+CHECKS: dict[str, Checker] = {
+    "model": choice(tuple(MODELS)),
+    "epochs": integer(1),
+    "augment": boolean,
+    "schedule": choice(SCHEDULES),
+    "milestones": _milestones,
+    "gamma": number(0, low_open=True, high=1, high_open=False),
+    "early_stop": integer(0),
+    "optimizer": choice(OPTIMIZERS),
+    "lr": number(0, low_open=True),
+    "momentum": number(0, low_open=False, high=1),
+    "nesterov": boolean,
+    "weight_decay": number(0, low_open=False),
+    "betas": _betas,
+    "batch_size": integer(1),
+    "seed": integer(0),
+    "backend": choice(BACKENDS),
+    "device": _device,
+}
+
+
+def problems(settings: dict) -> list[str]:
+    """Every problem with the knobs in ``settings`` ("'lr' must be a positive number; got
+    -1"), those between two knobs included; keys not in :data:`CHECKS` are ignored."""
+    return [f"'{key}' {msg}" for key, value in settings.items()
+            if key in CHECKS and (msg := CHECKS[key](value))] + combination_problems(settings)
+
+
+def combination_problems(settings: dict) -> list[str]:
+    """Problems between two knobs that are each valid on their own."""
+    found = []
+    backend, device = settings.get("backend"), settings.get("device")
+    if backend == "numpy" and device not in (None, "auto", "cpu"):
+        found.append(f"'device' must be auto or cpu with backend numpy; got {show(device)}")
+    if backend == "cupy" and device not in (None, "auto") and not str(device).startswith("cuda"):
+        found.append(f"'device' must be auto or cuda with backend cupy; got {show(device)}")
+    if settings.get("nesterov") is True and settings.get("optimizer") == "sgd" \
+            and settings.get("momentum") == 0:
+        found.append("'nesterov' needs a momentum > 0")
+    return found
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run depends on, plus where it reads and writes."""
+
+    model: str = "simple"
+    epochs: int = 5
+    augment: bool = False
+    schedule: str = "none"
+    milestones: list[int] = field(default_factory=lambda: [30, 40])
+    gamma: float = 0.1
+    early_stop: int = 0
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    batch_size: int = 64
+    seed: int = 0
+    backend: str = "numpy"
+    device: str = "auto"
+    data: str = "data/raw/cifar-10-python.tar.gz"
+    out: str = "runs/cli"
+    resume: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raise ValueError listing every bad knob and what it accepts."""
+        found = problems(asdict(self))
+        if found:
+            raise ValueError("invalid training settings: " + "; ".join(found))
