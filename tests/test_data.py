@@ -121,6 +121,15 @@ def test_save_prepared_is_atomic(tmp_path, ds, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["prepared.npz"]
 
 
+def test_written_files_get_the_usual_permissions(tmp_path, ds):
+    """Atomic writes go through a private temporary file (mode 0600); the finished file
+    gets what a plain open() gives under the process's umask (0644 under 022)."""
+    from cnn.atomic import _UMASK
+
+    save_prepared(tmp_path / "p.npz", ds, [0.5] * 3, [0.25] * 3)
+    assert (tmp_path / "p.npz").stat().st_mode & 0o777 == 0o666 & ~_UMASK
+
+
 # ----------------------------------------------------------------------------
 # Bad input
 # ----------------------------------------------------------------------------
