@@ -23,7 +23,10 @@ set -uo pipefail
 CARRY=${1:?usage: gpu_session.sh CARRY OUT [RUN ...]}
 OUT=${2:?usage: gpu_session.sh CARRY OUT [RUN ...]}
 shift 2
-DEVICE=${GPU_SESSION_DEVICE:-cuda}   # cpu: rehearse the script on a machine without a GPU
+# Rehearsal on a machine without a GPU: GPU_SESSION_DEVICE=cpu, and a short benchmark with
+# GPU_SESSION_BENCH="--models simple --steps 2 --repeats 1 --warmup 1 --batch-sizes 64".
+DEVICE=${GPU_SESSION_DEVICE:-cuda}
+BENCH=${GPU_SESSION_BENCH:---batch-sizes 64 512}
 mkdir -p "$OUT"
 step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, note the time and exit status
     local name=$1 t0=$SECONDS
@@ -45,7 +48,7 @@ step tests python -m pytest -q -rs -p no:cacheprovider tests/test_layers.py test
     tests/test_optim.py tests/test_data.py tests/test_train.py
 engines="torch native"
 [ "$DEVICE" = cuda ] && engines="torch cupy native"
-step bench python -m cnn.bench --device "$DEVICE" --engines $engines --batch-sizes 64 512
+step bench python -m cnn.bench --device "$DEVICE" --engines $engines $BENCH --json "$OUT/bench.json"
 
 for run in "$@"; do
     step "train_$run" python -m pipeline.train "$run" && step "evaluate_$run" python -m pipeline.evaluate "$run"
