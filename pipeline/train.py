@@ -151,7 +151,9 @@ def train(run: str, params) -> dict:
         result = fit(config, on_epoch_end=on_epoch_end)
     except BaseException as e:
         tracker.finish("KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
-        remove(outputs)
+        # The rest of a failed run's outputs go, but the pair that `resume` continues from
+        # stays: last.npz and the best.npz written with it.
+        remove([p for p in outputs if not (p == best_path and last.is_file())])
         raise
 
     try:

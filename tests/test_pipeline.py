@@ -504,6 +504,35 @@ def test_training_error_is_reported_and_outputs_removed(tmp_path, monkeypatch, c
     assert not any((tmp_path / out).exists() for out in paths.train_outputs("simple_5ep_torch"))
 
 
+def test_interrupted_run_keeps_what_resume_needs(tmp_path, monkeypatch, capsys):
+    import cnn.train
+    from pipeline import _util, train
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # no-op tracker
+    monkeypatch.setattr(tracking, "_warned", False)
+    shutil.copy(REPO / "params.yaml", tmp_path)
+    paths.PREPARED.parent.mkdir(parents=True)
+    paths.PREPARED.write_bytes(b"stand-in")
+    d = paths.run_dir("simple_5ep_torch")
+
+    def interrupted_fit(config, on_epoch_end=None):
+        (d / paths.BEST_CHECKPOINT).write_bytes(b"best")
+        (d / paths.LAST_CHECKPOINT).write_bytes(b"last")
+        on_epoch_end({"epoch": 1, "loss": 2.3, "train_acc": 0.1, "test_acc": 0.1, "lr": 0.01, "seconds": 1.0})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cnn.train, "fit", interrupted_fit)
+    with pytest.raises(SystemExit) as e:
+        _util.run_main(train.main, ["simple_5ep_torch"])
+    assert e.value.code == 130 and "interrupted" in capsys.readouterr().err
+    assert (d / paths.BEST_CHECKPOINT).read_bytes() == b"best"
+    assert (d / paths.LAST_CHECKPOINT).read_bytes() == b"last"
+    assert (d / paths.ENGINE_STAMP).read_text().strip() == train.engine_fingerprint()
+    assert not any(p.exists() for p in paths.train_outputs("simple_5ep_torch") if p.name != paths.BEST_CHECKPOINT)
+
+
 def test_report_lists_runs_not_trained_yet(tmp_path, monkeypatch):
     """Part of the table can be regenerated at a time: runs without outputs are listed, not fatal."""
     from pipeline import report, train
