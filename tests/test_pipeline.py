@@ -479,10 +479,10 @@ def test_tracker_degrades_to_noop_after_one_warning(monkeypatch, capsys):
     assert t.info()["run_id"] == "run123" and "server went away" in t.info()["disabled_reason"]
 
 
-def test_training_error_is_reported_and_outputs_removed(tmp_path, monkeypatch, capsys):
-    import cnn.train
-    from pipeline import _util, train
-
+@pytest.fixture
+def stage_dir(tmp_path, monkeypatch):
+    """The working directory of a train stage whose fit is to be stood in for: the
+    project's params.yaml, a stand-in prepared file, MLflow off."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DVC_ROOT", raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # no-op tracker
@@ -490,6 +490,13 @@ def test_training_error_is_reported_and_outputs_removed(tmp_path, monkeypatch, c
     shutil.copy(REPO / "params.yaml", tmp_path)
     paths.PREPARED.parent.mkdir(parents=True)
     paths.PREPARED.write_bytes(b"stand-in")
+    return tmp_path
+
+
+def test_training_error_is_reported_and_outputs_removed(stage_dir, monkeypatch, capsys):
+    import cnn.train
+    from pipeline import _util, train
+
 
     def diverging_fit(config, on_epoch_end=None):
         on_epoch_end({"epoch": 1, "loss": 2.3, "train_acc": 0.1, "test_acc": 0.1, "lr": 0.01, "seconds": 1.0})
@@ -501,20 +508,13 @@ def test_training_error_is_reported_and_outputs_removed(tmp_path, monkeypatch, c
     assert e.value.code == 1
     err = capsys.readouterr().err
     assert "error: TrainingError: the training loss became nan" in err and "Traceback" not in err
-    assert not any((tmp_path / out).exists() for out in paths.train_outputs("simple_5ep_torch"))
+    assert not any((stage_dir / out).exists() for out in paths.train_outputs("simple_5ep_torch"))
 
 
-def test_interrupted_run_keeps_what_resume_needs(tmp_path, monkeypatch, capsys):
+def test_interrupted_run_keeps_what_resume_needs(stage_dir, monkeypatch, capsys):
     import cnn.train
     from pipeline import _util, train
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("DVC_ROOT", raising=False)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # no-op tracker
-    monkeypatch.setattr(tracking, "_warned", False)
-    shutil.copy(REPO / "params.yaml", tmp_path)
-    paths.PREPARED.parent.mkdir(parents=True)
-    paths.PREPARED.write_bytes(b"stand-in")
     d = paths.run_dir("simple_5ep_torch")
 
     def interrupted_fit(config, on_epoch_end=None):
