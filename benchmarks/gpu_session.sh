@@ -1,33 +1,42 @@
 #!/usr/bin/env bash
-# Everything a GPU lease is for, as one command whose results land in one folder.
+# Everything a GPU lease is for, in two commands whose results land in $OUT.
 #
-#   bash benchmarks/gpu_session.sh CARRY OUT [RUN ...]
+#   bash benchmarks/gpu_session.sh start   CARRY OUT [RUN ...]
+#   bash benchmarks/gpu_session.sh collect CARRY OUT WAIT_S [RUN ...]
 #
-# CARRY: a folder holding ../shared/cifar10/{cifar-10-jpeg.tar.xz,make-mirror} (the
-#        offline copy; the device machine cannot download the official archive).
-# OUT:   where the logs, the benchmark table and runs.tar come back ($OUT of a device run).
-# RUN:   params.yaml runs to train there (default: none). Two SmallResNet rows at
-#        ~8 min each do not fit one 15-minute lease with the rest: split them.
+# start:   builds the mirror and the prepared data, runs the benchmark on the quiet GPU,
+#          then starts the named params.yaml runs in the background (setsid, so they outlive
+#          the command) and runs the engine's test suite beside them.
+# collect: waits up to WAIT_S seconds for those runs, then brings back their logs and
+#          runs.tar (with the resume pair if a run is unfinished). Call it right after
+#          `start`, while the machine is still warm.
+# CARRY:   a git-ignored folder holding ../shared/cifar10/{cifar-10-jpeg.tar.xz,make-mirror}
+#          (the device machine cannot download the official archive); logs of the
+#          background runs are kept in CARRY/logs between the two commands.
+# OUT:     $OUT of a device run.
 #
-# With the device tool: copy the two files into a git-ignored folder of the checkout
-# (mkdir .gpu && cp ../shared/cifar10/{cifar-10-jpeg.tar.xz,make-mirror} .gpu/; add .gpu/ to
-# .git/info/exclude), then
-#   run(command="bash benchmarks/gpu_session.sh .gpu $OUT resnet_50ep_step", carry=[".gpu"])
+# With the device tool (mkdir -p .cache/gpu && cp ../shared/cifar10/{cifar-10-jpeg.tar.xz,make-mirror} .cache/gpu/):
+#   run(command="bash benchmarks/gpu_session.sh start .cache/gpu $OUT resnet_50ep_step resnet_50ep_cosine", carry=[".cache/gpu"])
+#   run(command="bash benchmarks/gpu_session.sh collect .cache/gpu $OUT 400 resnet_50ep_step resnet_50ep_cosine")
 # The device image has torch, CuPy, numpy, Pillow, PyYAML, tqdm, matplotlib and pytest, but
-# neither DVC nor MLflow.
-# Each RUN executes its DVC stage commands (python -m pipeline.train / .evaluate) without
-# DVC; MLflow is skipped with one warning. Back here: tar -xf runs.tar, then
-# `dvc commit train@RUN evaluate@RUN` records them in dvc.lock (their deps are this
-# checkout's), and `dvc repro -s report` rebuilds reports/.
-set -uo pipefail
-CARRY=${1:?usage: gpu_session.sh CARRY OUT [RUN ...]}
-OUT=${2:?usage: gpu_session.sh CARRY OUT [RUN ...]}
-shift 2
+# neither DVC nor MLflow: each RUN executes its DVC stage commands (python3 -m pipeline.train
+# / .evaluate) without DVC, and MLflow is skipped with one warning. Back here: tar -xf
+# runs.tar, then `dvc commit train@RUN evaluate@RUN` records them in dvc.lock (their deps are
+# this checkout's), and `dvc repro -s report` rebuilds reports/.
+#
 # Rehearsal on a machine without a GPU: GPU_SESSION_DEVICE=cpu, and a short benchmark with
 # GPU_SESSION_BENCH="--models simple --steps 2 --repeats 1 --warmup 1 --batch-sizes 64".
+set -uo pipefail
+usage="usage: gpu_session.sh start CARRY OUT [RUN ...] | collect CARRY OUT WAIT_S [RUN ...]"
+PHASE=${1:?$usage}
+CARRY=${2:?$usage}
+OUT=${3:?$usage}
+shift 3
 DEVICE=${GPU_SESSION_DEVICE:-cuda}
 BENCH=${GPU_SESSION_BENCH:---batch-sizes 64 512}
-mkdir -p "$OUT"
+LOGS=$CARRY/logs
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT" "$LOGS"
 step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, note the time and exit status
     local name=$1 t0=$SECONDS
     shift
@@ -37,22 +46,46 @@ step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, note the time and e
     return $rc
 }
 
-{ nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"; python -c "import torch; print('torch', torch.__version__)"; } \
-    >"$OUT/device.txt" 2>&1
-step mirror python "$CARRY/make-mirror" "$CARRY/mirror" || exit 1
-export CIFAR10_SOURCE=$PWD/$CARRY/mirror/cifar-10-python.tar.gz CIFAR10_MD5=cdf7501182ebb3f902c966eaf0e06177
-step data bash -c "python -m pipeline.download && python -m pipeline.normalize" || exit 1
-
-# The engine's suite, CUDA and CuPy parametrisations included (the pipeline tests need DVC).
-step tests python -m pytest -q -rs -p no:cacheprovider tests/test_layers.py tests/test_models.py \
-    tests/test_optim.py tests/test_data.py tests/test_train.py
-engines="torch native"
-[ "$DEVICE" = cuda ] && engines="torch cupy native"
-step bench python -m cnn.bench --device "$DEVICE" --engines $engines $BENCH --json "$OUT/bench.json"
-
-for run in "$@"; do
-    step "train_$run" python -m pipeline.train "$run" && step "evaluate_$run" python -m pipeline.evaluate "$run"
-done
-if [ $# -gt 0 ]; then  # checkpoints and outputs of the runs; resume files stay behind
-    tar -cf "$OUT/runs.tar" --exclude=last.npz --exclude=last.engine $(printf 'runs/%s ' "$@")
-fi
+case $PHASE in
+start)
+    { nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"; nproc
+      python3 -c "import torch; print('torch', torch.__version__)"; } >"$OUT/device.txt" 2>&1
+    # The mirror is CPU work: it overlaps the benchmark, which needs the GPU to itself.
+    ( export CIFAR10_SOURCE=$PWD/$CARRY/mirror/cifar-10-python.tar.gz CIFAR10_MD5=cdf7501182ebb3f902c966eaf0e06177
+      step mirror python3 "$CARRY/make-mirror" "$CARRY/mirror" &&
+      step data bash -c "python3 -m pipeline.download && python3 -m pipeline.normalize" ) &
+    data=$!
+    engines="torch native"
+    [ "$DEVICE" = cuda ] && engines="torch cupy native"
+    step bench python3 -m cnn.bench --device "$DEVICE" --engines $engines $BENCH --json "$OUT/bench.json"
+    wait $data || { echo "no data: see mirror.log / data.log"; exit 1; }
+    for run in "$@"; do  # each run: train, then evaluate; its exit status lands in LOGS/RUN.rc
+        setsid nohup bash -c "t0=\$SECONDS; OMP_NUM_THREADS=2 python3 -m pipeline.train $run >$LOGS/train_$run.log 2>&1 &&
+            python3 -m pipeline.evaluate $run >$LOGS/evaluate_$run.log 2>&1; rc=\$?
+            echo \"$run: exit \$rc, \$((SECONDS - t0)) s\" >$LOGS/$run.rc" >/dev/null 2>&1 &
+    done
+    # The engine's suite, CUDA and CuPy parametrisations included (the pipeline tests need
+    # DVC), beside the runs: its timing does not matter, theirs is read from their metrics.
+    workers=""
+    python3 -c "import xdist" 2>/dev/null && workers="-n 4"
+    step tests python3 -m pytest -q -rs -p no:cacheprovider $workers tests/test_layers.py \
+        tests/test_models.py tests/test_optim.py tests/test_data.py tests/test_train.py
+    ;;
+collect)
+    WAIT_S=${1:?$usage}
+    shift
+    t0=$SECONDS
+    for run in "$@"; do
+        while [ ! -f "$LOGS/$run.rc" ] && [ $((SECONDS - t0)) -lt "$WAIT_S" ]; do sleep 5; done
+        cat "$LOGS/$run.rc" 2>/dev/null | tee -a "$OUT/summary.txt" || echo "$run: unfinished" | tee -a "$OUT/summary.txt"
+    done
+    # Without tqdm's progress-bar updates (carriage returns), which make the raw logs large.
+    for log in "$LOGS"/*.log; do tr '\r' '\n' <"$log" | grep -v -e '^ *$' -e '%|' >"$OUT/$(basename "$log")"; done
+    nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
+    [ $# -gt 0 ] && tar -cf "$OUT/runs.tar" $(printf 'runs/%s ' "$@")
+    ;;
+*)
+    echo "$usage" >&2
+    exit 2
+    ;;
+esac
