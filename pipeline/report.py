@@ -36,6 +36,12 @@ def _schedule(cfg: dict) -> str:
     return s
 
 
+def _seconds_per_epoch(m: dict) -> str:
+    """One figure, or one per device (in the Device column's order) for a run that moved."""
+    spes = [s.get("seconds_per_epoch") for s in m["devices"]] if "devices" in m else [m.get("seconds_per_epoch")]
+    return " / ".join("–" if v is None else f"{v:.1f}" for v in spes)
+
+
 def _epochs(cfg: dict, m: dict) -> str:
     planned, ran = cfg.get("epochs"), m.get("epochs_run")
     if ran is None or ran == planned:
@@ -114,12 +120,11 @@ def render(data: dict[str, dict], stats: dict, out_dir: Path = paths.REPORTS,
         rows = []
         for run in by_model[model]:
             cfg, m = data[run]["config"], data[run]["metrics"]
-            spe = m.get("seconds_per_epoch")
             rows.append([
                 f"`{run}`", _epochs(cfg, m), "yes" if cfg.get("augment") else "no", _schedule(cfg),
                 cfg.get("backend"), m.get("device", "?"),
                 f"**{_pct(m.get('best_test_acc'))}** (epoch {m.get('best_epoch')})",
-                _pct(m.get("final_train_acc")), "–" if spe is None else f"{spe:.1f}",
+                _pct(m.get("final_train_acc")), _seconds_per_epoch(m),
             ])
         lines += [f"## {MODEL_TITLES.get(model, model)}", "", _table(header, rows), ""]
 

@@ -22,10 +22,12 @@ import argparse
 import csv
 import hashlib
 import io
+import itertools
 import sys
 from pathlib import Path
 
 import cnn
+from cnn.checkpoint import read_meta
 
 from pipeline import paths, plots
 from pipeline._util import PipelineError, remove, write_json, write_text
@@ -52,10 +54,26 @@ def read_history(path: str | Path) -> list[dict]:
     return [{k: (int(v) if k == "epoch" else float(v)) for k, v in r.items()} for r in rows]
 
 
-def summarize(result, history: list[dict]) -> dict:
+def device_segments(history: list[dict], devices: list[str]) -> list[dict]:
+    """Consecutive epochs on one device, in order: {device, epochs: [first, last],
+    seconds_per_epoch}. devices: the device of each entry of ``history``."""
+    segments = []
+    for device, rows in itertools.groupby(zip(history, devices), key=lambda rd: rd[1]):
+        rows = [r for r, _ in rows]
+        seconds = [r["seconds"] for r in rows if r.get("seconds") is not None]
+        segments.append({"device": device, "epochs": [rows[0]["epoch"], rows[-1]["epoch"]],
+                         "seconds_per_epoch": sum(seconds) / len(seconds) if seconds else None})
+    return segments
+
+
+def summarize(result, history: list[dict], devices: list[str]) -> dict:
+    """metrics.json. devices: the device of each epoch of ``history``; a run resumed on
+    another device (a GPU run finished on the CPU, say) gets its parts listed in
+    ``devices``, since one device and one s/epoch would misdescribe it."""
     last = history[-1] if history else {}
     seconds = [r["seconds"] for r in history if r.get("seconds") is not None]
-    return {
+    segments = device_segments(history, devices)
+    metrics = {
         "best_test_acc": float(result.best_test_acc),
         "best_epoch": int(result.best_epoch),
         "final_train_acc": float(last.get("train_acc", float("nan"))),
@@ -66,6 +84,11 @@ def summarize(result, history: list[dict]) -> dict:
         "stopped_early": bool(result.stopped_early),
         "device": str(result.device),
     }
+    if len(segments) > 1:
+        metrics["device"] = " + ".join(f"{s['device']} (epochs {s['epochs'][0]}-{s['epochs'][1]})"
+                                       for s in segments)
+        metrics["devices"] = segments
+    return metrics
 
 
 def engine_fingerprint() -> str:
@@ -77,26 +100,25 @@ def engine_fingerprint() -> str:
     return h.hexdigest()
 
 
-def check_resume(last: Path, cfg: dict) -> bool:
-    """Whether ``last`` was written by a run with the same settings (epochs may grow) and
-    the same engine code."""
-    from cnn.checkpoint import read_meta
-
+def resumable_meta(last: Path, cfg: dict) -> dict | None:
+    """``last``'s metadata if it was written by a run with the same settings (epochs may
+    grow) and the same engine code, else None (after saying why)."""
     stamp = last.with_name(paths.ENGINE_STAMP)
     if not stamp.is_file() or stamp.read_text().strip() != engine_fingerprint():
         print(f"not resuming from {last}: the engine code (cnn/) changed since it was written",
               file=sys.stderr)
-        return False
+        return None
     try:
-        old = dict(read_meta(last).get("config") or {})
+        meta = read_meta(last)
     except Exception as e:  # noqa: BLE001 - unreadable: start over
         print(f"not resuming: cannot read {last} ({e})", file=sys.stderr)
-        return False
+        return None
+    old = dict(meta.get("config") or {})
     diff = [k for k in RUN_KEYS if k not in RESUMABLE_CHANGES and k in old and old[k] != cfg[k]]
     if diff:
         print(f"not resuming from {last}: settings changed ({', '.join(diff)})", file=sys.stderr)
-        return False
-    return True
+        return None
+    return meta
 
 
 def train(run: str, params) -> dict:
@@ -111,7 +133,9 @@ def train(run: str, params) -> dict:
     last = out / paths.LAST_CHECKPOINT
     # Resuming needs last.npz *and* the best.npz written alongside it (best.npz is a
     # persisted DVC out, so DVC leaves it in place); otherwise start from scratch.
-    resume = bool(params.resume) and last.is_file() and best_path.is_file() and check_resume(last, cfg)
+    meta = (resumable_meta(last, cfg)
+            if params.resume and last.is_file() and best_path.is_file() else None)
+    resume = meta is not None
     remove([p for p in outputs if not (resume and p == best_path)])
     if not resume:
         remove([last])
@@ -135,11 +159,9 @@ def train(run: str, params) -> dict:
         write_text(out / paths.HISTORY, history_csv(history))
 
     if resume:
-        from cnn.checkpoint import read_meta
-
         # The epochs before the interruption go into this MLflow run too, so that it
         # shows the whole run.
-        for m in read_meta(last)["history"]:
+        for m in meta["history"]:
             on_epoch_end(m)
 
     # Bars only on a terminal: piped output (CI, dvc queue logs) gets the per-epoch lines only.
@@ -161,7 +183,11 @@ def train(run: str, params) -> dict:
         best = Path(result.best_checkpoint)
         if best.resolve() != best_path.resolve() or not best.is_file():
             raise PipelineError(f"fit did not write its best checkpoint to {best_path} (got {best})")
-        metrics = summarize(result, hist)
+        devices = [str(result.device)] * len(hist)
+        if resume:  # the epochs replayed from last.npz ran on the device that wrote it
+            n = len(meta["history"])
+            devices[:n] = [meta.get("device", "?")] * n
+        metrics = summarize(result, hist, devices)
         write_text(out / paths.HISTORY, history_csv(hist))
         write_json(out / paths.METRICS, metrics)
         write_json(out / paths.CONFIG, {"run": run, "model_name": MODEL_TITLES[cfg["model"]], **cfg,

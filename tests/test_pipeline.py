@@ -561,6 +561,25 @@ def test_report_lists_runs_not_trained_yet(tmp_path, monkeypatch):
     assert "`simple_5ep_numpy`" not in pending
 
 
+def test_a_run_resumed_on_another_device_reports_each_part():
+    """A GPU run finished on the CPU: one device and one mean s/epoch would misdescribe it."""
+    from types import SimpleNamespace
+
+    from pipeline import report, train
+
+    history = [{"epoch": e, "loss": 1.0, "train_acc": 0.5, "test_acc": 0.5, "lr": 0.01, "seconds": s}
+               for e, s in [(1, 14.0), (2, 16.0), (3, 300.0)]]
+    result = SimpleNamespace(best_test_acc=0.5, best_epoch=1, stopped_early=False, device="torch (cpu)")
+    gpu, cpu = "torch cuda:0 (NVIDIA H200)", "torch (cpu)"
+    m = train.summarize(result, history, [gpu, gpu, cpu])
+    assert m["device"] == f"{gpu} (epochs 1-2) + {cpu} (epochs 3-3)"
+    assert m["devices"] == [{"device": gpu, "epochs": [1, 2], "seconds_per_epoch": 15.0},
+                            {"device": cpu, "epochs": [3, 3], "seconds_per_epoch": 300.0}]
+    assert report._seconds_per_epoch(m) == "15.0 / 300.0"
+    one = train.summarize(result, history, [cpu] * 3)  # one device: the usual two fields
+    assert one["device"] == cpu and "devices" not in one and report._seconds_per_epoch(one) == "110.0"
+
+
 def test_report_without_any_finished_run_is_a_clear_error(tmp_path, monkeypatch):
     from pipeline import report
     from pipeline._util import PipelineError
