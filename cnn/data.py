@@ -410,14 +410,22 @@ def normalize(x: np.ndarray, mean, std) -> np.ndarray:
             or x.shape[-3] != 3:
         desc = f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
         raise DatasetError(f"normalize expects uint8 images (N, 3, H, W), got {desc}")
-    mean, std = _stats_array(mean, "mean"), _stats_array(std, "std")
-    if np.any(std <= 0):
-        raise DatasetError(f"std must be positive per channel, got {std}")
-    scale = (1.0 / (255.0 * std)).astype(np.float32).reshape(3, 1, 1)
-    shift = (-mean / std).astype(np.float32).reshape(3, 1, 1)
+    scale, shift = _scale_shift(mean, std)
     out = np.multiply(x, scale, dtype=np.float32)
     out += shift
     return out
+
+
+def _scale_shift(mean, std) -> tuple[np.ndarray, np.ndarray]:
+    """``(x / 255 - mean) / std`` as ``x * scale + shift``: float32 (3, 1, 1) each.
+
+    mean, std: (3,) channel stats; every std must be positive.
+    """
+    mean, std = _stats_array(mean, "mean"), _stats_array(std, "std")
+    if np.any(std <= 0):
+        raise DatasetError(f"std must be positive per channel, got {std}")
+    return ((1.0 / (255.0 * std)).astype(np.float32).reshape(3, 1, 1),
+            (-mean / std).astype(np.float32).reshape(3, 1, 1))
 
 
 # ----------------------------------------------------------------------------
@@ -439,9 +447,13 @@ def augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     _check_images(x)
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-    n = len(x)
-    dy, dx = rng.integers(0, 2 * PAD + 1, size=n), rng.integers(0, 2 * PAD + 1, size=n)
-    return crop_flip(x, dy, dx, rng.random(n) < 0.5)
+    return crop_flip(x, *_draw_crops(rng, len(x)))
+
+
+def _draw_crops(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Crop offsets and flips of ``n`` images, drawn in this order: dy, dx, flip (each (n,))."""
+    return (rng.integers(0, 2 * PAD + 1, size=n), rng.integers(0, 2 * PAD + 1, size=n),
+            rng.random(n) < 0.5)
 
 
 def crop_flip(x, dy, dx, flip):
@@ -510,8 +522,7 @@ class DataLoader:
         self.mean = _stats_array(mean, "mean")
         self.std = _stats_array(std, "std")
         # normalize()'s x * scale + shift, with scale and shift kept on the device.
-        self._scale = B.asarray((1.0 / (255.0 * self.std)).astype(np.float32).reshape(3, 1, 1))
-        self._shift = B.asarray((-self.mean / self.std).astype(np.float32).reshape(3, 1, 1))
+        self._scale, self._shift = map(B.asarray, _scale_shift(self.mean, self.std))
         self.seed = seed
         self.drop_last = drop_last
         self.epoch = 0
@@ -536,8 +547,7 @@ class DataLoader:
         n = self.num_samples
         rows = [rng.permutation(n) if self.shuffle else np.arange(n)]
         if self.augment:
-            rows += [rng.integers(0, 2 * PAD + 1, size=n), rng.integers(0, 2 * PAD + 1, size=n),
-                     rng.random(n) < 0.5]
+            rows += _draw_crops(rng, n)
         return self.backend.asarray(np.stack(rows).astype(np.int64))
 
     def __iter__(self):

@@ -253,6 +253,8 @@ def test_normalize(ds):
     np.testing.assert_allclose(z.std(axis=(0, 2, 3), dtype=np.float64), 1, atol=1e-5)
     ref = (ds.train_x[:5] / 255 - mean[:, None, None]) / std[:, None, None]
     np.testing.assert_allclose(z[:5], ref, atol=1e-5)
+    with pytest.raises(DatasetError, match="std must be positive"):
+        normalize(ds.train_x, mean, [std[0], -1.0, std[2]])
 
 
 # ----------------------------------------------------------------------------
@@ -448,3 +450,6 @@ def test_loader_rejects_bad_input(id_data):
         DataLoader(x, y, 0, mean=[0] * 3, std=[1] * 3)
     with pytest.raises(DatasetError, match="uint8"):
         DataLoader(x.astype(np.float32), y, 10, mean=[0] * 3, std=[1] * 3)
+    # A zero std would divide by zero: NaN batches instead of an error.
+    with pytest.raises(DatasetError, match="std must be positive"):
+        DataLoader(x, y, 10, mean=[0] * 3, std=[0, 1, 1])
