@@ -80,6 +80,8 @@ def _time_case(model_name: str, engine: str, device: str, batch_size: int, steps
     result = {"model": model_name, "engine": engine, "where": where, "batch_size": batch_size,
               "ms_per_step": 1000 * min(blocks), "ms_blocks": [1000 * b for b in blocks],
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if engine in ("torch", "native"):
+        result["ops_per_step"] = _count_ops(step)
     if "cuda" in where:
         import torch
 
@@ -89,6 +91,27 @@ def _time_case(model_name: str, engine: str, device: str, batch_size: int, steps
 
         result["peak_gpu_mb"] = cupy.get_default_memory_pool().total_bytes() / 2**20
     return result
+
+
+def _count_ops(step) -> int:
+    """Tensor operators one ``step()`` dispatches (torch engines): the ``aten::`` calls made
+    from Python or by autograd, not those nested inside another operator. On a GPU each
+    costs host time to issue whatever its size, so for small batches this count, not the
+    arithmetic, sets the step time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+
+    def nested(e) -> bool:
+        p = e.cpu_parent
+        while p is not None:
+            if p.name.startswith("aten::"):
+                return True
+            p = p.cpu_parent
+        return False
+
+    return sum(1 for e in prof.events() if e.name.startswith("aten::") and not nested(e))
 
 
 def main(argv=None) -> int:
@@ -125,7 +148,7 @@ def main(argv=None) -> int:
                     continue
                 results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     print(f"{'model':7} {'batch':>5} {'engine':30} {'ms/step':>8} {'s/epoch':>8} "
-          f"{'x native':>8} {'peak RSS MB':>11} {'peak GPU MB':>11}")
+          f"{'x native':>8} {'ops/step':>8} {'peak RSS MB':>11} {'peak GPU MB':>11}")
     for r in results:
         _print_row(r, results)
     if args.json:
@@ -140,8 +163,9 @@ def _print_row(r: dict, results: list[dict]) -> None:
     ratio = f"{r['ms_per_step'] / native['ms_per_step']:.2f}" if native else "-"
     epoch_s = r["ms_per_step"] / 1000 * TRAIN_IMAGES / r["batch_size"]
     gpu = f"{r['peak_gpu_mb']:.0f}" if "peak_gpu_mb" in r else "-"
+    ops = r.get("ops_per_step", "-")
     print(f"{r['model']:7} {r['batch_size']:5d} {r['engine'] + ': ' + r['where']:30.30} "
-          f"{r['ms_per_step']:8.1f} {epoch_s:8.1f} {ratio:>8} {r['peak_rss_mb']:11.0f} {gpu:>11}")
+          f"{r['ms_per_step']:8.1f} {epoch_s:8.1f} {ratio:>8} {ops:>8} {r['peak_rss_mb']:11.0f} {gpu:>11}")
 
 
 if __name__ == "__main__":
