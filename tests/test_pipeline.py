@@ -819,7 +819,9 @@ def test_resume_continues_a_run_only_with_the_same_settings(repro_project, tmp_p
     history = (d / paths.HISTORY).read_text().splitlines()
     assert len(history) == 3 and history[1] == first  # epoch 1 kept from last.npz, epoch 2 trained
     assert json.loads((d / paths.CONFIG).read_text())["resumed"] is True
-    assert json.loads((d / paths.METRICS).read_text())["epochs_run"] == 2
+    metrics = json.loads((d / paths.METRICS).read_text())
+    # Both parts ran here: the replayed epoch's device (from last.npz) is this one, not a "move".
+    assert metrics["epochs_run"] == 2 and "devices" not in metrics and "+" not in metrics["device"]
 
     params["runs"][name]["lr"] = 0.02  # a different run: must start over
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
