@@ -54,15 +54,20 @@ def read_history(path: str | Path) -> list[dict]:
     return [{k: (int(v) if k == "epoch" else float(v)) for k, v in r.items()} for r in rows]
 
 
+def mean_seconds(rows: list[dict]) -> float | None:
+    """Mean of the rows' recorded epoch times (None if none is recorded)."""
+    seconds = [r["seconds"] for r in rows if r.get("seconds") is not None]
+    return float(sum(seconds) / len(seconds)) if seconds else None
+
+
 def device_segments(history: list[dict], devices: list[str]) -> list[dict]:
     """Consecutive epochs on one device, in order: {device, epochs: [first, last],
     seconds_per_epoch}. devices: the device of each entry of ``history``."""
     segments = []
     for device, rows in itertools.groupby(zip(history, devices), key=lambda rd: rd[1]):
         rows = [r for r, _ in rows]
-        seconds = [r["seconds"] for r in rows if r.get("seconds") is not None]
         segments.append({"device": device, "epochs": [rows[0]["epoch"], rows[-1]["epoch"]],
-                         "seconds_per_epoch": sum(seconds) / len(seconds) if seconds else None})
+                         "seconds_per_epoch": mean_seconds(rows)})
     return segments
 
 
@@ -71,7 +76,6 @@ def summarize(result, history: list[dict], devices: list[str]) -> dict:
     another device (a GPU run finished on the CPU, say) gets its parts listed in
     ``devices``, since one device and one s/epoch would misdescribe it."""
     last = history[-1] if history else {}
-    seconds = [r["seconds"] for r in history if r.get("seconds") is not None]
     segments = device_segments(history, devices)
     metrics = {
         "best_test_acc": float(result.best_test_acc),
@@ -79,7 +83,7 @@ def summarize(result, history: list[dict], devices: list[str]) -> dict:
         "final_train_acc": float(last.get("train_acc", float("nan"))),
         "final_test_acc": float(last.get("test_acc", float("nan"))),
         "final_loss": float(last.get("loss", float("nan"))),
-        "seconds_per_epoch": float(sum(seconds) / len(seconds)) if seconds else None,
+        "seconds_per_epoch": mean_seconds(history),
         "epochs_run": len(history),
         "stopped_early": bool(result.stopped_early),
         "device": str(result.device),

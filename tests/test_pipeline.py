@@ -497,7 +497,6 @@ def test_training_error_is_reported_and_outputs_removed(stage_dir, monkeypatch, 
     import cnn.train
     from pipeline import _util, train
 
-
     def diverging_fit(config, on_epoch_end=None):
         on_epoch_end({"epoch": 1, "loss": 2.3, "train_acc": 0.1, "test_acc": 0.1, "lr": 0.01, "seconds": 1.0})
         raise cnn.train.TrainingError("the training loss became nan in epoch 2: the run diverged")
