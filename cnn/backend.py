@@ -14,6 +14,7 @@ channels-last in memory (a transposed view), which both libraries handle transpa
 """
 from __future__ import annotations
 
+import operator
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -133,6 +134,19 @@ class Backend:
 
     def item(self, a) -> float:
         return float(a)
+
+    # -- lists of arrays (optimizer updates) ----------------------------------------
+    _LIST_OPS = {"add": operator.add, "mul": operator.mul,
+                 "add_": operator.iadd, "sub_": operator.isub, "mul_": operator.imul}
+
+    def foreach(self, op: str, xs: list, other) -> list:
+        """``op`` ("add", "mul"; "add_", "sub_", "mul_" in place) of each array in
+        ``xs`` with the matching array of the list ``other``, or with the scalar ``other``.
+        Returns the results (``xs`` itself for the in-place ops). Each element is the same
+        single arithmetic operation as ``x + y`` etc., so the results are too."""
+        others = other if isinstance(other, list) else [other] * len(xs)
+        fn = self._LIST_OPS[op]
+        return [fn(x, y) for x, y in zip(xs, others)]
 
     # -- parallel element-wise work ------------------------------------------------
     def map_chunks(self, fn, *arrays, min_size: int = 1 << 16):
@@ -280,6 +294,13 @@ class TorchBackend(Backend):
 
     def subtract(self, a, b, out=None):
         return self.torch.sub(a, b, out=out)
+
+    def foreach(self, op: str, xs: list, other) -> list:
+        # One multi-tensor kernel (torch.optim's "foreach" path) instead of one per array.
+        if not xs:
+            return []
+        out = getattr(self.torch, f"_foreach_{op}")(xs, other)
+        return xs if op.endswith("_") else out
 
     def seed(self, seed) -> None:
         # torch.Generator takes one integer; fold a sequence of ints into one with numpy.

@@ -74,26 +74,42 @@ def im2col(x, kernel_size: tuple[int, int], stride: int, padding: int, out=None)
     return cols.reshape(n * ho * wo, kh * kw * c)
 
 
-def col2im(cols, input_shape, kernel_size: tuple[int, int], stride: int, padding: int):
+def patch_offsets(cols, input_shape, kernel_size: tuple[int, int], stride: int, padding: int) -> list:
+    """cols: (N * Ho * Wo, kh * kw * C) -> the kh * kw views (N, Ho, Wo, C) that hold the
+    patch entries of one kernel offset each, in (i, j) row-major order."""
+    n, c, h, w = input_shape
+    kh, kw = kernel_size
+    ho = conv_output_size(h, kh, stride, padding)
+    wo = conv_output_size(w, kw, stride, padding)
+    cols = cols.reshape(n, ho, wo, kh, kw, c)
+    return [cols[:, :, :, i, j, :] for i in range(kh) for j in range(kw)]
+
+
+def col2im(cols, input_shape, kernel_size: tuple[int, int], stride: int, padding: int,
+           offsets: list | None = None):
     """Adjoint of :func:`im2col`: sum every patch gradient back onto the input grid.
 
     cols: (N * Ho * Wo, kh * kw * C) -> (N, C, H, W) (a channels-last view). Overlapping
     patches are summed by one strided add per kernel offset, not by a scatter-add.
+    ``offsets``: ``patch_offsets(cols, ...)`` made once for a reused ``cols`` buffer; on
+    PyTorch every view is an operator call, which on a GPU costs host time whatever its size.
     """
     B = backend_of(cols)
     n, c, h, w = input_shape
     kh, kw = kernel_size
     ho = conv_output_size(h, kh, stride, padding)
     wo = conv_output_size(w, kw, stride, padding)
-    cols = cols.reshape(n, ho, wo, kh, kw, c)
+    if offsets is None:
+        offsets = patch_offsets(cols, input_shape, kernel_size, stride, padding)
     grad = B.zeros((n, h + 2 * padding, w + 2 * padding, c), dtype=B.dtype_name(cols))
+    windows = [(window(i, ho, stride), window(j, wo, stride)) for i in range(kh) for j in range(kw)]
 
-    def accumulate(cols, grad):
-        for i in range(kh):
-            for j in range(kw):
-                grad[:, window(i, ho, stride), window(j, wo, stride), :] += cols[:, :, :, i, j, :]
+    def accumulate(grad, *offsets):
+        for (rows, columns), part in zip(windows, offsets):
+            target = grad[:, rows, columns, :]
+            target += part  # in place through the view: grad[...] += would also copy it back
 
-    B.map_chunks(accumulate, cols, grad)
+    B.map_chunks(accumulate, grad, *offsets)
     grad = grad[:, padding:padding + h, padding:padding + w, :]
     return B.transpose(grad, (0, 3, 1, 2))
 

@@ -35,6 +35,7 @@ class Workspace:
 
     def __init__(self):
         self.buffers = {}
+        self.derived = {}
 
     def get(self, name: str, shape, B, dtype: str):
         buf = self.buffers.get(name)
@@ -42,6 +43,15 @@ class Workspace:
                 or B.dtype_name(buf) != dtype):
             buf = self.buffers[name] = B.empty(tuple(shape), dtype=dtype)
         return buf
+
+    def views(self, name: str, make, buf, *args):
+        """``make(buf, *args)`` (views of the buffer ``buf``), made again only when ``buf``
+        or ``args`` change: on PyTorch every view is an operator call, host time on a GPU."""
+        source, made_for, views = self.derived.get(name, (None, None, None))
+        if source is not buf or made_for != args:
+            views = make(buf, *args)
+            self.derived[name] = (buf, args, views)
+        return views
 
 
 def _check_input(layer: Module, x, ndim: int, channels: int | None = None) -> None:
@@ -118,7 +128,9 @@ class Conv2d(Module):
             return None
         dcols = self.workspace.get("dcols", (g.shape[0], w2d.shape[1]), B, B.dtype_name(g))
         B.matmul(g, w2d, out=dcols)
-        return F.col2im(dcols, x_shape, self.kernel_size, self.stride, self.padding)
+        geometry = (x_shape, self.kernel_size, self.stride, self.padding)
+        offsets = self.workspace.views("dcols offsets", F.patch_offsets, dcols, *geometry)
+        return F.col2im(dcols, *geometry, offsets=offsets)
 
 
 class Linear(Module):
@@ -195,9 +207,12 @@ class BatchNorm2d(Module):
             B.map_chunks(center, x2, xc, squares)
             var = B.column_sums(squares) / m
             mom = self.momentum
-            self.running_mean = (1 - mom) * self.running_mean + mom * mean
-            self.running_var = (1 - mom) * self.running_var + mom * var * (m / (m - 1))
-            self.num_batches_tracked += 1  # in place: stays a 0-d array, as in PyTorch
+            # In place, as in PyTorch: the buffers stay the same arrays from step to step.
+            self.running_mean *= 1 - mom
+            self.running_mean += mom * mean
+            self.running_var *= 1 - mom
+            self.running_var += mom * var * (m / (m - 1))
+            self.num_batches_tracked += 1  # stays a 0-d array
         else:
             mean, var = self.running_mean, self.running_var
             B.map_chunks(lambda x2, xc: B.subtract(x2, mean, out=xc), x2, xc)

@@ -144,7 +144,8 @@ class Module:
             if tuple(value.shape) != tuple(current.shape):
                 raise ValueError(f"{key}: checkpoint has shape {tuple(value.shape)}, "
                                  f"model expects {tuple(current.shape)}")
-            module._assign(name, is_param, B.asarray(np.asarray(value, order="C"),
+            # A copy: training updates in place and must not write into the caller's arrays.
+            module._assign(name, is_param, B.asarray(np.array(value, order="C"),
                                                      dtype=B.dtype_name(current)))
 
     def to(self, backend: Backend | str = "numpy", device: str = "auto",

@@ -79,6 +79,15 @@ def test_conv2d_without_input_grad_still_fills_parameter_grads(backend, rng):
         assert_close(got.grads[name], ref.grads[name], "float64", name)
 
 
+def test_conv2d_reused_across_input_shapes_matches_torch(backend, rng):
+    """One layer, one workspace: batches of another size and then another image size with
+    the same number of patches (so the same column buffer) each get correct gradients."""
+    ours = randomize_bias(Conv2d(3, 4, 3, padding=1), rng)
+    theirs = nn.Conv2d(3, 4, 3, padding=1)
+    for shape in [(2, 3, 6, 6), (8, 3, 3, 3), (2, 3, 6, 6), (1, 3, 6, 6)]:
+        check_layer(ours, theirs, rng.standard_normal(shape), backend, "float32", rng=rng)
+
+
 def test_conv2d_parameter_shapes_and_count():
     conv = Conv2d(5, 7, 3)
     assert conv.weight.shape == (7, 5, 3, 3) and conv.bias.shape == (7,)

@@ -198,6 +198,56 @@ def test_load_state_dict_round_trip(name, backend):
     assert_same_state(b.state_dict(), sa)
 
 
+def _sgd_step(model, opt, rng, n=4):
+    B = cnn.backend.backend_of(model.parameters()[0].data)
+    x = B.asarray(images(rng, n), dtype="float32")
+    _, grad = softmax_cross_entropy(model(x), B.asarray(rng.integers(0, 10, n)))
+    model.backward(grad)
+    opt.step()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_loaded_state_is_copied_not_shared_with_the_caller(name, backend, rng):
+    """Training updates in place, so a model must own what it loaded: training it leaves
+    the state dict (and any other model loaded from it) untouched."""
+    state = build_model(name).state_dict()
+    kept = {k: v.copy() for k, v in state.items()}
+    model = build_model(name).to(backend)
+    model.load_state_dict(state)
+    opt = SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _sgd_step(model, opt, rng)
+    opt2 = SGD(build_model(name).to(backend).parameters(), lr=0.1, momentum=0.9)
+    opt2.load_state_dict(opt.state_dict())
+    flat = opt.state_dict()
+    _sgd_step(model, opt, rng)
+    assert_same_state(state, kept)
+    for k, v in opt2.state_dict().items():
+        np.testing.assert_array_equal(v, flat[k], err_msg=k)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_a_training_step_updates_every_state_array_in_place(name, backend, rng):
+    """After the first step, parameters, batch-norm statistics and momentum buffers stay the
+    same arrays (as in PyTorch): a reference to one sees training, and a recorded step (a
+    CUDA graph replays fixed memory) would keep training the live state."""
+    model = build_model(name).to(backend).train()
+    opt = SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    _sgd_step(model, opt, rng)
+
+    def arrays():
+        state = [(k, m._parameters[a].data if is_param else m._buffers[a])
+                 for k, m, a, is_param in model._named_state()]
+        return state + [(f"momentum {i}", s["momentum_buffer"]) for i, s in enumerate(opt.state)]
+
+    before = arrays()
+    values = {k: to_numpy(v).copy() for k, v in before}
+    _sgd_step(model, opt, rng)
+    for (key, old), (_, new) in zip(before, arrays()):
+        assert new is old, f"{key} was replaced by a new array instead of updated in place"
+    changed = [k for k, v in arrays() if not np.array_equal(to_numpy(v), values[k])]
+    assert len(changed) == len(before)  # and every one of them did change
+
+
 def test_load_state_dict_strict_errors():
     model = build_model("simple")
     state = model.state_dict()
