@@ -5,8 +5,11 @@
 #   bash benchmarks/gpu_session.sh collect CARRY OUT WAIT_S [RUN ...]
 #
 # start:   builds the mirror and the prepared data, runs the benchmark on the quiet GPU,
-#          then starts the named params.yaml runs in the background (setsid, so they outlive
-#          the command) and runs the engine's test suite beside them.
+#          re-trains epoch 1 of resnet_50ep_step and compares it with the committed row
+#          (benchmarks/reproduce_epoch.py; CARRY/reference/ holds that run's history.csv and
+#          metrics.json), then starts the named params.yaml runs in the background (setsid,
+#          so they outlive the command; not if the check crashed) and runs the engine's test
+#          suite beside them.
 # collect: waits up to WAIT_S seconds for those runs, then brings back their logs and
 #          runs.tar (with the resume pair if a run is unfinished). Call it right after
 #          `start`, while the machine is still warm.
@@ -15,7 +18,8 @@
 #          background runs are kept in CARRY/logs between the two commands.
 # OUT:     $OUT of a device run.
 #
-# With the device tool (mkdir -p .cache/gpu && cp ../shared/cifar10/{cifar-10-jpeg.tar.xz,make-mirror} .cache/gpu/):
+# With the device tool (mkdir -p .cache/gpu/reference && cp ../shared/cifar10/{cifar-10-jpeg.tar.xz,make-mirror} .cache/gpu/
+#   && cp runs/resnet_50ep_step/{history.csv,metrics.json} .cache/gpu/reference/):
 #   run(command="bash benchmarks/gpu_session.sh start .cache/gpu $OUT resnet_50ep_step resnet_50ep_cosine", carry=[".cache/gpu"])
 #   run(command="bash benchmarks/gpu_session.sh collect .cache/gpu $OUT 400 resnet_50ep_step resnet_50ep_cosine")
 # The device image has torch, CuPy, numpy, Pillow, PyYAML, tqdm, matplotlib and pytest, but
@@ -55,10 +59,14 @@ start)
       step mirror python3 "$CARRY/make-mirror" "$CARRY/mirror" &&
       step data bash -c "python3 -m pipeline.download && python3 -m pipeline.normalize" ) &
     data=$!
-    engines="torch native"
-    [ "$DEVICE" = cuda ] && engines="torch cupy native"
+    engines="torch torch-replay native"
+    [ "$DEVICE" = cuda ] && engines="torch torch-replay cupy native"
     step bench python3 -m cnn.bench --device "$DEVICE" --engines $engines $BENCH --json "$OUT/bench.json"
     wait $data || { echo "no data: see mirror.log / data.log"; exit 1; }
+    # Exit 0: identical, 1: different (the runs are still worth having), else it crashed.
+    step reproduce python3 benchmarks/reproduce_epoch.py resnet_50ep_step --device "$DEVICE" \
+        --committed "$CARRY/reference"
+    [ $? -le 1 ] || set --
     for run in "$@"; do  # each run: train, then evaluate; its exit status lands in LOGS/RUN.rc
         setsid nohup bash -c "t0=\$SECONDS; OMP_NUM_THREADS=2 python3 -m pipeline.train $run >$LOGS/train_$run.log 2>&1 &&
             python3 -m pipeline.evaluate $run >$LOGS/evaluate_$run.log 2>&1; rc=\$?

@@ -179,6 +179,14 @@ class Backend:
     def synchronize(self) -> None:
         """Wait for queued device work (a no-op on the CPU); used only for timing."""
 
+    can_record = False
+
+    def record(self, fn):
+        """The device work of ``fn()`` recorded for replay: ``.replay()`` launches it again
+        on the same memory, running no Python. Recording does not run the work. Only where
+        ``can_record``."""
+        raise NotImplementedError(f"{self!r} cannot record device work")
+
 
 class CupyBackend(Backend):
     name = "cupy"
@@ -308,6 +316,23 @@ class TorchBackend(Backend):
 
     def uniform(self, shape, dtype: str = "float32"):
         return self.torch.rand(shape, generator=self.rng, dtype=self._dtype(dtype), device=self.device)
+
+    @property
+    def can_record(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def record(self, fn):
+        # A CUDA graph. Our generator is registered so that dropout masks drawn in a replay
+        # advance it exactly as the same draws made eagerly would.
+        if not self.can_record:
+            return super().record(fn)
+        torch = self.torch
+        graph = torch.cuda.CUDAGraph()
+        if hasattr(graph, "register_generator_state"):
+            graph.register_generator_state(self.rng)
+        with torch.cuda.device(self.device), torch.cuda.graph(graph):
+            fn()
+        return graph
 
     def synchronize(self) -> None:
         if self.device.startswith("cuda"):

@@ -1,7 +1,7 @@
 """Training-step benchmark: the hand-written engine against native PyTorch.
 
     python -m cnn.bench                                   # CPU: numpy, torch, native
-    python -m cnn.bench --device cuda --engines torch cupy native --batch-sizes 64 512
+    python -m cnn.bench --device cuda --engines torch torch-replay cupy native --batch-sizes 64 512
 
 One full SGD step (forward, loss, backward, update) on random data is timed for each
 model, engine and batch size. ``native`` is the equivalent ``torch.nn`` model with autograd
@@ -54,19 +54,26 @@ def _time_case(model_name: str, engine: str, device: str, batch_size: int, steps
         from cnn import build_model, get_backend
         from cnn.functional import softmax_cross_entropy
         from cnn.optim import SGD
+        from cnn.replay import StepReplay
 
-        B = get_backend(engine, device)
+        B = get_backend(engine.removesuffix("-replay"), device)
         model = build_model(model_name).to(B).train()
         opt = SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
         xb, yb = B.asarray(x), B.asarray(y)
 
-        def step():
+        def train_step(xb, yb):
             _, grad = softmax_cross_entropy(model(xb), yb)
             model.backward(grad)
-            opt.step()
+            opt.update()
+
+        # As cnn.train runs it on CUDA: recorded once, then replayed (cnn.replay).
+        run = StepReplay(train_step, B) if engine.endswith("-replay") else train_step
+
+        def step():
+            run(xb, yb)
 
         sync = B.synchronize
-        where = repr(B)
+        where = repr(B) + (" replayed" if engine.endswith("-replay") and B.can_record else "")
     for _ in range(warmup):
         step()
     sync()
@@ -80,7 +87,7 @@ def _time_case(model_name: str, engine: str, device: str, batch_size: int, steps
     result = {"model": model_name, "engine": engine, "where": where, "batch_size": batch_size,
               "ms_per_step": 1000 * min(blocks), "ms_blocks": [1000 * b for b in blocks],
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if engine in ("torch", "native"):
+    if engine in ("torch", "torch-replay", "native"):
         result["ops_per_step"] = _count_ops(step)
     if "cuda" in where:
         import torch
@@ -118,7 +125,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m cnn.bench", description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["simple", "resnet"], choices=["simple", "resnet"])
     p.add_argument("--engines", nargs="+", default=["numpy", "torch", "native"],
-                   choices=["numpy", "torch", "cupy", "native"])
+                   choices=["numpy", "torch", "torch-replay", "cupy", "native"],
+                   help="torch-replay: the torch engine as cnn.train runs it on CUDA, each step "
+                        "replayed from one recording (a CUDA graph); the same as torch elsewhere")
     p.add_argument("--device", default="cpu", help="cpu | cuda | mps | auto (numpy always runs on the CPU)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[64])
     p.add_argument("--steps", type=int, default=20, help="steps per timed block")
@@ -147,7 +156,7 @@ def main(argv=None) -> int:
                     print(f"{model} {engine} batch {bs}: failed\n{proc.stderr.strip()}", file=sys.stderr)
                     continue
                 results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    print(f"{'model':7} {'batch':>5} {'engine':30} {'ms/step':>8} {'s/epoch':>8} "
+    print(f"{'model':7} {'batch':>5} {'engine':44} {'ms/step':>8} {'s/epoch':>8} "
           f"{'x native':>8} {'ops/step':>8} {'peak RSS MB':>11} {'peak GPU MB':>11}")
     for r in results:
         _print_row(r, results)
@@ -164,7 +173,7 @@ def _print_row(r: dict, results: list[dict]) -> None:
     epoch_s = r["ms_per_step"] / 1000 * TRAIN_IMAGES / r["batch_size"]
     gpu = f"{r['peak_gpu_mb']:.0f}" if "peak_gpu_mb" in r else "-"
     ops = r.get("ops_per_step", "-")
-    print(f"{r['model']:7} {r['batch_size']:5d} {r['engine'] + ': ' + r['where']:30.30} "
+    print(f"{r['model']:7} {r['batch_size']:5d} {r['engine'] + ': ' + r['where']:44.44} "
           f"{r['ms_per_step']:8.1f} {epoch_s:8.1f} {ratio:>8} {ops:>8} {r['peak_rss_mb']:11.0f} {gpu:>11}")
 
 

@@ -30,8 +30,17 @@ class Optimizer:
         for p in self.params:
             p.grad = None
 
+    #: Whether :meth:`update` is device work only, with no value that changes from step to
+    #: step computed on the host, so that a recorded training step can replay it (cnn.replay).
+    replayable = False
+
     def step(self) -> None:
+        """Update every parameter that has a gradient; those without one are left alone."""
         self.steps += 1
+        self.update()
+
+    def update(self) -> None:
+        """:meth:`step` without counting the step (the host-side half, which a replay skips)."""
         active = [(p, state) for p, state in zip(self.params, self.state) if p.grad is not None]
         if active:
             params, states = zip(*active)
@@ -70,6 +79,8 @@ class SGD(Optimizer):
     """SGD with optional (Nesterov) momentum and L2 weight decay, as ``torch.optim.SGD``:
     g = grad + wd * p;  buf = momentum * buf + g;  p -= lr * (g + momentum * buf if nesterov else buf)."""
 
+    replayable = True
+
     def __init__(self, params, lr: float, momentum: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0):
         super().__init__(params, lr)
@@ -99,7 +110,8 @@ class SGD(Optimizer):
 
 
 class Adam(Optimizer):
-    """Adam with L2 weight decay added to the gradient, as ``torch.optim.Adam``."""
+    """Adam with L2 weight decay added to the gradient, as ``torch.optim.Adam``.
+    (Not replayable: the bias correction of each step is computed on the host.)"""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0):

@@ -29,6 +29,7 @@ from cnn.functional import softmax_cross_entropy
 from cnn.models import MODELS, build_model
 from cnn.module import Module
 from cnn.optim import OPTIMIZERS, SCHEDULES, SGD, Adam, Optimizer, lr_at
+from cnn.replay import StepReplay
 
 EVAL_BATCH_SIZE = 500
 
@@ -165,29 +166,40 @@ def _train_epoch(model, optimizer, loader, B, epoch, config) -> tuple[float, flo
     never waits for the host. On the CPU, where reading a value costs nothing, the bar
     shows the loss every 50 steps and a NaN stops the run at once; on a GPU that read
     would stall the queue of launched kernels, so the check waits for the epoch's end.
+    On CUDA the step is recorded once and replayed (cnn.replay), with the same result.
     """
     model.train()
     live = B.device == "cpu"
-    loss_sum, correct = 0.0, 0
-    bar = tqdm(loader, desc=f"Epoch {epoch + 1}/{config.epochs}", leave=False,
-               disable=not config.progress, unit="batch", dynamic_ncols=True)
-    for step, (xb, yb) in enumerate(bar):
-        xb, yb = B.asarray(xb), B.asarray(yb)
+    totals = {}
+
+    def train_step(xb, yb):  # device work only: a replay repeats it without this Python
         logits = model(xb)
         loss, grad = softmax_cross_entropy(logits, yb)
         model.backward(grad)
-        optimizer.step()
-        loss_sum = loss_sum + loss * len(yb)
-        correct = correct + B.sum(B.argmax(logits, axis=1) == yb)
+        optimizer.update()
+        batch_loss, batch_correct = loss * len(yb), B.sum(B.argmax(logits, axis=1) == yb)
+        if totals:
+            totals["loss"] += batch_loss
+            totals["correct"] += batch_correct
+        else:
+            totals.update(loss=batch_loss, correct=batch_correct)
+        totals["last"] = loss
+
+    run_step = StepReplay(train_step, B) if optimizer.replayable else train_step
+    bar = tqdm(loader, desc=f"Epoch {epoch + 1}/{config.epochs}", leave=False,
+               disable=not config.progress, unit="batch", dynamic_ncols=True)
+    for step, (xb, yb) in enumerate(bar):
+        run_step(B.asarray(xb), B.asarray(yb))
+        optimizer.steps += 1  # the host-side half of optimizer.step()
         if live and step % 50 == 0:
-            value = B.item(loss)
+            value = B.item(totals["last"])
             if not math.isfinite(value):
                 _diverged(value, epoch)
             bar.set_postfix(loss=f"{value:.4f}")
-    mean_loss = B.item(loss_sum) / loader.num_samples
+    mean_loss = B.item(totals["loss"]) / loader.num_samples
     if not math.isfinite(mean_loss):
         _diverged(mean_loss, epoch)
-    return mean_loss, B.item(correct) / loader.num_samples
+    return mean_loss, B.item(totals["correct"]) / loader.num_samples
 
 
 def _diverged(value: float, epoch: int):

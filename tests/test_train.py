@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,6 +122,67 @@ def test_resumed_run_ends_exactly_like_an_uninterrupted_one(archive, full_run, o
         assert {k: v for k, v in h_full.items() if k != "seconds"} == \
                {k: v for k, v in h_res.items() if k != "seconds"}
     assert (resumed.best_test_acc, resumed.best_epoch) == (full.best_test_acc, full.best_epoch)
+
+
+def _fit_counting_recordings(config, monkeypatch, record=None) -> tuple[dict, int]:
+    """fit(config) with TorchBackend.record wrapped (or replaced by ``record``); returns
+    the last checkpoint and how many steps were recorded."""
+    from cnn.backend import TorchBackend
+
+    real, recordings = record or TorchBackend.record, []
+
+    def counting(self, fn):
+        recordings.append(fn)
+        return real(self, fn)
+
+    with monkeypatch.context() as patch:
+        if record is not None:
+            patch.setattr(TorchBackend, "can_record", True)
+        patch.setattr(TorchBackend, "record", counting)
+        fit(config)
+    return load_checkpoint(Path(config.out) / "last.npz"), len(recordings)
+
+
+def _assert_same_run(a, b):
+    assert_same_state(a.model_state, b.model_state, "model ")
+    assert_same_state(a.optimizer_state, b.optimizer_state, "optimizer ")
+    drop = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]  # noqa: E731
+    assert drop(a.meta["history"]) == drop(b.meta["history"])
+
+
+def test_replayed_steps_train_exactly_like_eager_ones(archive, tmp_path, monkeypatch):
+    """The protocol of cnn.replay on the CPU, with a stand-in recording whose replay runs
+    the recorded function again: batches copied into the recorded inputs, the smaller last
+    batch run eagerly, a new recording each epoch (the learning rate changes), the step
+    count kept. (On CUDA, the next test does the same with real CUDA graphs.)"""
+    from types import SimpleNamespace
+
+    cfg = base_config(archive, tmp_path / "eager", backend="torch", device="cpu", batch_size=64)
+    eager, none = _fit_counting_recordings(cfg, monkeypatch)
+    assert none == 0  # the CPU cannot record: every step ran eagerly
+    replayed, recordings = _fit_counting_recordings(
+        replace(cfg, out=str(tmp_path / "replayed")), monkeypatch,
+        record=lambda self, fn: SimpleNamespace(replay=fn))
+    assert recordings == 2  # 200 images: per epoch, 64 eager, 64 recorded, 64 replayed, 8 eager
+    assert int(replayed.optimizer_state["steps"]) == 8
+    _assert_same_run(eager, replayed)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to PyTorch here")
+@pytest.mark.parametrize("model", ["simple", "resnet"])
+def test_cuda_graph_replays_train_exactly_like_eager_steps(model, archive, tmp_path, monkeypatch):
+    """Real CUDA graphs: the same kernels, so bit-identical weights, optimizer state and
+    history (SimpleCNN's dropout included: its generator advances as in eager steps)."""
+    from cnn.backend import TorchBackend
+
+    cfg = base_config(archive, tmp_path / "graph", model=model, backend="torch", device="cuda",
+                      batch_size=64)
+    replayed, recordings = _fit_counting_recordings(cfg, monkeypatch)
+    assert recordings == 2
+    with monkeypatch.context() as patch:
+        patch.setattr(TorchBackend, "can_record", False)
+        eager, _ = _fit_counting_recordings(replace(cfg, out=str(tmp_path / "eager")), patch)
+    _assert_same_run(eager, replayed)
 
 
 def test_resume_with_another_model_is_refused(archive, runs, one_epoch_run):

@@ -1,0 +1,60 @@
+"""Does the engine as it is now still produce a committed run? Re-train its first epoch.
+
+    python benchmarks/reproduce_epoch.py simple_5ep_numpy            # on the run's own backend
+    python benchmarks/reproduce_epoch.py resnet_50ep_step --device cuda
+
+Trains epoch 1 of a ``params.yaml`` run (same model, recipe, seed and prepared data) into a
+temporary folder and compares its loss, train and test accuracy with the first row of the
+committed ``runs/<run>/history.csv``, exactly (the loss is a float32 sum over 50,000
+images, so one changed rounding anywhere in a step shows). A change to ``cnn/`` that is
+meant not to change results passes this on the device that produced the row: GPU kernels
+and CPU libraries round differently, so a row is reproducible only on its own kind of
+device. Exit status 0 when identical, 1 when not.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from cnn.train import TrainConfig, fit
+from pipeline import params as params_mod
+from pipeline import paths
+
+COMPARED = ("loss", "train_acc", "test_acc")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run", help="a run named in params.yaml, with a committed runs/<run>/history.csv")
+    p.add_argument("--device", help="override the run's device (auto | cpu | cuda)")
+    p.add_argument("--committed", type=Path, help="folder with the run's committed history.csv and "
+                   "metrics.json (default runs/<run>; DVC outputs do not travel with a git checkout)")
+    args = p.parse_args(argv)
+
+    cfg = params_mod.load().run(args.run)
+    folder = args.committed or paths.run_dir(args.run)
+    with open(folder / paths.HISTORY) as f:
+        committed = next(csv.DictReader(f))
+    produced_on = json.loads((folder / paths.METRICS).read_text())["device"]
+    with tempfile.TemporaryDirectory() as out:
+        # Epoch 1's learning rate is the base rate under every schedule, whatever the length.
+        config = replace(TrainConfig(**cfg, data=str(paths.PREPARED), out=out, progress=False),
+                         epochs=1, **({"device": args.device} if args.device else {}))
+        result = fit(config)
+    again = result.history[0]
+    print(f"committed (produced on {produced_on}):")
+    print("  " + "  ".join(f"{k} {float(committed[k])!r}" for k in COMPARED))
+    print(f"reproduced on {result.device}:")
+    print("  " + "  ".join(f"{k} {again[k]!r}" for k in COMPARED))
+    same = all(float(committed[k]) == again[k] for k in COMPARED)
+    print("IDENTICAL" if same else "DIFFERENT")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
