@@ -17,6 +17,7 @@ from cnn.data import load_cifar10, normalize
 from cnn.synthetic import write_synthetic_cifar10
 from cnn.torch_twins import torch_twin
 from cnn.train import TrainConfig, TrainingError, fit, load_model, main, predict
+from tests import recording
 
 HISTORY_KEYS = {"epoch", "loss", "train_acc", "test_acc", "lr", "seconds"}
 EPOCH_LINE = re.compile(r"^Epoch +(\d+)/(\d+) \| Loss: \d+\.\d{4} \| Train: [01]\.\d{4} \| "
@@ -150,19 +151,41 @@ def _assert_same_run(a, b):
     assert drop(a.meta["history"]) == drop(b.meta["history"])
 
 
-def test_replayed_steps_train_exactly_like_eager_ones(archive, tmp_path, monkeypatch):
-    """The protocol of cnn.replay on the CPU, with a stand-in recording whose replay runs
-    the recorded function again: batches copied into the recorded inputs, the smaller last
-    batch run eagerly, a new recording each epoch (the learning rate changes), the step
-    count kept. (On CUDA, the next test does the same with real CUDA graphs.)"""
-    from types import SimpleNamespace
+def test_the_stand_in_recording_behaves_like_a_cuda_graph():
+    """What the next test relies on: recording runs nothing, a replay repeats in-place
+    updates but not the Python (a rebinding or a host-side count), and a read back to the
+    host while recording fails."""
+    state, python_runs = {"in_place": torch.zeros(2), "rebound": torch.zeros(2)}, []
 
-    cfg = base_config(archive, tmp_path / "eager", backend="torch", device="cpu", batch_size=64)
+    def step():
+        state["in_place"] += 1
+        state["rebound"] = state["rebound"] + 1
+        python_runs.append(1)
+
+    graph = recording.record(None, step)
+    assert state["in_place"].tolist() == [0, 0]
+    for _ in range(3):
+        graph.replay()
+    assert state["in_place"].tolist() == [3, 3]
+    assert state["rebound"].tolist() == [1, 1]  # each replay recomputes it from the old array
+    assert len(python_runs) == 1
+    with pytest.raises(RuntimeError, match="read a value back to the host"):
+        recording.record(None, lambda: state["in_place"].sum().item())
+
+
+@pytest.mark.parametrize("model", ["simple", "resnet"])
+def test_replayed_steps_train_exactly_like_eager_ones(model, archive, tmp_path, monkeypatch):
+    """cnn.replay on the CPU, with tests/recording.py standing in for CUDA graphs (replays
+    repeat the logged operators on the logged tensors, no Python): batches copied into the
+    recorded inputs, the smaller last batch run eagerly, a new recording each epoch (the
+    learning rate changes), nothing the step does lost in a replay. (On CUDA the next test
+    does the same with real CUDA graphs.)"""
+    cfg = base_config(archive, tmp_path / "eager", model=model, backend="torch", device="cpu",
+                      batch_size=64)
     eager, none = _fit_counting_recordings(cfg, monkeypatch)
     assert none == 0  # the CPU cannot record: every step ran eagerly
     replayed, recordings = _fit_counting_recordings(
-        replace(cfg, out=str(tmp_path / "replayed")), monkeypatch,
-        record=lambda self, fn: SimpleNamespace(replay=fn))
+        replace(cfg, out=str(tmp_path / "replayed")), monkeypatch, record=recording.record)
     assert recordings == 2  # 200 images: per epoch, 64 eager, 64 recorded, 64 replayed, 8 eager
     assert int(replayed.optimizer_state["steps"]) == 8
     _assert_same_run(eager, replayed)
