@@ -28,8 +28,9 @@
 # runs.tar, then `dvc commit train@RUN evaluate@RUN` records them in dvc.lock (their deps are
 # this checkout's), and `dvc repro -s report` rebuilds reports/.
 #
-# Rehearsal on a machine without a GPU: GPU_SESSION_DEVICE=cpu, and a short benchmark with
-# GPU_SESSION_BENCH="--models simple --steps 2 --repeats 1 --warmup 1 --batch-sizes 64".
+# Rehearsal on a machine without a GPU: GPU_SESSION_DEVICE=cpu, a short benchmark with
+# GPU_SESSION_BENCH="--models simple --steps 2 --repeats 1 --warmup 1 --batch-sizes 64", and
+# GPU_SESSION_REPRODUCE=simple_5ep_torch (a run this machine produced; its files in CARRY/reference).
 set -uo pipefail
 usage="usage: gpu_session.sh start CARRY OUT [RUN ...] | collect CARRY OUT WAIT_S [RUN ...]"
 PHASE=${1:?$usage}
@@ -38,6 +39,7 @@ OUT=${3:?$usage}
 shift 3
 DEVICE=${GPU_SESSION_DEVICE:-cuda}
 BENCH=${GPU_SESSION_BENCH:---batch-sizes 64 512}
+REPRODUCE=${GPU_SESSION_REPRODUCE:-resnet_50ep_step}
 LOGS=$CARRY/logs
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$LOGS"
@@ -64,7 +66,7 @@ start)
     step bench python3 -m cnn.bench --device "$DEVICE" --engines $engines $BENCH --json "$OUT/bench.json"
     wait $data || { echo "no data: see mirror.log / data.log"; exit 1; }
     # Exit 0: identical, 1: different (the runs are still worth having), else it crashed.
-    step reproduce python3 benchmarks/reproduce_epoch.py resnet_50ep_step --device "$DEVICE" \
+    step reproduce python3 benchmarks/reproduce_epoch.py "$REPRODUCE" --device "$DEVICE" \
         --committed "$CARRY/reference"
     [ $? -le 1 ] || set --
     for run in "$@"; do  # each run: train, then evaluate; its exit status lands in LOGS/RUN.rc
