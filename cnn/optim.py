@@ -40,7 +40,8 @@ class Optimizer:
         self.update()
 
     def update(self) -> None:
-        """:meth:`step` without counting the step (the host-side half, which a replay skips)."""
+        """The arithmetic of :meth:`step` without its step count (host state, which a
+        replayed step, cnn.replay, does not run: the caller counts those steps)."""
         active = [(p, state) for p, state in zip(self.params, self.state) if p.grad is not None]
         if active:
             params, states = zip(*active)
