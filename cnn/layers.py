@@ -318,7 +318,8 @@ class _Pool2d(Module):
         def scatter(grad, *chunks):
             for k, (rows, cols) in enumerate(windows):
                 if overlap:
-                    grad[:, rows, cols, :] += part(k, *chunks)
+                    target = grad[:, rows, cols, :]
+                    target += part(k, *chunks)  # in place through the view, as in col2im
                 else:  # the windows tile the input: each position is written once
                     grad[:, rows, cols, :] = part(k, *chunks)
 
