@@ -14,8 +14,9 @@
 #          runs.tar (with the resume pair if a run is unfinished). Call it right after
 #          `start`, while the machine is still warm.
 # CARRY:   a git-ignored folder holding ../shared/cifar10/{cifar-10-jpeg.tar.xz,make-mirror}
-#          (the device machine cannot download the official archive); logs of the
-#          background runs are kept in CARRY/logs between the two commands.
+#          (the device machine cannot download the official archive) and reference/ (DVC
+#          outputs do not travel); logs of the background runs are kept in CARRY/logs
+#          between the two commands.
 # OUT:     $OUT of a device run.
 #
 # With the device tool (mkdir -p .cache/gpu/reference && cp ../shared/cifar10/{cifar-10-jpeg.tar.xz,make-mirror} .cache/gpu/
