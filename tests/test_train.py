@@ -125,9 +125,9 @@ def test_resumed_run_ends_exactly_like_an_uninterrupted_one(archive, full_run, o
     assert (resumed.best_test_acc, resumed.best_epoch) == (full.best_test_acc, full.best_epoch)
 
 
-def _fit_counting_recordings(config, monkeypatch, record=None) -> tuple[dict, int]:
+def _fit_counting_recordings(config, monkeypatch, record=None):
     """fit(config) with TorchBackend.record wrapped (or replaced by ``record``); returns
-    the last checkpoint and how many steps were recorded."""
+    the last checkpoint (cnn.checkpoint.Checkpoint) and how many steps were recorded."""
     from cnn.backend import TorchBackend
 
     real, recordings = record or TorchBackend.record, []
@@ -202,9 +202,9 @@ def test_cuda_graph_replays_train_exactly_like_eager_steps(model, archive, tmp_p
                       batch_size=64)
     replayed, recordings = _fit_counting_recordings(cfg, monkeypatch)
     assert recordings == 2
-    with monkeypatch.context() as patch:
-        patch.setattr(TorchBackend, "can_record", False)
-        eager, _ = _fit_counting_recordings(replace(cfg, out=str(tmp_path / "eager")), patch)
+    monkeypatch.setattr(TorchBackend, "can_record", False)
+    eager, none = _fit_counting_recordings(replace(cfg, out=str(tmp_path / "eager")), monkeypatch)
+    assert none == 0
     _assert_same_run(eager, replayed)
 
 
