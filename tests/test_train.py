@@ -191,6 +191,14 @@ def test_replayed_steps_train_exactly_like_eager_ones(model, archive, tmp_path, 
     _assert_same_run(eager, replayed)
 
 
+def test_adam_steps_are_never_replayed(archive, tmp_path, monkeypatch):
+    """Adam's bias correction changes every step on the host: a replay would freeze it."""
+    cfg = base_config(archive, tmp_path, backend="torch", device="cpu", batch_size=64,
+                      optimizer="adam", lr=1e-3, epochs=1)
+    _, recordings = _fit_counting_recordings(cfg, monkeypatch, record=recording.record)
+    assert recordings == 0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to PyTorch here")
 @pytest.mark.parametrize("model", ["simple", "resnet"])
 def test_cuda_graph_replays_train_exactly_like_eager_steps(model, archive, tmp_path, monkeypatch):
