@@ -30,6 +30,7 @@ def _time_case(model_name: str, engine: str, device: str, batch_size: int, steps
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch_size, 3, 32, 32)).astype(np.float32)
     y = rng.integers(0, 10, batch_size)
+    run = None  # the engine's step runner (a StepReplay for torch-replay)
     if engine == "native":
         import torch
 
@@ -73,7 +74,7 @@ def _time_case(model_name: str, engine: str, device: str, batch_size: int, steps
             run(xb, yb)
 
         sync = B.synchronize
-        where = repr(B) + (" replayed" if engine.endswith("-replay") and B.can_record else "")
+        where = repr(B)
     for _ in range(warmup):
         step()
     sync()
@@ -84,6 +85,8 @@ def _time_case(model_name: str, engine: str, device: str, batch_size: int, steps
             step()
         sync()
         blocks.append((time.perf_counter() - start) / steps)
+    if getattr(run, "replays", 0):  # a recording was made and replayed (not the CPU's eager steps)
+        where += " replayed"
     result = {"model": model_name, "engine": engine, "where": where, "batch_size": batch_size,
               "ms_per_step": 1000 * min(blocks), "ms_blocks": [1000 * b for b in blocks],
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

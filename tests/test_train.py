@@ -191,6 +191,21 @@ def test_replayed_steps_train_exactly_like_eager_ones(model, archive, tmp_path, 
     _assert_same_run(eager, replayed)
 
 
+def test_a_step_that_fails_to_record_runs_eagerly_with_a_warning(archive, tmp_path, monkeypatch):
+    """A failed recording launches nothing: that batch and the rest step eagerly, no step
+    lost or doubled, and the warning says why."""
+    def failing(self, fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    cfg = base_config(archive, tmp_path / "eager", backend="torch", device="cpu", batch_size=64)
+    eager, _ = _fit_counting_recordings(cfg, monkeypatch)
+    with pytest.warns(RuntimeWarning, match="runs eagerly .* not permitted when stream is capturing"):
+        failed, attempts = _fit_counting_recordings(
+            replace(cfg, out=str(tmp_path / "failed")), monkeypatch, record=failing)
+    assert attempts == 2  # once per epoch: each epoch's runner tries again
+    _assert_same_run(eager, failed)
+
+
 def test_adam_steps_are_never_replayed(archive, tmp_path, monkeypatch):
     """Adam's bias correction changes every step on the host: a replay would freeze it."""
     cfg = base_config(archive, tmp_path, backend="torch", device="cpu", batch_size=64,
@@ -200,6 +215,7 @@ def test_adam_steps_are_never_replayed(archive, tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to PyTorch here")
+@pytest.mark.filterwarnings("error:recording the training step")  # no silent eager fallback
 @pytest.mark.parametrize("model", ["simple", "resnet"])
 def test_cuda_graph_replays_train_exactly_like_eager_steps(model, archive, tmp_path, monkeypatch):
     """Real CUDA graphs: the same kernels, so bit-identical weights, optimizer state and
