@@ -20,6 +20,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from cnn.errors import UserError
+
+
+class DeviceError(UserError, ValueError):
+    """A backend or device that does not exist, or is not present on this machine."""
+
+
 class Backend:
     """NumPy-style backend; ``xp`` is the array module (numpy, or cupy for the subclass)."""
 
@@ -210,14 +217,17 @@ class CupyBackend(Backend):
 
 
 class TorchBackend(Backend):
-    """PyTorch tensors as plain arrays: no autograd, no ``torch.nn``."""
+    """PyTorch tensors as plain arrays: no autograd, no ``torch.nn``.
+
+    The engine's tensors never require a gradient, so autograd records none of its
+    operations; PyTorch's grad mode is left as it is, for the user's own torch code.
+    """
 
     name = "torch"
 
     def __init__(self, device: str = "cpu"):
         import torch
 
-        torch.set_grad_enabled(False)  # the engine computes every gradient by hand
         self.torch = torch
         self.xp = torch
         self.device = str(torch.device(device))
@@ -236,6 +246,8 @@ class TorchBackend(Backend):
     def asarray(self, a, dtype: str | None = None):
         if isinstance(a, np.ndarray):
             a = self.torch.from_numpy(a)
+        elif getattr(a, "requires_grad", False):
+            a = a.detach()  # the engine computes gradients by hand: autograd has nothing to record
         return self.torch.as_tensor(a, dtype=self._dtype(dtype), device=self.device)
 
     def to_numpy(self, a) -> np.ndarray:
@@ -348,15 +360,15 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 def resolve_device(backend: str, device: str = "auto") -> str:
     """Turn ``auto`` into the best device the backend can use here."""
     if device not in DEVICES and not device.startswith("cuda:"):
-        raise ValueError(f"unknown device {device!r}: choose one of {', '.join(DEVICES)}")
+        raise DeviceError(f"unknown device {device!r}: choose one of {', '.join(DEVICES)}")
     if backend == "numpy":
         if device not in ("auto", "cpu"):
-            raise ValueError(f"the numpy backend runs on the CPU only, not {device!r}: "
+            raise DeviceError(f"the numpy backend runs on the CPU only, not {device!r}: "
                              "use --backend torch or cupy for a GPU")
         return "cpu"
     if backend == "cupy":
         if device in ("cpu", "mps"):
-            raise ValueError(f"the cupy backend runs on CUDA only, not {device!r}")
+            raise DeviceError(f"the cupy backend runs on CUDA only, not {device!r}")
         return "cuda" if device == "auto" else device
     import torch
 
@@ -367,9 +379,11 @@ def resolve_device(backend: str, device: str = "auto") -> str:
             return "mps"
         return "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but PyTorch sees no CUDA GPU here")
+        raise DeviceError(f"device {device!r} was asked for, but PyTorch sees no CUDA GPU here: "
+                          "choose device auto or cpu")
     if device == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps was asked for but PyTorch sees no MPS device here")
+        raise DeviceError("device 'mps' was asked for, but PyTorch sees no MPS device here: "
+                          "choose device auto or cpu")
     return device
 
 
@@ -394,16 +408,17 @@ def _make_backend(name: str, device: str) -> Backend:
             try:
                 _backends[key] = CupyBackend(device)
             except ImportError as err:
-                raise ValueError("the cupy backend needs CuPy: pip install 'cnn-from-scratch[cupy]'") from err
+                raise DeviceError("the cupy backend needs CuPy: pip install 'cnn-from-scratch[cupy]' "
+                                  "(on a machine with a CUDA GPU)") from err
         else:
-            raise ValueError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
+            raise DeviceError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
     return _backends[key]
 
 
 def get_backend(name: str = "numpy", device: str = "auto") -> Backend:
     """The backend called ``name`` on ``device`` (one shared instance per pair)."""
     if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
+        raise DeviceError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
     return _make_backend(name, resolve_device(name, device))
 
 

@@ -139,6 +139,11 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
     args = p.parse_args(argv)
+    for flag in ("steps", "repeats"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be at least 1")
+    if args.warmup < 0 or min(args.batch_sizes) < 1:
+        p.error("--warmup must be >= 0 and every --batch-sizes value >= 1")
 
     if args.case:
         model, engine, bs = args.case.split(":")
@@ -146,7 +151,7 @@ def main(argv=None) -> int:
         print(json.dumps(_time_case(model, engine, device, int(bs), args.steps, args.repeats, args.warmup)))
         return 0
 
-    results = []
+    results, failed = [], []
     for bs in args.batch_sizes:
         for model in args.models:
             for engine in args.engines:
@@ -155,8 +160,10 @@ def main(argv=None) -> int:
                        "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
                 print(f"timing {model} on {engine}, batch {bs} ...", file=sys.stderr, flush=True)
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-                if proc.returncode != 0:
-                    print(f"{model} {engine} batch {bs}: failed\n{proc.stderr.strip()}", file=sys.stderr)
+                if proc.returncode != 0:  # its last line: the exception (no CUDA here, say)
+                    reason = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                    print(f"{model} {engine} batch {bs}: failed: {reason}", file=sys.stderr)
+                    failed.append(f"{model}:{engine}:{bs}")
                     continue
                 results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     print(f"{'model':7} {'batch':>5} {'engine':44} {'ms/step':>8} {'s/epoch':>8} "
@@ -166,7 +173,9 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
-    return 0
+    if failed:
+        print(f"{len(failed)} case(s) failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _print_row(r: dict, results: list[dict]) -> None:

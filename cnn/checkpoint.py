@@ -11,14 +11,21 @@ Loading the weights into the ``torch.nn`` twin::
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from cnn.atomic import atomic_path
+from cnn.errors import UserError
 
 FORMAT_VERSION = 1
+_RETRAIN = "re-create it by training again"
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that cannot be read, or that does not fit the model it is loaded into."""
 _OPTIM = "optimizer/"
 _META = "meta"
 
@@ -48,15 +55,20 @@ def load_checkpoint(path) -> Checkpoint:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path} is not a checkpoint: not a complete .npz archive (truncated, "
+                              f"or another kind of file); {_RETRAIN}")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError, EOFError) as err:
-        raise ValueError(f"{path} is not a readable checkpoint ({err}); "
-                         "re-create it by training again") from err
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise CheckpointError(f"{path} is truncated or corrupt ({err}); {_RETRAIN}") from err
     if _META not in arrays:
-        raise ValueError(f"{path} has no '{_META}' entry: not a checkpoint written by cnn")
-    meta = json.loads(str(arrays.pop(_META)))
+        raise CheckpointError(f"{path} has no '{_META}' entry: not a checkpoint written by cnn")
+    try:
+        meta = json.loads(str(arrays.pop(_META)))
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: its '{_META}' entry is not valid JSON ({err}); {_RETRAIN}") from err
     optimizer = {k[len(_OPTIM):]: arrays.pop(k) for k in list(arrays) if k.startswith(_OPTIM)}
     return Checkpoint(model_state=arrays, optimizer_state=optimizer, meta=meta)
 

@@ -131,6 +131,22 @@ def combination_problems(settings: dict) -> list[str]:
     return found
 
 
+#: Knobs that a resumed run may change: how long it goes on, not what each epoch computes.
+RESUMABLE_CHANGES = ("epochs", "early_stop")
+
+
+def resume_conflicts(saved: dict, settings: dict) -> list[str]:
+    """The knobs of ``settings`` that differ from ``saved`` (the settings a checkpoint was
+    written with) so that resuming would not continue the same run: any knob but
+    ``RESUMABLE_CHANGES``, and ``epochs`` too under the cosine schedule, whose learning
+    rates depend on the total. Each as "lr 0.01 -> 0.1"; knobs ``saved`` lacks pass."""
+    free = set(RESUMABLE_CHANGES)
+    if "cosine" in (saved.get("schedule"), settings.get("schedule")):
+        free.discard("epochs")
+    return [f"{key} {show(saved[key])} -> {show(settings.get(key))}" for key in CHECKS
+            if key not in free and key in saved and saved[key] != settings.get(key)]
+
+
 @dataclass
 class TrainConfig:
     """Everything one training run depends on, plus where it reads and writes."""

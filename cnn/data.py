@@ -38,6 +38,7 @@ import numpy as np
 
 from cnn.atomic import atomic_path
 from cnn.backend import Backend, backend_of, get_backend
+from cnn.errors import UserError
 
 __all__ = [
     "CIFAR10",
@@ -73,7 +74,7 @@ ROW_SIZE = 3 * 32 * 32  # 3072: one image as R, G, B planes, each 32x32 row-majo
 _FETCH_HINT = "re-download cifar-10-python.tar.gz (official md5 c58f30108f718f92721af3b95e74349a)"
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A data file or array is missing, corrupt or malformed.
 
     The message says which file/member is at fault and what to do.

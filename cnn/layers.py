@@ -12,12 +12,15 @@ from cnn.backend import backend_of
 from cnn.module import Module, Parameter
 
 
-def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)
+def _pair(v, what: str, minimum: int) -> tuple[int, int]:
+    pair = (v, v) if isinstance(v, int) else tuple(v) if isinstance(v, (tuple, list)) else ()
+    if len(pair) != 2 or not all(isinstance(a, int) and a >= minimum for a in pair):
+        raise ValueError(f"{what} must be an integer >= {minimum} (or a pair of them), got {v!r}")
+    return pair
 
 
-def _square(v, what: str) -> int:
-    a, b = _pair(v)
+def _square(v, what: str, minimum: int) -> int:
+    a, b = _pair(v, what, minimum)
     if a != b:
         raise ValueError(f"{what} must be the same along height and width, got {v}")
     return a
@@ -54,14 +57,22 @@ class Workspace:
         return views
 
 
-def _check_input(layer: Module, x, ndim: int, channels: int | None = None) -> None:
+def _check_input(layer: Module, x, ndim: int, channels: int | None = None, like=None) -> None:
+    """x must be ``ndim``-d with ``channels`` at axis 1, and (given ``like``, the layer's
+    weight) the same kind of array and dtype as the weight: NumPy would silently compute a
+    float64 input in float64 all the way down, PyTorch fails deep inside a matmul."""
+    name = type(layer).__name__
     if x.ndim != ndim:
         layout = "(N, C, H, W)" if ndim == 4 else "(N, features)"
-        raise ValueError(f"{type(layer).__name__} expects a {ndim}-d input {layout}, "
-                         f"got shape {tuple(x.shape)}")
+        raise ValueError(f"{name} expects a {ndim}-d input {layout}, got shape {tuple(x.shape)}")
     if channels is not None and x.shape[1] != channels:
-        raise ValueError(f"{type(layer).__name__} expects {channels} input channels, "
-                         f"got {x.shape[1]} (shape {tuple(x.shape)})")
+        what = "input channels" if ndim == 4 else "input features"
+        raise ValueError(f"{name} expects {channels} {what}, got {x.shape[1]} (shape {tuple(x.shape)})")
+    if like is not None and (type(x) is not type(like) or x.dtype != like.dtype):
+        def kind(a):
+            return f"{type(a).__module__.split('.')[0]} {str(a.dtype).removeprefix('torch.')}"
+        raise TypeError(f"{name} has {kind(like)} weights but got a {kind(x)} input: convert the "
+                        f"input with backend.asarray(x, dtype=...), or move the model with model.to(...)")
 
 
 class Conv2d(Module):
@@ -75,9 +86,9 @@ class Conv2d(Module):
                  bias: bool = True):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = _pair(kernel_size)
-        self.stride = _square(stride, "stride")
-        self.padding = _square(padding, "padding")
+        self.kernel_size = _pair(kernel_size, "kernel_size", 1)
+        self.stride = _square(stride, "stride", 1)
+        self.padding = _square(padding, "padding", 0)
         kh, kw = self.kernel_size
         fan_in = in_channels * kh * kw
         self.weight = Parameter(F.kaiming_uniform((out_channels, in_channels, kh, kw), fan_in))
@@ -96,7 +107,7 @@ class Conv2d(Module):
         return B.transpose(w, (0, 2, 3, 1)).reshape(w.shape[0], -1)
 
     def forward(self, x):
-        _check_input(self, x, 4, self.in_channels)
+        _check_input(self, x, 4, self.in_channels, like=self.weight.data)
         B = backend_of(x)
         n, c, h, w = x.shape
         kh, kw = self.kernel_size
@@ -147,7 +158,7 @@ class Linear(Module):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
     def forward(self, x):
-        _check_input(self, x, 2, self.in_features)
+        _check_input(self, x, 2, self.in_features, like=self.weight.data)
         self.cache = x
         out = x @ self.weight.data.T
         if self.bias is not None:
@@ -286,9 +297,9 @@ class _Pool2d(Module):
 
     def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__()
-        self.kernel_size = _pair(kernel_size)
-        self.stride = _square(stride if stride is not None else kernel_size, "stride")
-        self.padding = _square(padding, "padding")
+        self.kernel_size = _pair(kernel_size, "kernel_size", 1)
+        self.stride = _square(stride if stride is not None else kernel_size, "stride", 1)
+        self.padding = _square(padding, "padding", 0)
         if self.padding * 2 > min(self.kernel_size):
             raise ValueError(f"padding {self.padding} must be at most half the kernel size {self.kernel_size}")
         self.cache = None

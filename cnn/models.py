@@ -1,7 +1,7 @@
 """Containers and the two reference models.
 
 Their ``state_dict()`` keys and array layouts are those of the equivalent ``torch.nn``
-definitions (see ``tests/torch_twins.py``), so a checkpoint loads into PyTorch with
+definitions (see ``cnn/torch_twins.py``), so a checkpoint loads into PyTorch with
 ``strict=True``.
 """
 from __future__ import annotations

@@ -125,25 +125,34 @@ class Module:
         return state
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
-        """Copy arrays (NumPy, torch or cupy) into this module, on its own backend and dtype."""
+        """Copy arrays (NumPy, torch or cupy) into this module, on its own backend and dtype.
+
+        All or nothing: every key and shape is checked first, and a ValueError lists every
+        mismatch, so a failed load leaves the module as it was. ``strict=False`` skips
+        missing and unexpected keys (shapes must still match)."""
         own = {key: (module, name, is_param) for key, module, name, is_param in self._named_state()}
+        problems = []
         if strict:
             missing = sorted(set(own) - set(state))
             unexpected = sorted(set(state) - set(own))
             if missing or unexpected:
-                raise KeyError(f"state_dict does not match {type(self).__name__}: "
-                               f"missing keys {missing}, unexpected keys {unexpected}")
+                problems.append(f"missing keys {missing}, unexpected keys {unexpected}")
+        loads = []
         for key, value in state.items():
             if key not in own:
                 continue
             module, name, is_param = own[key]
             current = module._parameters[name].data if is_param else module._buffers[name]
-            B = backend_of(current)
             value = np.asarray(value) if isinstance(value, (np.ndarray, list, float, int)) else \
                 backend_of(value).to_numpy(value)
             if tuple(value.shape) != tuple(current.shape):
-                raise ValueError(f"{key}: checkpoint has shape {tuple(value.shape)}, "
-                                 f"model expects {tuple(current.shape)}")
+                problems.append(f"{key}: checkpoint has shape {tuple(value.shape)}, "
+                                f"model expects {tuple(current.shape)}")
+            loads.append((module, name, is_param, current, value))
+        if problems:
+            raise ValueError(f"state_dict does not match {type(self).__name__}: " + "; ".join(problems))
+        for module, name, is_param, current, value in loads:
+            B = backend_of(current)
             # A copy: training updates in place and must not write into the caller's arrays.
             module._assign(name, is_param, B.asarray(np.array(value, order="C"),
                                                      dtype=B.dtype_name(current)))

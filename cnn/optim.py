@@ -6,6 +6,7 @@ run on every backend.
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 
@@ -14,13 +15,14 @@ from cnn.module import Parameter
 
 
 class Optimizer:
+    #: The per-parameter state entries this optimizer keeps (and checkpoints).
     state_keys: tuple[str, ...] = ()
 
     def __init__(self, params, lr: float):
         self.params: list[Parameter] = list(params)
         if not self.params:
             raise ValueError("optimizer got an empty parameter list")
-        if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+        if not (isinstance(lr, numbers.Real) and not isinstance(lr, bool) and lr > 0 and math.isfinite(lr)):
             raise ValueError(f"learning rate must be a positive number, got {lr!r}")
         self.lr = float(lr)
         self.state: list[dict] = [{} for _ in self.params]
@@ -61,19 +63,30 @@ class Optimizer:
         return out
 
     def load_state_dict(self, flat: dict) -> None:
-        self.steps = int(flat["steps"])
-        self.state = [{} for _ in self.params]
+        """Restore what :meth:`state_dict` wrote; a ValueError (and no change) if ``flat``
+        is not the state of this optimizer over parameters of these shapes."""
+        if "steps" not in flat:
+            raise ValueError("optimizer state has no 'steps' entry: not an optimizer state_dict "
+                             "(a best.npz checkpoint holds the model only; resume from last.npz)")
+        state: list[dict] = [{} for _ in self.params]
         for name, value in flat.items():
             if name == "steps":
                 continue
-            index, key = name.split(".", 1)
+            index, _, key = name.partition(".")
+            if not (index.isdigit() and int(index) < len(self.params)) or key not in self.state_keys:
+                raise ValueError(f"optimizer state entry {name!r} does not belong to {type(self).__name__} "
+                                 f"over {len(self.params)} parameters (its state: {', '.join(self.state_keys)})")
             if key == "step":
-                self.state[int(index)][key] = int(value)
+                state[int(index)][key] = int(value)
                 continue
             p = self.params[int(index)].data
+            if tuple(np.shape(value)) != tuple(p.shape):
+                raise ValueError(f"optimizer state {name!r} has shape {tuple(np.shape(value))}, "
+                                 f"its parameter {tuple(p.shape)}")
             B = backend_of(p)
             # A copy: the buffers are updated in place (see Module.load_state_dict).
-            self.state[int(index)][key] = B.asarray(np.array(value, order="C"), dtype=B.dtype_name(p))
+            state[int(index)][key] = B.asarray(np.array(value, order="C"), dtype=B.dtype_name(p))
+        self.steps, self.state = int(flat["steps"]), state
 
 
 class SGD(Optimizer):
@@ -81,6 +94,7 @@ class SGD(Optimizer):
     g = grad + wd * p;  buf = momentum * buf + g;  p -= lr * (g + momentum * buf if nesterov else buf)."""
 
     replayable = True
+    state_keys = ("momentum_buffer",)
 
     def __init__(self, params, lr: float, momentum: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0):
@@ -113,6 +127,8 @@ class SGD(Optimizer):
 class Adam(Optimizer):
     """Adam with L2 weight decay added to the gradient, as ``torch.optim.Adam``.
     (Not replayable: the bias correction of each step is computed on the host.)"""
+
+    state_keys = ("step", "exp_avg", "exp_avg_sq")
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0):

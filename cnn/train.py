@@ -22,9 +22,10 @@ import numpy as np
 from tqdm import tqdm
 
 from cnn.backend import BACKENDS, Backend, backend_of, get_backend, manual_seed
-from cnn.checkpoint import load_checkpoint, save_checkpoint
-from cnn.config import TrainConfig
+from cnn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cnn.config import TrainConfig, resume_conflicts
 from cnn.data import DataLoader, load_cifar10, normalization_stats
+from cnn.errors import UserError
 from cnn.functional import softmax_cross_entropy
 from cnn.models import MODELS, build_model
 from cnn.module import Module
@@ -34,7 +35,7 @@ from cnn.replay import StepReplay
 EVAL_BATCH_SIZE = 500
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training cannot go on (e.g. the loss became NaN); the last good checkpoint is kept."""
 
 
@@ -79,8 +80,14 @@ def evaluate(model: Module, loader: DataLoader, B: Backend) -> float:
 def load_model(checkpoint_path, backend: str = "numpy", device: str = "auto") -> Module:
     """The model stored in a checkpoint, on the given backend, in eval mode."""
     ck = load_checkpoint(checkpoint_path)
-    model = build_model(ck.meta["model"]).to(get_backend(backend, device))
-    model.load_state_dict(ck.model_state)
+    try:
+        model = build_model(ck.meta["model"]).to(get_backend(backend, device))
+        model.load_state_dict(ck.model_state)
+    except (KeyError, ValueError) as err:
+        if isinstance(err, UserError):  # no such device here: not the checkpoint's fault
+            raise
+        raise CheckpointError(f"{checkpoint_path} does not hold a model this engine builds "
+                              f"({err}); re-create it by training again") from err
     return model.eval()
 
 
@@ -91,6 +98,9 @@ def _model_backend(model: Module) -> Backend:
 def fit(config: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None) -> TrainResult:
     """Train ``config.model`` on CIFAR-10 at ``config.data``; see the module docstring."""
     config.validate()
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"the output folder {out} is a file: choose another --out")
     B = get_backend(config.backend, config.device)
     ds = load_cifar10(config.data)
     mean, std = normalization_stats(config.data, ds)
@@ -98,7 +108,6 @@ def fit(config: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None)
     manual_seed(config.seed)
     model = build_model(config.model).to(B)
     optimizer = make_optimizer(config, model)
-    out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     last_path, best_path = out / "last.npz", out / "best.npz"
 
@@ -106,14 +115,20 @@ def fit(config: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None)
     best_acc, best_epoch, bad_epochs, start = -1.0, 0, 0, 0
     if config.resume and last_path.exists():
         ck = load_checkpoint(last_path)
-        if ck.meta["model"] != config.model:
-            raise ValueError(f"{last_path} holds a {ck.meta['model']!r} model, not {config.model!r}: "
-                             "use another --out or drop --resume")
-        model.load_state_dict(ck.model_state)
-        optimizer.load_state_dict(ck.optimizer_state)
-        history = ck.meta["history"]
-        start, bad_epochs = ck.meta["epoch"], ck.meta["bad_epochs"]
-        best_acc, best_epoch = ck.meta["best_test_acc"], ck.meta["best_epoch"]
+        changed = resume_conflicts(ck.meta.get("config", {}), asdict(config))
+        if changed:
+            raise CheckpointError(f"{last_path} was written by a run with other settings "
+                                  f"({'; '.join(changed)}), so resuming would not continue it: "
+                                  "use its settings, another --out, or drop --resume")
+        try:
+            model.load_state_dict(ck.model_state)
+            optimizer.load_state_dict(ck.optimizer_state)
+            history = ck.meta["history"]
+            start, bad_epochs = ck.meta["epoch"], ck.meta["bad_epochs"]
+            best_acc, best_epoch = ck.meta["best_test_acc"], ck.meta["best_epoch"]
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"cannot resume from {last_path}: {err}. Use another --out "
+                                  "or drop --resume") from err
         tqdm.write(f"Resuming {config.model} from {last_path} after epoch {start}")
 
     # Both sets live on the backend's device; batches are made there (see DataLoader).
@@ -124,14 +139,18 @@ def fit(config: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None)
     meta = {"model": config.model, "classes": ds.classes, "mean": list(map(float, mean)),
             "std": list(map(float, std)), "config": asdict(config), "device": repr(B)}
 
-    stopped_early = False
-    for epoch in range(start, config.epochs):
+    # A resumed run that had stopped early stays stopped (unless early_stop grew).
+    stopped_early = bool(config.early_stop) and bad_epochs >= config.early_stop
+    if stopped_early:
+        tqdm.write(f"{last_path} had stopped early (no better test accuracy for {bad_epochs} "
+                   f"epochs): nothing to train")
+    for epoch in range(start, start if stopped_early else config.epochs):
         optimizer.lr = lr_at(epoch, config.lr, config.schedule, config.epochs,
                              config.milestones, config.gamma)
         train_loader.set_epoch(epoch)
         B.seed([config.seed, epoch])  # dropout masks of this epoch
         started = time.perf_counter()
-        loss, train_acc = _train_epoch(model, optimizer, train_loader, B, epoch, config)
+        loss, train_acc = _train_epoch(model, optimizer, train_loader, B, epoch, config, last_path)
         test_acc = evaluate(model, test_loader, B)
         seconds = time.perf_counter() - started
         metrics = {"epoch": epoch + 1, "loss": loss, "train_acc": train_acc, "test_acc": test_acc,
@@ -159,7 +178,7 @@ def fit(config: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None)
     return TrainResult(history, best_acc, best_epoch, best_path, last_path, stopped_early, repr(B))
 
 
-def _train_epoch(model, optimizer, loader, B, epoch, config) -> tuple[float, float]:
+def _train_epoch(model, optimizer, loader, B, epoch, config, last_path) -> tuple[float, float]:
     """One pass over the training set; returns (mean loss, accuracy).
 
     Loss and accuracy are summed on the device and read once at the end, so a GPU step
@@ -194,22 +213,25 @@ def _train_epoch(model, optimizer, loader, B, epoch, config) -> tuple[float, flo
         if live and step % 50 == 0:
             value = B.item(totals["last"])
             if not math.isfinite(value):
-                _diverged(value, epoch)
+                _diverged(value, epoch, last_path)
             bar.set_postfix(loss=f"{value:.4f}")
     mean_loss = B.item(totals["loss"]) / loader.num_samples
     if not math.isfinite(mean_loss):
-        _diverged(mean_loss, epoch)
+        _diverged(mean_loss, epoch, last_path)
     return mean_loss, B.item(totals["correct"]) / loader.num_samples
 
 
-def _diverged(value: float, epoch: int):
+def _diverged(value: float, epoch: int, last_path: Path):
+    kept = (f"the last good checkpoint ({last_path}) is kept" if last_path.exists()
+            else "no epoch finished, so there is no checkpoint")
     raise TrainingError(f"the training loss became {value} in epoch {epoch + 1}: the run diverged. "
-                        "Lower --lr (or use --schedule); the last good checkpoint (last.npz) is kept.")
+                        f"Lower --lr (or use --schedule); {kept}.")
 
 
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = argparse.ArgumentParser(prog="python -m cnn.train", description="Train a hand-written CNN on CIFAR-10.")
+    p = argparse.ArgumentParser(prog="python -m cnn.train", description="Train a hand-written CNN on CIFAR-10.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", choices=list(MODELS), default=d.model)
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--augment", action="store_true", help="random crop (4-pixel padding) and horizontal flip")
@@ -244,13 +266,16 @@ def main(argv=None) -> int:
         weight_decay=args.weight_decay, batch_size=args.batch_size, seed=args.seed,
         backend=args.backend, device=args.device, data=args.data,
         out=args.out or f"runs/{args.model}", resume=args.resume, progress=not args.no_progress)
-    from cnn.data import DatasetError
-
     try:
         result = fit(config)
-    except (ValueError, DatasetError, TrainingError, FileNotFoundError) as err:
+    except (ValueError, UserError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        last = Path(config.out) / "last.npz"
+        print("interrupted" + (f"; --resume continues from {last}" if last.is_file() else ""),
+              file=sys.stderr)
+        return 130
     print(f"Best test accuracy {result.best_test_acc:.4f} at epoch {result.best_epoch} "
           f"on {result.device}; checkpoint {result.best_checkpoint}")
     return 0

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from cnn.atomic import atomic_path
+from cnn.errors import UserError
 
 
 class PipelineError(Exception):
@@ -76,11 +77,7 @@ def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | N
     except BrokenPipeError:  # output piped into `head` etc.
         sys.stderr.close()
         sys.exit(0)
-    except Exception as e:
-        # Errors raised by the engine with a user-facing message.
-        name = type(e).__name__
-        if name in ("DatasetError", "TrainingError"):
-            print(f"error: {name}: {e}", file=sys.stderr)
-            sys.exit(1)
-        raise
+    except UserError as e:  # the engine's errors with a message meant for the user
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(1)
     sys.exit(rc or 0)

@@ -145,6 +145,10 @@ def _attempt(url: str, dest: Path, timeout: float) -> None:
 
 
 def fetch_url(url: str, dest: Path, retries: int, timeout: float) -> None:
+    scheme = urllib.parse.urlparse(url).scheme
+    if scheme not in ("http", "https"):  # no retry can fix that
+        raise PipelineError(f"cannot download from '{url}': {scheme or 'no'} URL scheme. Use an "
+                            "http(s) URL, a local path or a file:// URL (data.url / CIFAR10_SOURCE)")
     attempts = retries + 1
     for attempt in range(1, attempts + 1):
         try:

@@ -239,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Through the imported module: run with -m, this file is __main__, whose ParamsError is
+    # another class than the pipeline.params.ParamsError that run_main catches.
     from pipeline._util import run_main
+    from pipeline.params import main as params_main
 
-    run_main(main)
+    run_main(params_main)

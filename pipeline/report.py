@@ -164,9 +164,10 @@ def render(data: dict[str, dict], stats: dict, out_dir: Path = paths.REPORTS,
 
 def report(params) -> Path:
     runs, pending = split_pending(list(params.runs))
+    # An earlier report describes runs as they were then: it goes whatever happens next.
+    remove([paths.RESULTS_MD, paths.TRAINING_CURVES_PNG, paths.REPORT_CONFUSION_DIR])
     if not runs:
         raise PipelineError("no run has been trained and evaluated yet: run dvc repro first")
-    remove([paths.RESULTS_MD, paths.TRAINING_CURVES_PNG, paths.REPORT_CONFUSION_DIR])
     data = collect(runs)
     stats = read_json(paths.STATS) if paths.STATS.is_file() else {}
     try:

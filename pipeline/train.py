@@ -28,15 +28,14 @@ from pathlib import Path
 
 import cnn
 from cnn.checkpoint import read_meta
+from cnn.config import resume_conflicts
 
 from pipeline import paths, plots
 from pipeline._util import PipelineError, remove, write_json, write_text
-from pipeline.params import MODEL_TITLES, RUN_KEYS, load
+from pipeline.params import MODEL_TITLES, load
 from pipeline import tracking
 
 HISTORY_FIELDS = ("epoch", "loss", "train_acc", "test_acc", "lr", "seconds")
-#: settings that may change when continuing a run from last.npz
-RESUMABLE_CHANGES = {"epochs", "early_stop"}
 
 
 def history_csv(rows: list[dict]) -> str:
@@ -105,8 +104,8 @@ def engine_fingerprint() -> str:
 
 
 def resumable_meta(last: Path, cfg: dict) -> dict | None:
-    """``last``'s metadata if it was written by a run with the same settings (epochs may
-    grow) and the same engine code, else None (after saying why)."""
+    """``last``'s metadata if it was written by a run with the same settings (see
+    ``cnn.config.resume_conflicts``) and the same engine code, else None (after saying why)."""
     stamp = last.with_name(paths.ENGINE_STAMP)
     if not stamp.is_file() or stamp.read_text().strip() != engine_fingerprint():
         print(f"not resuming from {last}: the engine code (cnn/) changed since it was written",
@@ -117,10 +116,9 @@ def resumable_meta(last: Path, cfg: dict) -> dict | None:
     except Exception as e:  # noqa: BLE001 - unreadable: start over
         print(f"not resuming: cannot read {last} ({e})", file=sys.stderr)
         return None
-    old = dict(meta.get("config") or {})
-    diff = [k for k in RUN_KEYS if k not in RESUMABLE_CHANGES and k in old and old[k] != cfg[k]]
-    if diff:
-        print(f"not resuming from {last}: settings changed ({', '.join(diff)})", file=sys.stderr)
+    changed = resume_conflicts(meta.get("config") or {}, cfg)
+    if changed:
+        print(f"not resuming from {last}: settings changed ({'; '.join(changed)})", file=sys.stderr)
         return None
     return meta
 

@@ -6,9 +6,8 @@ our float32 results loosely (tolerances below, scaled to the magnitude of the va
 The fixtures that parametrise tests over backends/devices and dtypes live in conftest.py
 and are built from ``BACKEND_PARAMS`` / ``DTYPE_PARAMS`` here.
 
-Note: creating the torch backend calls ``torch.set_grad_enabled(False)`` globally (the
-engine never uses autograd), so every oracle computation here runs under
-``torch.enable_grad()``.
+Every oracle computation runs under ``torch.enable_grad()``, whatever grad mode the
+caller left on.
 """
 from __future__ import annotations
 

@@ -529,10 +529,38 @@ def test_wrong_channel_count_raises_naming_expected_channels(backend):
     B = backend
     with pytest.raises(ValueError, match=r"Conv2d expects 3 input channels, got 4 \(shape \(2, 4, 8, 8\)\)"):
         Conv2d(3, 4, 3).to(B)(B.asarray(np.zeros((2, 4, 8, 8), np.float32)))
-    with pytest.raises(ValueError, match=r"Linear expects 48 input channels, got 47"):
+    with pytest.raises(ValueError, match=r"Linear expects 48 input features, got 47"):
         Linear(48, 4).to(B)(B.asarray(np.zeros((2, 47), np.float32)))
     with pytest.raises(ValueError, match=r"BatchNorm2d expects 3 input channels, got 5"):
         BatchNorm2d(3).to(B)(B.asarray(np.zeros((2, 5, 4, 4), np.float32)))
+
+
+def test_input_of_another_dtype_or_library_raises_naming_both(backend):
+    """NumPy would silently run a float64 batch through float32 weights in float64 (and
+    keep float64 momentum); PyTorch would fail deep inside a matmul."""
+    B = backend
+    lib = B.name if B.name != "numpy" else "numpy"
+    conv, linear = Conv2d(3, 4, 3).to(B), Linear(5, 2).to(B)
+    with pytest.raises(TypeError, match=f"Conv2d has {lib} float32 weights but got a {lib} float64 input"):
+        conv(B.asarray(np.zeros((1, 3, 5, 5)), dtype="float64"))
+    with pytest.raises(TypeError, match=f"Linear has {lib} float32 weights but got a {lib} int64 input"):
+        linear(B.asarray(np.zeros((1, 5), np.int64)))
+    if B.name != "numpy":
+        with pytest.raises(TypeError, match=f"Conv2d has {lib} float32 weights but got a numpy float32 input"):
+            conv(np.zeros((1, 3, 5, 5), np.float32))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: Conv2d(3, 4, 3, stride=0), "stride must be an integer >= 1"),
+    (lambda: Conv2d(3, 4, 0), "kernel_size must be an integer >= 1"),
+    (lambda: Conv2d(3, 4, 3, padding=-1), "padding must be an integer >= 0"),
+    (lambda: Conv2d(3, 4, (3, 3, 3)), "kernel_size must be an integer >= 1 \\(or a pair of them\\)"),
+    (lambda: MaxPool2d(2, stride=0), "stride must be an integer >= 1"),
+    (lambda: AvgPool2d(1.5), "kernel_size must be an integer >= 1"),
+])
+def test_bad_layer_arguments_raise_naming_the_argument(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
 
 
 def test_too_small_input_raises():

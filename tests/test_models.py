@@ -252,13 +252,25 @@ def test_load_state_dict_strict_errors():
     model = build_model("simple")
     state = model.state_dict()
     missing = {k: v for k, v in state.items() if k != "0.bias"}
-    with pytest.raises(KeyError, match=r"missing keys \['0.bias'\]"):
+    with pytest.raises(ValueError, match=r"missing keys \['0.bias'\]"):
         model.load_state_dict(missing)
-    with pytest.raises(KeyError, match=r"unexpected keys \['extra'\]"):
+    with pytest.raises(ValueError, match=r"unexpected keys \['extra'\]"):
         model.load_state_dict({**state, "extra": np.zeros(1)})
     model.load_state_dict({**missing, "extra": np.zeros(1)}, strict=False)  # ignored
     with pytest.raises(ValueError, match=r"0.weight: checkpoint has shape \(32, 3, 5, 5\)"):
         model.load_state_dict({**state, "0.weight": np.zeros((32, 3, 5, 5), np.float32)})
+
+
+def test_a_failed_load_state_dict_changes_nothing():
+    """All or nothing: a mismatch in the last key leaves the earlier ones unloaded too."""
+    model = build_model("simple")
+    before = model.state_dict()
+    bad = {k: np.full_like(v, 7) for k, v in before.items()}
+    last = list(bad)[-1]
+    bad[last] = np.zeros(bad[last].shape + (2,), bad[last].dtype)
+    with pytest.raises(ValueError, match=f"{last}: checkpoint has shape"):
+        model.load_state_dict(bad)
+    assert_same_state(model.state_dict(), before)
 
 
 @pytest.mark.parametrize("when", ["before_move", "after_move"])
@@ -353,3 +365,20 @@ def test_simple_cnn_memorises_a_small_batch(tmp_path):
                 break
     assert acc == 1.0, f"eval accuracy {acc} after {step} steps"
     assert np.mean(losses[-3:]) < 0.5 * losses[0], losses
+
+
+def test_the_torch_backend_leaves_autograd_to_the_user(rng):
+    """The engine never records autograd, yet the user's own torch code keeps it: a torch
+    twin trains by backward() in the same process, before and after engine steps."""
+    B = cnn.get_backend("torch", "cpu")
+    model = build_model("simple").to(B)
+    twin = torch_twin("simple")
+    x = torch.from_numpy(rng.standard_normal((2, 3, 32, 32)).astype(np.float32)).requires_grad_()
+    logits = model(B.asarray(x))  # an input that requires grad is taken as plain numbers
+    _, grad = softmax_cross_entropy(logits, B.asarray(np.array([1, 2])))
+    model.backward(grad)
+    assert torch.is_grad_enabled()
+    assert logits.grad_fn is None and not logits.requires_grad
+    assert all(p.grad is not None and p.grad.grad_fn is None for p in model.parameters())
+    twin(x).sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in twin.parameters())

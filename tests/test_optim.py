@@ -155,6 +155,33 @@ def test_state_dict_round_trip_continues_identically(kind, name, backend, rng):
     assert_params_equal(resumed, theirs, "resumed vs torch")
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda f: f.pop("steps"), "no 'steps' entry"),
+    (lambda f: f.update({"9.momentum_buffer": np.zeros(1)}), "'9.momentum_buffer' does not belong to SGD over 4"),
+    (lambda f: f.update({"0.exp_avg": np.zeros((3, 4))}), "'0.exp_avg' does not belong to SGD .*momentum_buffer"),
+    (lambda f: f.update({"3.momentum_buffer": np.zeros(2)}), r"'3.momentum_buffer' has shape \(2,\), its parameter \(1,\)"),
+])
+def test_load_state_dict_refuses_another_optimizers_state_and_changes_nothing(edit, message, backend, rng):
+    ours, _ = make_params(backend, rng)
+    opt = SGD(ours, lr=0.1, momentum=0.9)
+    for _ in range(2):
+        for p in ours:
+            p.grad = backend.asarray(rng.standard_normal(tuple(p.data.shape)), dtype="float64")
+        opt.step()
+    flat = opt.state_dict()
+    bad = dict(flat)
+    edit(bad)
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(bad)
+    assert opt.steps == 2
+    for key, value in opt.state_dict().items():
+        np.testing.assert_array_equal(value, flat[key])
+
+
+def test_lr_may_be_any_real_number_type():
+    assert SGD([Parameter(np.zeros(2))], lr=np.float32(0.5)).lr == 0.5
+
+
 def test_optimizer_state_is_on_the_parameters_backend(backend, rng):
     ours, _ = make_params(backend, rng)
     opt = Adam(ours, lr=1e-3)

@@ -585,9 +585,50 @@ def test_report_without_any_finished_run_is_a_clear_error(tmp_path, monkeypatch)
 
     monkeypatch.chdir(tmp_path)
     shutil.copy(REPO / "params.yaml", tmp_path)
+    paths.RESULTS_MD.parent.mkdir(parents=True)
+    paths.RESULTS_MD.write_text("an earlier report, of runs whose outputs are gone")
     with pytest.raises(PipelineError, match="no run has been trained"):
         report.report(P.load(paths.PARAMS))
     assert not paths.RESULTS_MD.exists()
+
+
+def test_engine_errors_are_one_line_messages(stage_dir, monkeypatch, capsys):
+    """A device this machine lacks (params.yaml cannot know) is the user's to fix: one
+    line, no traceback."""
+    import cnn.backend
+    import cnn.train
+    from pipeline import _util, train
+
+    def no_gpu(backend, device="auto"):
+        raise cnn.backend.DeviceError("device 'cuda' was asked for, but PyTorch sees no CUDA GPU here: "
+                                      "choose device auto or cpu")
+
+    monkeypatch.setattr(cnn.train, "get_backend", no_gpu)
+    with pytest.raises(SystemExit) as e:
+        _util.run_main(train.main, ["simple_5ep_torch"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "Traceback" not in err
+    assert "error: DeviceError: device 'cuda' was asked for" in err
+
+
+def test_params_check_command_reports_bad_files_in_one_line(tmp_path):
+    bad = tmp_path / "params.yaml"
+    params = tiny_params()
+    params["defaults"]["lr"] = -1
+    bad.write_text(yaml.safe_dump(params))
+    p = run([sys.executable, "-m", "pipeline.params", "--params", str(bad)], cwd=REPO,
+            env=clean_env(), check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "'lr' must be a positive number; got -1" in p.stderr
+
+
+def test_download_from_an_unsupported_url_scheme_fails_at_once(tmp_path, monkeypatch, archive):
+    monkeypatch.setattr(dl, "BACKOFF_BASE", 60.0)  # a retry would hang the test
+    monkeypatch.setenv("CIFAR10_SOURCE", "s3://bucket/cifar-10-python.tar.gz")
+    dest = tmp_path / "raw" / "cifar-10-python.tar.gz"
+    with pytest.raises(dl.PipelineError, match="s3 URL scheme. Use an http"):
+        dl.download(P.validate(tiny_params()), dest)
+    assert not dest.parent.exists()
 
 
 # ============================================================================ end to end (slow)

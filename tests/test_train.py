@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import cnn.train as train_mod
-from cnn.checkpoint import load_checkpoint, read_meta, save_checkpoint
+from cnn.checkpoint import CheckpointError, load_checkpoint, read_meta, save_checkpoint
 from cnn.data import load_cifar10, normalize
 from cnn.synthetic import write_synthetic_cifar10
 from cnn.torch_twins import torch_twin
@@ -234,13 +234,32 @@ def test_cuda_graph_replays_train_exactly_like_eager_steps(model, archive, tmp_p
     _assert_same_run(eager, replayed)
 
 
-def test_resume_with_another_model_is_refused(archive, runs, one_epoch_run):
+@pytest.mark.parametrize("change, message", [
+    ({"model": "resnet"}, "model 'simple' -> 'resnet'"),
+    ({"lr": 0.1}, "lr 0.01 -> 0.1"),
+    ({"optimizer": "adam"}, "optimizer 'sgd' -> 'adam'"),
+    ({"batch_size": 25, "augment": False}, "augment True -> False; batch_size 50 -> 25"),
+])
+def test_resume_with_other_settings_is_refused(archive, runs, one_epoch_run, change, message):
+    """Resuming continues the run that wrote last.npz, or refuses: SGD momentum loaded into
+    Adam, or another learning rate, would make a run that no uninterrupted one equals."""
     _, _, snapshot = one_epoch_run
-    out = runs / "wrong_model"
+    out = runs / f"changed_{'_'.join(change)}"
     out.mkdir()
     shutil.copy(snapshot, out / "last.npz")
-    with pytest.raises(ValueError, match="holds a 'simple' model, not 'resnet'"):
-        fit(base_config(archive, out, model="resnet", resume=True))
+    with pytest.raises(CheckpointError, match=re.escape(f"other settings ({message})")):
+        fit(base_config(archive, out, resume=True, **change))
+    assert read_meta(out / "last.npz")["epoch"] == 1  # untouched
+
+
+def test_resume_may_not_change_epochs_under_the_cosine_schedule(tiny_archive, tmp_path, monkeypatch):
+    """Cosine rates depend on the total number of epochs: 2 then 4 is not a 4-epoch run."""
+    _patch_training(monkeypatch, [0.5] * 8)
+    fit(base_config(tiny_archive, tmp_path / "cosine", epochs=2, schedule="cosine"))
+    with pytest.raises(CheckpointError, match=r"other settings \(epochs 2 -> 4\)"):
+        fit(base_config(tiny_archive, tmp_path / "cosine", epochs=4, schedule="cosine", resume=True))
+    fit(base_config(tiny_archive, tmp_path / "step", epochs=2))
+    assert len(fit(base_config(tiny_archive, tmp_path / "step", epochs=4, resume=True)).history) == 4
 
 
 def test_best_checkpoint_loads_into_the_torch_twin(archive, full_run):
@@ -269,16 +288,27 @@ def test_load_model_and_predict_reproduce_the_reported_accuracy(archive, full_ru
     assert float((preds == ds.test_y).mean()) == pytest.approx(result.best_test_acc, abs=1e-12)
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")
-def test_diverging_run_raises_and_keeps_the_last_good_checkpoint(archive, runs, one_epoch_run):
-    """Resume the 1-epoch run with lr=1e6: epoch 2 diverges (NaN loss)."""
+def _nan_loss(monkeypatch):
+    real = train_mod.softmax_cross_entropy
+
+    def nan_loss(logits, labels):
+        loss, grad = real(logits, labels)
+        return loss * float("nan"), grad
+
+    monkeypatch.setattr(train_mod, "softmax_cross_entropy", nan_loss)
+
+
+def test_diverging_run_raises_and_keeps_the_last_good_checkpoint(archive, runs, one_epoch_run, monkeypatch):
+    """Resume the 1-epoch run; epoch 2 diverges (NaN loss)."""
     _, _, snapshot = one_epoch_run
     out = runs / "diverge"
     out.mkdir()
     shutil.copy(snapshot, out / "last.npz")
     before = load_checkpoint(out / "last.npz")
-    with pytest.raises(TrainingError, match="diverged"):
-        fit(base_config(archive, out, epochs=2, resume=True, lr=1e6))
+    _nan_loss(monkeypatch)
+    with pytest.raises(TrainingError, match=re.escape(f"diverged. Lower --lr (or use --schedule); "
+                                                      f"the last good checkpoint ({out / 'last.npz'}) is kept.")):
+        fit(base_config(archive, out, epochs=2, resume=True))
     after = load_checkpoint(out / "last.npz")
     assert after.meta["epoch"] == 1
     assert_same_state(before.model_state, after.model_state, "model ")
@@ -288,14 +318,8 @@ def test_diverging_run_raises_and_keeps_the_last_good_checkpoint(archive, runs, 
 
 def test_diverging_first_epoch_raises_training_error(tiny_archive, tmp_path, monkeypatch):
     """A NaN loss in the very first epoch: TrainingError, and no checkpoint is written."""
-    real = train_mod.softmax_cross_entropy
-
-    def nan_loss(logits, labels):
-        loss, grad = real(logits, labels)
-        return loss * float("nan"), grad
-
-    monkeypatch.setattr(train_mod, "softmax_cross_entropy", nan_loss)
-    with pytest.raises(TrainingError, match="became nan in epoch 1"):
+    _nan_loss(monkeypatch)
+    with pytest.raises(TrainingError, match="became nan in epoch 1: .* no epoch finished, so there is no checkpoint"):
         fit(base_config(tiny_archive, tmp_path, epochs=1, augment=False))
     assert not (tmp_path / "last.npz").exists()
 
@@ -326,6 +350,16 @@ def test_early_stopping_after_patience_epochs_without_improvement(
     assert read_meta(tmp_path / "last.npz")["bad_epochs"] == patience
     assert read_meta(tmp_path / "best.npz")["epoch"] == best[1]
     assert "Early stop" in capsys.readouterr().out
+
+
+def test_a_run_that_stopped_early_stays_stopped_when_resumed(tiny_archive, tmp_path, monkeypatch, capsys):
+    _patch_training(monkeypatch, [0.5] * 10)
+    fit(base_config(tiny_archive, tmp_path, epochs=10, early_stop=2))  # stops after epoch 3
+    again = fit(base_config(tiny_archive, tmp_path, epochs=10, early_stop=2, resume=True))
+    assert again.stopped_early and len(again.history) == 3
+    assert "had stopped early" in capsys.readouterr().out
+    more_patience = fit(base_config(tiny_archive, tmp_path, epochs=10, early_stop=4, resume=True))
+    assert more_patience.stopped_early and len(more_patience.history) == 5
 
 
 def test_no_early_stop_when_off(tiny_archive, tmp_path, monkeypatch):
@@ -382,10 +416,38 @@ def test_checkpoint_round_trip(tmp_path):
 def test_unreadable_checkpoint_raises_clear_error(tmp_path):
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="bad.npz is not a checkpoint: not a complete .npz archive"):
         load_checkpoint(bad)
+    good = save_checkpoint(tmp_path / "good.npz", _state(1.0), {"epoch": 1}).read_bytes()
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(good[:len(good) // 2])
+    with pytest.raises(CheckpointError, match="truncated.npz is not a checkpoint: not a complete"):
+        load_checkpoint(truncated)
+    corrupt = tmp_path / "corrupt.npz"  # a flipped byte in the first array's data
+    at = good.index(np.full((2, 3), 1.0, np.float32).tobytes())
+    corrupt.write_bytes(good[:at] + bytes([good[at] ^ 0xFF]) + good[at + 1:])
+    with pytest.raises(CheckpointError, match="corrupt.npz is truncated or corrupt"):
+        load_checkpoint(corrupt)
+    bad_meta = tmp_path / "bad_meta.npz"
+    np.savez(bad_meta, meta=np.array("{not json"), **_state(1.0))
+    with pytest.raises(CheckpointError, match="bad_meta.npz: its 'meta' entry is not valid JSON"):
+        load_checkpoint(bad_meta)
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         load_checkpoint(tmp_path / "missing.npz")
+
+
+def test_checkpoints_that_do_not_fit_raise_clear_errors(archive, runs, full_run):
+    result, _ = full_run
+    out = runs / "best_as_last"
+    out.mkdir()
+    shutil.copy(result.best_checkpoint, out / "last.npz")  # model only: no optimizer state
+    with pytest.raises(CheckpointError, match="cannot resume from .*no 'steps' entry"):
+        fit(base_config(archive, out, resume=True))
+    ck = load_checkpoint(result.best_checkpoint)
+    del ck.model_state["0.weight"]
+    partial = save_checkpoint(out / "partial.npz", ck.model_state, ck.meta)
+    with pytest.raises(CheckpointError, match=r"does not hold a model this engine builds .*missing keys \['0.weight'\]"):
+        load_model(partial)
 
 
 # ---------------------------------------------------------------------------------------
@@ -421,6 +483,27 @@ def test_cli_bad_argument_returns_2_with_a_clear_message(args, message, tiny_arc
     assert code == 2
     assert err.startswith("error: ") and message in err, err
     assert not (tmp_path / "x" / "last.npz").exists()
+
+
+def test_cli_out_that_is_a_file_returns_2(tmp_path, capsys):
+    (tmp_path / "taken").write_text("")
+    code = main(["--epochs", "1", "--data", str(tmp_path / "nowhere.tar.gz"),
+                 "--out", str(tmp_path / "taken"), "--no-progress"])
+    assert code == 2 and "taken is a file: choose another --out" in capsys.readouterr().err
+
+
+def test_cli_interrupted_returns_130_and_says_how_to_continue(tmp_path, capsys, monkeypatch):
+    def interrupted(config):
+        if Path(config.out).is_dir():  # the second time: after an epoch had finished
+            (Path(config.out) / "last.npz").write_bytes(b"")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "fit", interrupted)
+    assert main(["--out", str(tmp_path / "o"), "--no-progress"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+    (tmp_path / "o").mkdir()
+    assert main(["--out", str(tmp_path / "o"), "--no-progress"]) == 130
+    assert capsys.readouterr().err == f"interrupted; --resume continues from {tmp_path / 'o' / 'last.npz'}\n"
 
 
 def test_cli_missing_data_returns_2(tmp_path, capsys):
