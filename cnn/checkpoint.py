@@ -21,13 +21,13 @@ from cnn.atomic import atomic_path
 from cnn.errors import UserError
 
 FORMAT_VERSION = 1
+_OPTIM = "optimizer/"
+_META = "meta"
 _RETRAIN = "re-create it by training again"
 
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be read, or that does not fit the model it is loaded into."""
-_OPTIM = "optimizer/"
-_META = "meta"
 
 
 @dataclass

@@ -232,26 +232,26 @@ def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="python -m cnn.train", description="Train a hand-written CNN on CIFAR-10.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", choices=list(MODELS), default=d.model)
-    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--model", choices=list(MODELS), default=d.model, help="SimpleCNN or SmallResNet")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="epochs to train")
     p.add_argument("--augment", action="store_true", help="random crop (4-pixel padding) and horizontal flip")
-    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)
+    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule, help="learning-rate schedule, stepped per epoch")
     p.add_argument("--milestones", type=int, nargs="+", default=d.milestones, help="epochs of the step schedule")
     p.add_argument("--gamma", type=float, default=d.gamma, help="LR factor at each milestone")
     p.add_argument("--early-stop", type=int, default=d.early_stop, metavar="N",
                    help="stop after N epochs without a better test accuracy (0 = off)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--momentum", type=float, default=d.momentum)
-    p.add_argument("--nesterov", action="store_true")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--backend", choices=BACKENDS, default=d.backend)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="optimizer")
+    p.add_argument("--lr", type=float, default=d.lr, help="base learning rate")
+    p.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
+    p.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 weight decay")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
+    p.add_argument("--seed", type=int, default=d.seed, help="weights, shuffling, augmentation and dropout follow from it")
+    p.add_argument("--backend", choices=BACKENDS, default=d.backend, help="array library that runs the layers")
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--data", default=d.data,
                    help="cifar-10-python.tar.gz, its extracted folder, or a prepared .npz")
-    p.add_argument("--out", default=None, help="checkpoint folder (default runs/<model>)")
+    p.add_argument("--out", default="runs/<model>", help="checkpoint folder (<model>: the model's name)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.npz")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     return p
@@ -265,7 +265,7 @@ def main(argv=None) -> int:
         optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
         weight_decay=args.weight_decay, batch_size=args.batch_size, seed=args.seed,
         backend=args.backend, device=args.device, data=args.data,
-        out=args.out or f"runs/{args.model}", resume=args.resume, progress=not args.no_progress)
+        out=args.out.replace("<model>", args.model), resume=args.resume, progress=not args.no_progress)
     try:
         result = fit(config)
     except (ValueError, UserError, FileNotFoundError) as err:
