@@ -96,7 +96,8 @@ def _model_backend(model: Module) -> Backend:
 
 
 def fit(config: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None) -> TrainResult:
-    """Train ``config.model`` on CIFAR-10 at ``config.data``; see the module docstring."""
+    """Train ``config.model`` on CIFAR-10 at ``config.data``; see the module docstring.
+    ``on_epoch_end(metrics)`` after each epoch: its history entry and ``device``."""
     config.validate()
     out = Path(config.out)
     if out.exists() and not out.is_dir():
@@ -168,8 +169,8 @@ def fit(config: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None)
         save_checkpoint(last_path, model_state, state, optimizer.state_dict())
         tqdm.write(f"Epoch {epoch + 1:3d}/{config.epochs} | Loss: {loss:.4f} | Train: {train_acc:.4f} | "
                    f"Test: {test_acc:.4f} | LR: {optimizer.lr:.6f} | Time: {seconds:.1f}s")
-        if on_epoch_end is not None:
-            on_epoch_end(dict(metrics))
+        if on_epoch_end is not None:  # with the device, which the history leaves out
+            on_epoch_end({**metrics, "device": repr(B)})
         if config.early_stop and bad_epochs >= config.early_stop:
             tqdm.write(f"Early stop: no better test accuracy for {bad_epochs} epochs "
                        f"(best {best_acc:.4f} at epoch {best_epoch})")

@@ -20,6 +20,7 @@ RUNS = Path("runs")
 BEST_CHECKPOINT = "best.npz"      # written by cnn.train.fit (DVC out)
 LAST_CHECKPOINT = "last.npz"      # written by fit, used by `resume`; not a DVC out
 ENGINE_STAMP = "last.engine"      # fingerprint of the cnn/ code that wrote last.npz; not a DVC out
+EPOCH_DEVICES = "last.devices"    # the device of each epoch in last.npz (JSON list); not a DVC out
 HISTORY = "history.csv"           # per-epoch metrics (dvc plots)
 METRICS = "metrics.json"          # final training metrics (dvc metrics)
 CONFIG = "config.json"            # the resolved run configuration + device

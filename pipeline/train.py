@@ -23,6 +23,7 @@ import csv
 import hashlib
 import io
 import itertools
+import json
 import sys
 from pathlib import Path
 
@@ -94,6 +95,20 @@ def summarize(result, history: list[dict], devices: list[str]) -> dict:
     return metrics
 
 
+def earlier_devices(out: Path, meta: dict) -> list[str]:
+    """The device of each epoch in the history of ``last.npz`` (``meta``): from the log
+    written beside it each epoch; epochs the log lacks (the last one, after a kill between
+    the two writes) ran on the device that wrote ``last.npz``."""
+    n = len(meta["history"])
+    try:
+        logged = json.loads((out / paths.EPOCH_DEVICES).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        logged = []
+    if not isinstance(logged, list) or len(logged) > n:
+        logged = []
+    return [str(d) for d in logged] + [meta.get("device", "?")] * (n - len(logged))
+
+
 def engine_fingerprint() -> str:
     """sha256 of the engine's source (every cnn/*.py): a run resumed on other code would
     mix two engines in one result, so resuming needs the same fingerprint."""
@@ -140,7 +155,7 @@ def train(run: str, params) -> dict:
     resume = meta is not None
     remove([p for p in outputs if not (resume and p == best_path)])
     if not resume:
-        remove([last])
+        remove([last, out / paths.EPOCH_DEVICES])
         write_text(out / paths.ENGINE_STAMP, engine_fingerprint() + "\n")
 
     ctx = tracking.dvc_context(f"train@{run}")
@@ -149,9 +164,12 @@ def train(run: str, params) -> dict:
     tracker.log_params({"run": run, **cfg, "data": paths.PREPARED.as_posix(), "resume": resume})
 
     history: list[dict] = []
+    devices: list[str] = []  # the device of each epoch: one run may move between machines
 
     def on_epoch_end(m: dict) -> None:
-        history.append(dict(m))
+        history.append({k: v for k, v in m.items() if k != "device"})
+        devices.append(m["device"])
+        write_json(out / paths.EPOCH_DEVICES, devices)
         tracker.log_metrics(
             {"loss": m["loss"], "train_acc": m["train_acc"], "test_acc": m["test_acc"],
              "lr": m["lr"], "epoch_seconds": m["seconds"]},
@@ -163,8 +181,8 @@ def train(run: str, params) -> dict:
     if resume:
         # The epochs before the interruption go into this MLflow run too, so that it
         # shows the whole run.
-        for m in meta["history"]:
-            on_epoch_end(m)
+        for m, device in zip(meta["history"], earlier_devices(out, meta)):
+            on_epoch_end({**m, "device": device})
 
     # Bars only on a terminal: piped output (CI, dvc queue logs) gets the per-epoch lines only.
     progress = bool(params.progress) and sys.stderr.isatty()
@@ -185,10 +203,8 @@ def train(run: str, params) -> dict:
         best = Path(result.best_checkpoint)
         if best.resolve() != best_path.resolve() or not best.is_file():
             raise PipelineError(f"fit did not write its best checkpoint to {best_path} (got {best})")
-        devices = [str(result.device)] * len(hist)
-        if resume:  # the epochs replayed from last.npz ran on the device that wrote it
-            n = len(meta["history"])
-            devices[:n] = [meta.get("device", "?")] * n
+        if len(devices) != len(hist):
+            raise PipelineError(f"fit reported {len(devices)} epochs but returned {len(hist)}")
         metrics = summarize(result, hist, devices)
         write_text(out / paths.HISTORY, history_csv(hist))
         write_json(out / paths.METRICS, metrics)

@@ -498,7 +498,8 @@ def test_training_error_is_reported_and_outputs_removed(stage_dir, monkeypatch, 
     from pipeline import _util, train
 
     def diverging_fit(config, on_epoch_end=None):
-        on_epoch_end({"epoch": 1, "loss": 2.3, "train_acc": 0.1, "test_acc": 0.1, "lr": 0.01, "seconds": 1.0})
+        on_epoch_end({"epoch": 1, "loss": 2.3, "train_acc": 0.1, "test_acc": 0.1, "lr": 0.01, "seconds": 1.0,
+                      "device": "numpy (cpu)"})
         raise cnn.train.TrainingError("the training loss became nan in epoch 2: the run diverged")
 
     monkeypatch.setattr(cnn.train, "fit", diverging_fit)
@@ -519,7 +520,8 @@ def test_interrupted_run_keeps_what_resume_needs(stage_dir, monkeypatch, capsys)
     def interrupted_fit(config, on_epoch_end=None):
         (d / paths.BEST_CHECKPOINT).write_bytes(b"best")
         (d / paths.LAST_CHECKPOINT).write_bytes(b"last")
-        on_epoch_end({"epoch": 1, "loss": 2.3, "train_acc": 0.1, "test_acc": 0.1, "lr": 0.01, "seconds": 1.0})
+        on_epoch_end({"epoch": 1, "loss": 2.3, "train_acc": 0.1, "test_acc": 0.1, "lr": 0.01, "seconds": 1.0,
+                      "device": "numpy (cpu)"})
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cnn.train, "fit", interrupted_fit)
@@ -577,6 +579,47 @@ def test_a_run_resumed_on_another_device_reports_each_part():
     assert report._seconds_per_epoch(m) == "15.0 / 300.0"
     one = train.summarize(result, history, [cpu] * 3)  # one device: the usual two fields
     assert one["device"] == cpu and "devices" not in one and report._seconds_per_epoch(one) == "110.0"
+
+
+def test_a_run_moved_twice_names_the_device_of_every_epoch(stage_dir, monkeypatch, capsys):
+    """GPU (epochs 1-2), interrupted; resumed on the CPU (3), interrupted; finished on the
+    GPU (4-5): each epoch keeps the device it ran on, not the one that wrote last.npz."""
+    from dataclasses import asdict
+
+    import cnn.train
+    from cnn.checkpoint import read_meta, save_checkpoint
+    from pipeline import _util, train
+
+    name, d = "simple_5ep_torch", paths.run_dir("simple_5ep_torch")
+    params = yaml.safe_load(paths.PARAMS.read_text())
+    params["resume"] = True
+    paths.PARAMS.write_text(yaml.safe_dump(params, sort_keys=False))
+    gpu, cpu = "torch cuda:0 (NVIDIA H200)", "torch (cpu)"
+
+    def fit_on(device, epochs):
+        def fake_fit(config, on_epoch_end=None):
+            out = Path(config.out)
+            history = read_meta(out / "last.npz")["history"] if config.resume else []
+            for e in range(len(history), min(len(history) + epochs, config.epochs)):
+                m = {"epoch": e + 1, "loss": 1.0, "train_acc": 0.5, "test_acc": 0.5, "lr": 0.01, "seconds": 1.0}
+                history.append(m)
+                meta = {"model": config.model, "config": asdict(config), "device": device,
+                        "history": history, "epoch": e + 1}
+                save_checkpoint(out / "best.npz", {}, meta)
+                save_checkpoint(out / "last.npz", {}, meta)
+                on_epoch_end({**m, "device": device})
+            if len(history) < config.epochs:
+                raise KeyboardInterrupt
+            return cnn.train.TrainResult(history, 0.5, 1, out / "best.npz", out / "last.npz", False, device)
+        return fake_fit
+
+    for device, epochs in [(gpu, 2), (cpu, 1), (gpu, 2)]:
+        monkeypatch.setattr(cnn.train, "fit", fit_on(device, epochs))
+        with pytest.raises(SystemExit):
+            _util.run_main(train.main, [name])
+    metrics = json.loads((d / paths.METRICS).read_text())
+    assert metrics["device"] == f"{gpu} (epochs 1-2) + {cpu} (epochs 3-3) + {gpu} (epochs 4-5)"
+    assert json.loads((d / paths.EPOCH_DEVICES).read_text()) == [gpu, gpu, cpu, gpu, gpu]
 
 
 def test_report_without_any_finished_run_is_a_clear_error(tmp_path, monkeypatch):
