@@ -2,6 +2,7 @@
 # Everything a GPU lease is for, in two commands whose results land in $OUT.
 #
 #   bash benchmarks/gpu_session.sh start   CARRY OUT [RUN ...]
+#   bash benchmarks/gpu_session.sh runs    CARRY OUT [RUN ...]
 #   bash benchmarks/gpu_session.sh collect CARRY OUT WAIT_S [RUN ...]
 #
 # start:   builds the mirror and the prepared data, runs the benchmark on the quiet GPU,
@@ -10,9 +11,14 @@
 #          metrics.json), then starts the named params.yaml runs in the background (setsid,
 #          so they outlive the command; not if the check crashed) and runs the engine's test
 #          suite beside them.
+# runs:    only the mirror, the data and the runs: for a lease that continues runs.
+#          A run whose unfinished outputs an earlier lease brought back and CARRY/runs/RUN
+#          holds (last.npz, best.npz, last.engine, last.devices) continues from there:
+#          `resume: true`, same settings and the same cnn/ code, or it starts over (the
+#          train stage says why). Both start and runs do that.
 # collect: waits up to WAIT_S seconds for those runs, then brings back their logs and
 #          runs.tar (with the resume pair if a run is unfinished). Call it right after
-#          `start`, while the machine is still warm.
+#          `start` or `runs`, while the machine is still warm.
 # CARRY:   a git-ignored folder holding ../shared/cifar10/{cifar-10-jpeg.tar.xz,make-mirror}
 #          (the device machine cannot download the official archive) and reference/ (DVC
 #          outputs do not travel); logs of the background runs are kept in CARRY/logs
@@ -27,13 +33,14 @@
 # neither DVC nor MLflow: each RUN executes its DVC stage commands (python3 -m pipeline.train
 # / .evaluate) without DVC, and MLflow is skipped with one warning. Back here: tar -xf
 # runs.tar, then `dvc commit train@RUN evaluate@RUN` records them in dvc.lock (their deps are
-# this checkout's), and `dvc repro -s report` rebuilds reports/.
+# this checkout's), and `dvc repro -s report` rebuilds reports/. An unfinished run goes to
+# CARRY instead (tar -xf runs.tar -C .cache/gpu runs/RUN), for the next lease to continue.
 #
 # Rehearsal on a machine without a GPU: GPU_SESSION_DEVICE=cpu, a short benchmark with
 # GPU_SESSION_BENCH="--models simple --steps 2 --repeats 1 --warmup 1 --batch-sizes 64", and
 # GPU_SESSION_REPRODUCE=simple_5ep_torch (a run this machine produced; its files in CARRY/reference).
 set -uo pipefail
-usage="usage: gpu_session.sh start CARRY OUT [RUN ...] | collect CARRY OUT WAIT_S [RUN ...]"
+usage="usage: gpu_session.sh start|runs CARRY OUT [RUN ...] | collect CARRY OUT WAIT_S [RUN ...]"
 PHASE=${1:?$usage}
 CARRY=${2:?$usage}
 OUT=${3:?$usage}
@@ -53,15 +60,39 @@ step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, note the time and e
     return $rc
 }
 
-case $PHASE in
-start)
-    { nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"; nproc
-      python3 -c "import torch; print('torch', torch.__version__)"; } >"$OUT/device.txt" 2>&1
-    # The mirror is CPU work: it overlaps the benchmark, which needs the GPU to itself.
+launch() {  # each run in the background: train, then evaluate; exit status in LOGS/RUN.rc
+    for run in "$@"; do
+        local params=params.yaml
+        if [ -f "$CARRY/runs/$run/last.npz" ]; then  # brought back unfinished: continue it
+            rm -rf "runs/$run" && mkdir -p runs && cp -r "$CARRY/runs/$run" runs/
+            params=$CARRY/params.resume.yaml
+            python3 -c "import sys, yaml; p = yaml.safe_load(open('params.yaml')); p['resume'] = True
+yaml.safe_dump(p, open(sys.argv[1], 'w'), sort_keys=False)" "$params"
+        fi
+        setsid nohup bash -c "t0=\$SECONDS; OMP_NUM_THREADS=2 python3 -m pipeline.train $run --params $params >$LOGS/train_$run.log 2>&1 &&
+            python3 -m pipeline.evaluate $run >$LOGS/evaluate_$run.log 2>&1; rc=\$?
+            echo \"$run: exit \$rc, \$((SECONDS - t0)) s\" >$LOGS/$run.rc" >/dev/null 2>&1 &
+    done
+}
+
+prepare() {  # the mirror and the prepared data (CPU work), in the background: PID in $data
     ( export CIFAR10_SOURCE=$PWD/$CARRY/mirror/cifar-10-python.tar.gz CIFAR10_MD5=cdf7501182ebb3f902c966eaf0e06177
       step mirror python3 "$CARRY/make-mirror" "$CARRY/mirror" &&
       step data bash -c "python3 -m pipeline.download && python3 -m pipeline.normalize" ) &
     data=$!
+}
+
+case $PHASE in
+runs)
+    prepare
+    wait $data || { echo "no data: see mirror.log / data.log"; exit 1; }
+    launch "$@"
+    ;;
+start)
+    { nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"; nproc
+      python3 -c "import torch; print('torch', torch.__version__)"; } >"$OUT/device.txt" 2>&1
+    # The mirror is CPU work: it overlaps the benchmark, which needs the GPU to itself.
+    prepare
     engines="torch torch-replay native"
     [ "$DEVICE" = cuda ] && engines="torch torch-replay cupy native"
     step bench python3 -m cnn.bench --device "$DEVICE" --engines $engines $BENCH --json "$OUT/bench.json"
@@ -70,11 +101,7 @@ start)
     step reproduce python3 benchmarks/reproduce_epoch.py "$REPRODUCE" --device "$DEVICE" \
         --committed "$CARRY/reference"
     [ $? -le 1 ] || set --
-    for run in "$@"; do  # each run: train, then evaluate; its exit status lands in LOGS/RUN.rc
-        setsid nohup bash -c "t0=\$SECONDS; OMP_NUM_THREADS=2 python3 -m pipeline.train $run >$LOGS/train_$run.log 2>&1 &&
-            python3 -m pipeline.evaluate $run >$LOGS/evaluate_$run.log 2>&1; rc=\$?
-            echo \"$run: exit \$rc, \$((SECONDS - t0)) s\" >$LOGS/$run.rc" >/dev/null 2>&1 &
-    done
+    launch "$@"
     # The engine's suite, CUDA and CuPy parametrisations included (the pipeline tests need
     # DVC), beside the runs: its timing does not matter, theirs is read from their metrics.
     workers=""
