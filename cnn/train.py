@@ -80,12 +80,11 @@ def evaluate(model: Module, loader: DataLoader, B: Backend) -> float:
 def load_model(checkpoint_path, backend: str = "numpy", device: str = "auto") -> Module:
     """The model stored in a checkpoint, on the given backend, in eval mode."""
     ck = load_checkpoint(checkpoint_path)
+    B = get_backend(backend, device)
     try:
-        model = build_model(ck.meta["model"]).to(get_backend(backend, device))
+        model = build_model(ck.meta["model"]).to(B)
         model.load_state_dict(ck.model_state)
     except (KeyError, ValueError) as err:
-        if isinstance(err, UserError):  # no such device here: not the checkpoint's fault
-            raise
         raise CheckpointError(f"{checkpoint_path} does not hold a model this engine builds "
                               f"({err}); re-create it by training again") from err
     return model.eval()
@@ -140,8 +139,11 @@ def fit(config: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None)
     meta = {"model": config.model, "classes": ds.classes, "mean": list(map(float, mean)),
             "std": list(map(float, std)), "config": asdict(config), "device": repr(B)}
 
+    def patience_spent() -> bool:
+        return bool(config.early_stop) and bad_epochs >= config.early_stop
+
     # A resumed run that had stopped early stays stopped (unless early_stop grew).
-    stopped_early = bool(config.early_stop) and bad_epochs >= config.early_stop
+    stopped_early = patience_spent()
     if stopped_early:
         tqdm.write(f"{last_path} had stopped early (no better test accuracy for {bad_epochs} "
                    f"epochs): nothing to train")
@@ -171,7 +173,7 @@ def fit(config: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None)
                    f"Test: {test_acc:.4f} | LR: {optimizer.lr:.6f} | Time: {seconds:.1f}s")
         if on_epoch_end is not None:  # with the device, which the history leaves out
             on_epoch_end({**metrics, "device": repr(B)})
-        if config.early_stop and bad_epochs >= config.early_stop:
+        if patience_spent():
             tqdm.write(f"Early stop: no better test accuracy for {bad_epochs} epochs "
                        f"(best {best_acc:.4f} at epoch {best_epoch})")
             stopped_early = True
