@@ -65,6 +65,8 @@ def _check_input(layer: Module, x, ndim: int, channels: int | None = None, like=
     if x.ndim != ndim:
         layout = "(N, C, H, W)" if ndim == 4 else "(N, features)"
         raise ValueError(f"{name} expects a {ndim}-d input {layout}, got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} got an empty batch (shape {tuple(x.shape)}): pass at least one sample")
     if channels is not None and x.shape[1] != channels:
         what = "input channels" if ndim == 4 else "input features"
         raise ValueError(f"{name} expects {channels} {what}, got {x.shape[1]} (shape {tuple(x.shape)})")
@@ -126,7 +128,7 @@ class Conv2d(Module):
         return B.transpose(out.reshape(n, ho, wo, -1), (0, 3, 1, 2))
 
     def backward(self, grad_out):
-        cols2d, w2d, x_shape, (n, ho, wo) = self.cache
+        cols2d, w2d, x_shape, (n, ho, wo) = self._take_cache()
         B = backend_of(grad_out)
         g = B.transpose(grad_out, (0, 2, 3, 1)).reshape(n * ho * wo, -1)  # (N*Ho*Wo, F)
         kh, kw = self.kernel_size
@@ -134,7 +136,6 @@ class Conv2d(Module):
         self.weight.grad = B.contiguous(B.transpose(dw, (0, 3, 1, 2)))
         if self.bias is not None:
             self.bias.grad = B.column_sums(g)
-        self.cache = None
         if not self.input_grad:
             return None
         dcols = self.workspace.get("dcols", (g.shape[0], w2d.shape[1]), B, B.dtype_name(g))
@@ -166,7 +167,7 @@ class Linear(Module):
         return out
 
     def backward(self, grad_out):
-        x, self.cache = self.cache, None
+        x = self._take_cache()
         B = backend_of(grad_out)
         self.weight.grad = grad_out.T @ x
         if self.bias is not None:
@@ -240,8 +241,7 @@ class BatchNorm2d(Module):
         return B.transpose(out.reshape(n, h, w, c), (0, 3, 1, 2))
 
     def backward(self, grad_out):
-        xc, inv_std, batch_stats = self.cache
-        self.cache = None
+        xc, inv_std, batch_stats = self._take_cache()
         B = backend_of(grad_out)
         n, c, h, w = grad_out.shape
         g = _channels_last_2d(grad_out)
@@ -285,7 +285,7 @@ class ReLU(Module):
         return out
 
     def backward(self, grad_out):
-        out, self.cache = self.cache, None
+        out = self._take_cache()
         B = backend_of(grad_out)
         grad = B.empty_like(out)
         B.map_chunks(lambda g, out, grad: B.multiply(g, out > 0, out=grad), grad_out, out, grad)
@@ -363,8 +363,7 @@ class MaxPool2d(_Pool2d):
         return B.transpose(out, (0, 3, 1, 2))
 
     def backward(self, grad_out):
-        argmax, x_shape = self.cache
-        self.cache = None
+        argmax, x_shape = self._take_cache()
         B = backend_of(grad_out)
         g = B.transpose(grad_out, (0, 2, 3, 1))
         return self._unpool(x_shape, lambda k, g, argmax: g * (argmax == k), g, argmax)
@@ -385,8 +384,7 @@ class AvgPool2d(_Pool2d):
         return backend_of(x).transpose(out, (0, 3, 1, 2))
 
     def backward(self, grad_out):
-        x_shape = self.cache
-        self.cache = None
+        x_shape = self._take_cache()
         B = backend_of(grad_out)
         g = B.transpose(grad_out, (0, 2, 3, 1)) / len(self._windows(x_shape)[1])
         return self._unpool(x_shape, lambda k, g: g, g)
@@ -401,7 +399,7 @@ class GlobalAvgPool2d(Module):
         return backend_of(x).mean(x, axis=(2, 3), keepdims=True)
 
     def backward(self, grad_out):
-        n, c, h, w = self.cache
+        n, c, h, w = self._take_cache()
         B = backend_of(grad_out)
         grad = B.empty((n, h, w, c), dtype=B.dtype_name(grad_out))
         grad[...] = B.transpose(grad_out, (0, 2, 3, 1)) / (h * w)
@@ -444,4 +442,4 @@ class Flatten(Module):
         return x.reshape(x.shape[0], -1)
 
     def backward(self, grad_out):
-        return grad_out.reshape(self.cache)
+        return grad_out.reshape(self._take_cache())

@@ -74,6 +74,16 @@ class Module:
     def __call__(self, x):
         return self.forward(x)
 
+    def _take_cache(self):
+        """What ``forward`` kept for ``backward``, handed over once: each forward pass
+        allows one backward pass, and a backward pass without one is a clear error."""
+        cache = self.__dict__.get("cache")
+        if cache is None:
+            raise RuntimeError(f"{type(self).__name__}.backward() has no forward pass to go back "
+                               "through: call the model on a batch first (one backward per forward)")
+        self.cache = None
+        return cache
+
     # -- traversal ------------------------------------------------------------------
     def named_modules(self, prefix: str = "") -> Iterator[tuple[str, "Module"]]:
         yield prefix, self

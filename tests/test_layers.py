@@ -571,3 +571,39 @@ def test_too_small_input_raises():
 def test_unequal_stride_raises():
     with pytest.raises(ValueError, match="stride"):
         Conv2d(1, 1, 3, stride=(1, 2))
+
+
+def test_empty_batch_raises_naming_the_shape(backend):
+    B = backend
+    with pytest.raises(ValueError, match=r"Conv2d got an empty batch \(shape \(0, 3, 8, 8\)\)"):
+        Conv2d(3, 4, 3).to(B)(B.asarray(np.zeros((0, 3, 8, 8), np.float32)))
+    with pytest.raises(ValueError, match=r"Linear got an empty batch"):
+        Linear(5, 2).to(B)(B.asarray(np.zeros((0, 5), np.float32)))
+
+
+LAYERS_WITH_A_CACHE = [
+    (lambda: Conv2d(3, 4, 3, padding=1), (2, 3, 5, 5)),
+    (lambda: Linear(5, 2), (2, 5)),
+    (lambda: BatchNorm2d(3), (2, 3, 5, 5)),
+    (lambda: ReLU(), (2, 3)),
+    (lambda: MaxPool2d(2), (2, 3, 4, 4)),
+    (lambda: AvgPool2d(2), (2, 3, 4, 4)),
+    (lambda: GlobalAvgPool2d(), (2, 3, 4, 4)),
+    (lambda: Flatten(), (2, 3, 4, 4)),
+]
+
+
+@pytest.mark.parametrize("make, shape", LAYERS_WITH_A_CACHE,
+                         ids=lambda v: type(v()).__name__ if callable(v) else None)
+def test_backward_without_its_own_forward_raises(backend, make, shape):
+    """Before forward, and a second time after one forward: each forward allows one backward
+    (the cache is released so that its buffers are not kept alive, or reused stale)."""
+    layer = make().to(backend)
+    x = backend.asarray(np.random.default_rng(0).standard_normal(shape).astype(np.float32))
+    message = rf"{type(layer).__name__}\.backward\(\) has no forward pass to go back through"
+    with pytest.raises(RuntimeError, match=message):
+        layer.backward(x)
+    out = layer(x)
+    layer.backward(out)
+    with pytest.raises(RuntimeError, match=message):
+        layer.backward(out)
