@@ -38,6 +38,10 @@ TRAINING_CURVES_PNG = REPORTS / "training_curves.png"
 REPORT_CONFUSION_DIR = REPORTS / "confusion"
 
 
+# Everything the stages write (dvc.lock by DVC): changes there do not make a run's code dirty.
+PIPELINE_OUTPUTS = ("dvc.lock", "data", str(RUNS), str(REPORTS))
+
+
 def run_dir(run: str) -> Path:
     return RUNS / run
 

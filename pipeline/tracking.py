@@ -159,7 +159,10 @@ def init_lock(uri: str, root: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def git_info(cwd: str | os.PathLike | None = None) -> dict[str, str]:
+def git_info(cwd: str | os.PathLike | None = None, outputs: tuple[str, ...] = ()) -> dict[str, str]:
+    """The commit and ``git_dirty``: whether tracked files other than ``outputs`` differ from
+    it. ``outputs``: what the pipeline itself writes (dvc.lock, stage outputs); `dvc repro`
+    rewrites dvc.lock after every stage, which would mark every run after the first dirty."""
     def git(*args):
         try:
             return subprocess.run(
@@ -173,7 +176,8 @@ def git_info(cwd: str | os.PathLike | None = None) -> dict[str, str]:
     if commit:
         info["mlflow.source.git.commit"] = commit
         info["git_commit"] = commit
-        status = git("status", "--porcelain", "--untracked-files=no")
+        status = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                     *(f":(exclude){path}" for path in outputs))
         if status is not None:
             info["git_dirty"] = "true" if status else "false"
     return info

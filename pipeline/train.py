@@ -159,7 +159,8 @@ def train(run: str, params) -> dict:
         write_text(out / paths.ENGINE_STAMP, engine_fingerprint() + "\n")
 
     ctx = tracking.dvc_context(f"train@{run}")
-    tags = {**tracking.git_info(), **ctx, "pipeline_run": run, "model_name": MODEL_TITLES[cfg["model"]]}
+    tags = {**tracking.git_info(outputs=paths.PIPELINE_OUTPUTS), **ctx, "pipeline_run": run,
+            "model_name": MODEL_TITLES[cfg["model"]]}
     tracker = tracking.start_run(params.experiment, tracking.run_name_for(ctx), tags)
     tracker.log_params({"run": run, **cfg, "data": paths.PREPARED.as_posix(), "resume": resume})
 
