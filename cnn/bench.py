@@ -19,8 +19,12 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
+
+from cnn.atomic import atomic_path
+from cnn.backend import DeviceError, resolve_device
 
 TRAIN_IMAGES = 50_000
 
@@ -125,18 +129,19 @@ def _count_ops(step) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cnn.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m cnn.bench", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--models", nargs="+", default=["simple", "resnet"], choices=["simple", "resnet"])
     p.add_argument("--engines", nargs="+", default=["numpy", "torch", "native"],
                    choices=["numpy", "torch", "torch-replay", "cupy", "native"],
                    help="torch-replay: the torch engine as cnn.train runs it on CUDA, each step "
                         "replayed from one recording (a CUDA graph); the same as torch elsewhere")
     p.add_argument("--device", default="cpu", help="cpu | cuda | mps | auto (numpy always runs on the CPU)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[64])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[64], help="batch sizes to time")
     p.add_argument("--steps", type=int, default=20, help="steps per timed block")
     p.add_argument("--repeats", type=int, default=3, help="timed blocks; the best one counts")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--json", help="also write the results to this file (its folder must exist)")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
     args = p.parse_args(argv)
     for flag in ("steps", "repeats"):
@@ -144,6 +149,15 @@ def main(argv=None) -> int:
             p.error(f"--{flag} must be at least 1")
     if args.warmup < 0 or min(args.batch_sizes) < 1:
         p.error("--warmup must be >= 0 and every --batch-sizes value >= 1")
+    # Checked before any case runs: a GPU benchmark is too costly to lose at its end.
+    if set(args.engines) - {"numpy"}:
+        try:
+            resolve_device("torch", args.device)
+        except DeviceError as err:
+            p.error(str(err))
+    if args.json and not (Path(args.json).parent.is_dir() and os.access(Path(args.json).parent, os.W_OK)
+                          and not Path(args.json).is_dir()):
+        p.error(f"--json {args.json}: cannot write there (no such folder, not writable, or a folder)")
 
     if args.case:
         model, engine, bs = args.case.split(":")
@@ -171,8 +185,8 @@ def main(argv=None) -> int:
     for r in results:
         _print_row(r, results)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(results, indent=2))
     if failed:
         print(f"{len(failed)} case(s) failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0

@@ -135,16 +135,21 @@ def combination_problems(settings: dict) -> list[str]:
 RESUMABLE_CHANGES = ("epochs", "early_stop")
 
 
-def resume_conflicts(saved: dict, settings: dict) -> list[str]:
+def resume_conflicts(saved: dict, settings: dict, epochs_done: int = 0) -> list[str]:
     """The knobs of ``settings`` that differ from ``saved`` (the settings a checkpoint was
-    written with) so that resuming would not continue the same run: any knob but
-    ``RESUMABLE_CHANGES``, and ``epochs`` too under the cosine schedule, whose learning
-    rates depend on the total. Each as "lr 0.01 -> 0.1"; knobs ``saved`` lacks pass."""
+    written with, after ``epochs_done`` epochs) so that resuming would not continue the same
+    run: any knob but ``RESUMABLE_CHANGES``; ``epochs`` too under the cosine schedule, whose
+    learning rates depend on the total; and fewer ``epochs`` than are done, which no run of
+    that length has. Each as "lr 0.01 -> 0.1"; knobs ``saved`` lacks pass."""
     free = set(RESUMABLE_CHANGES)
     if "cosine" in (saved.get("schedule"), settings.get("schedule")):
         free.discard("epochs")
-    return [f"{key} {show(saved[key])} -> {show(settings.get(key))}" for key in CHECKS
-            if key not in free and key in saved and saved[key] != settings.get(key)]
+    changed = [f"{key} {show(saved[key])} -> {show(settings.get(key))}" for key in CHECKS
+               if key not in free and key in saved and saved[key] != settings.get(key)]
+    if "epochs" in free and settings.get("epochs", epochs_done) < epochs_done:
+        changed.append(f"epochs {show(saved.get('epochs'))} -> {show(settings['epochs'])}, "
+                       f"fewer than the {epochs_done} already trained")
+    return changed
 
 
 @dataclass
@@ -169,7 +174,7 @@ class TrainConfig:
     backend: str = "numpy"
     device: str = "auto"
     data: str = "data/raw/cifar-10-python.tar.gz"
-    out: str = "runs/cli"
+    out: str = "checkpoints/run"
     resume: bool = False
     progress: bool = True
 

@@ -169,7 +169,10 @@ class Module:
 
     def to(self, backend: Backend | str = "numpy", device: str = "auto",
            dtype: str | None = None) -> "Module":
-        """Move every parameter and buffer to ``backend`` (and cast floats to ``dtype``)."""
+        """Move every parameter and buffer to ``backend`` (and cast floats to ``dtype``: a
+        name, a NumPy dtype or a torch dtype)."""
+        if dtype is not None:
+            dtype = str(np.dtype(dtype)) if not str(dtype).startswith("torch.") else str(dtype)[6:]
         if isinstance(backend, str):
             backend = get_backend(backend, device)
         for _, module, name, is_param in list(self._named_state()):

@@ -47,7 +47,18 @@ class Optimizer:
         active = [(p, state) for p, state in zip(self.params, self.state) if p.grad is not None]
         if active:
             params, states = zip(*active)
+            self._check_state_is_with(params[0], states[0])
             self._update(list(params), list(states))
+
+    def _check_state_is_with(self, p: Parameter, state: dict) -> None:
+        """The state arrays of ``p`` must live where ``p`` does (one check stands for all)."""
+        B = backend_of(p.data)
+        for value in state.values():
+            if not isinstance(value, int) and backend_of(value) is not B:
+                raise RuntimeError(
+                    f"{type(self).__name__}'s state is on {backend_of(value)!r} but the parameters "
+                    f"are now on {B!r}: the model moved after the optimizer stepped. Create the "
+                    "optimizer after model.to(...), or move its state: opt.load_state_dict(opt.state_dict())")
 
     def _update(self, params: list[Parameter], states: list[dict]) -> None:
         """Update the parameters that have a gradient (with their state dicts)."""

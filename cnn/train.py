@@ -101,6 +101,11 @@ def fit(config: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None)
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"the output folder {out} is a file: choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create the output folder {out} ({err.strerror}): "
+                         "choose another --out") from err
     B = get_backend(config.backend, config.device)
     ds = load_cifar10(config.data)
     mean, std = normalization_stats(config.data, ds)
@@ -108,14 +113,13 @@ def fit(config: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None)
     manual_seed(config.seed)
     model = build_model(config.model).to(B)
     optimizer = make_optimizer(config, model)
-    out.mkdir(parents=True, exist_ok=True)
     last_path, best_path = out / "last.npz", out / "best.npz"
 
     history: list[dict] = []
     best_acc, best_epoch, bad_epochs, start = -1.0, 0, 0, 0
     if config.resume and last_path.exists():
         ck = load_checkpoint(last_path)
-        changed = resume_conflicts(ck.meta.get("config", {}), asdict(config))
+        changed = resume_conflicts(ck.meta.get("config", {}), asdict(config), ck.meta.get("epoch", 0))
         if changed:
             raise CheckpointError(f"{last_path} was written by a run with other settings "
                                   f"({'; '.join(changed)}), so resuming would not continue it: "
@@ -130,6 +134,8 @@ def fit(config: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None)
             raise CheckpointError(f"cannot resume from {last_path}: {err}. Use another --out "
                                   "or drop --resume") from err
         tqdm.write(f"Resuming {config.model} from {last_path} after epoch {start}")
+    elif config.resume:
+        tqdm.write(f"Nothing to resume: no {last_path}; training {config.model} from epoch 1")
 
     # Both sets live on the backend's device; batches are made there (see DataLoader).
     train_loader = DataLoader(ds.train_x, ds.train_y, config.batch_size, shuffle=True,
@@ -246,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="optimizer")
     p.add_argument("--lr", type=float, default=d.lr, help="base learning rate")
     p.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
+    p.add_argument("--betas", type=float, nargs=2, default=d.betas, metavar=("BETA1", "BETA2"),
+                   help="Adam's averaging coefficients")
     p.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 weight decay")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
@@ -254,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--data", default=d.data,
                    help="cifar-10-python.tar.gz, its extracted folder, or a prepared .npz")
-    p.add_argument("--out", default="runs/<model>", help="checkpoint folder (<model>: the model's name)")
+    p.add_argument("--out", default="checkpoints/<model>", help="checkpoint folder (<model>: the model's name)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.npz")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     return p
@@ -265,7 +273,7 @@ def main(argv=None) -> int:
     config = TrainConfig(
         model=args.model, epochs=args.epochs, augment=args.augment, schedule=args.schedule,
         milestones=args.milestones, gamma=args.gamma, early_stop=args.early_stop,
-        optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
+        optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, betas=args.betas, nesterov=args.nesterov,
         weight_decay=args.weight_decay, batch_size=args.batch_size, seed=args.seed,
         backend=args.backend, device=args.device, data=args.data,
         out=args.out.replace("<model>", args.model), resume=args.resume, progress=not args.no_progress)

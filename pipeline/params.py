@@ -48,7 +48,18 @@ class ParamsError(ValueError):
 
 # --------------------------------------------------------------------------- YAML
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.2, as DVC does)."""
+    """SafeLoader that reads ``1e-3`` as a float (YAML 1.2) and refuses a key given twice in
+    one mapping (PyYAML keeps the last silently), both as DVC does."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(

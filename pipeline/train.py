@@ -131,7 +131,7 @@ def resumable_meta(last: Path, cfg: dict) -> dict | None:
     except Exception as e:  # noqa: BLE001 - unreadable: start over
         print(f"not resuming: cannot read {last} ({e})", file=sys.stderr)
         return None
-    changed = resume_conflicts(meta.get("config") or {}, cfg)
+    changed = resume_conflicts(meta.get("config") or {}, cfg, meta.get("epoch", 0))
     if changed:
         print(f"not resuming from {last}: settings changed ({'; '.join(changed)})", file=sys.stderr)
         return None

@@ -28,15 +28,17 @@ def test_bench_reports_time_and_ops_per_case(tmp_path, capsys):
 
 
 def test_a_failed_case_is_one_line_and_the_exit_status_says_so(capsys):
-    assert bench.main(["--models", "simple", "--engines", "torch", "--device", "tpu",
+    assert bench.main(["--models", "simple", "--engines", "cupy", "--device", "cpu",
                        "--batch-sizes", "2", "--steps", "1", "--repeats", "1", "--warmup", "0"]) == 1
     err = capsys.readouterr().err
-    assert "simple torch batch 2: failed: cnn.backend.DeviceError: unknown device 'tpu'" in err
-    assert "Traceback" not in err and "1 case(s) failed: simple:torch:2" in err
+    assert "simple cupy batch 2: failed: cnn.backend.DeviceError: the cupy backend runs on CUDA only" in err
+    assert "Traceback" not in err and "1 case(s) failed: simple:cupy:2" in err
 
 
-@pytest.mark.parametrize("args", [["--steps", "0"], ["--repeats", "0"], ["--batch-sizes", "0"]])
-def test_bench_refuses_settings_that_time_nothing(args):
+@pytest.mark.parametrize("args", [["--steps", "0"], ["--repeats", "0"], ["--batch-sizes", "0"],
+                                  ["--device", "tpu"], ["--json", "/nonexistent-folder/bench.json"]])
+def test_bench_refuses_bad_settings_before_timing_anything(args):
+    """Up front: a benchmark on a GPU lease is too costly to lose at its end."""
     with pytest.raises(SystemExit) as e:
         bench.main(args)
     assert e.value.code == 2

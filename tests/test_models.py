@@ -333,6 +333,9 @@ def test_to_float64_and_back_casts_floats_only():
     assert state["1.num_batches_tracked"].dtype == np.int64
     state32 = model.to("numpy", dtype="float32").state_dict()
     assert state32["0.weight"].dtype == np.float32
+    # a dtype given as torch's or NumPy's own object, as a torch user would write it
+    assert model.to("torch", device="cpu", dtype=torch.float64)[0].weight.data.dtype == torch.float64
+    assert model.to("numpy", dtype=np.float32)[0].weight.data.dtype == np.float32
 
 
 # ---------------------------------------------------------------------------------------

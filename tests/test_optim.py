@@ -289,3 +289,20 @@ def test_lr_can_be_changed_between_steps(rng):
         ref.step()
     np.testing.assert_allclose(p.data, t.detach().numpy(), rtol=1e-13)
     assert math.isfinite(float(p.data.sum()))
+
+
+def test_a_model_moved_after_the_optimizer_stepped_is_a_clear_error():
+    """Momentum buffers stay where they were made; load_state_dict moves them."""
+    import cnn
+
+    p = Parameter(np.ones(3, np.float32))
+    opt = SGD([p], lr=0.1, momentum=0.9)
+    p.grad = np.ones(3, np.float32)
+    opt.step()
+    B = cnn.get_backend("torch", "cpu")
+    p.data, p.grad = B.asarray(p.data), B.asarray(np.ones(3, np.float32))
+    with pytest.raises(RuntimeError, match=r"SGD's state is on numpy \(cpu\) but the parameters are now on torch"):
+        opt.step()
+    opt.load_state_dict(opt.state_dict())
+    opt.step()
+    np.testing.assert_allclose(to_numpy(p.data), 1 - 0.1 - 0.1 * 1.9)

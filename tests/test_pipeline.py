@@ -301,6 +301,15 @@ def test_params_yaml_reads_floats_like_dvc(tmp_path):
     assert P.load(tmp_path / "params.yaml").run("simple_5ep_numpy")["lr"] == 0.001
 
 
+def test_params_yaml_refuses_a_run_named_twice_like_dvc(tmp_path):
+    """PyYAML would keep the second silently; DVC refuses the file."""
+    text = (REPO / "params.yaml").read_text()
+    text += "\n  simple_5ep_numpy:\n    epochs: 1\n"
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(P.ParamsError, match="key 'simple_5ep_numpy' appears twice"):
+        P.load(tmp_path / "params.yaml")
+
+
 def test_dvc_yaml_matches_pipeline_paths():
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 

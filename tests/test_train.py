@@ -262,6 +262,22 @@ def test_resume_may_not_change_epochs_under_the_cosine_schedule(tiny_archive, tm
     assert len(fit(base_config(tiny_archive, tmp_path / "step", epochs=4, resume=True)).history) == 4
 
 
+def test_resume_may_not_ask_for_fewer_epochs_than_are_done(tiny_archive, tmp_path, monkeypatch, capsys):
+    """A 1-epoch run cannot continue a checkpoint of epoch 2: it would report 2 epochs."""
+    _patch_training(monkeypatch, [0.5] * 4)
+    out = tmp_path / "run"
+    fit(base_config(tiny_archive, out, epochs=2))
+    with pytest.raises(CheckpointError, match=r"other settings \(epochs 2 -> 1, fewer than the 2 already trained\)"):
+        fit(base_config(tiny_archive, out, epochs=1, resume=True))
+    assert len(fit(base_config(tiny_archive, out, epochs=2, resume=True)).history) == 2
+
+
+def test_resume_without_a_checkpoint_says_it_starts_from_epoch_1(tiny_archive, tmp_path, monkeypatch, capsys):
+    _patch_training(monkeypatch, [0.5])
+    fit(base_config(tiny_archive, tmp_path / "typo", epochs=1, resume=True))
+    assert f"Nothing to resume: no {tmp_path / 'typo' / 'last.npz'}" in capsys.readouterr().out
+
+
 def test_best_checkpoint_loads_into_the_torch_twin(archive, full_run):
     result, _ = full_run
     ck = load_checkpoint(result.best_checkpoint)
