@@ -525,14 +525,16 @@ def test_wrong_rank_raises_naming_expected_shape(backend):
             pool(B.asarray(np.zeros((3, 8, 8), np.float32)))
 
 
-def test_wrong_channel_count_raises_naming_expected_channels(backend):
-    B = backend
-    with pytest.raises(ValueError, match=r"Conv2d expects 3 input channels, got 4 \(shape \(2, 4, 8, 8\)\)"):
-        Conv2d(3, 4, 3).to(B)(B.asarray(np.zeros((2, 4, 8, 8), np.float32)))
-    with pytest.raises(ValueError, match=r"Linear expects 48 input features, got 47"):
-        Linear(48, 4).to(B)(B.asarray(np.zeros((2, 47), np.float32)))
-    with pytest.raises(ValueError, match=r"BatchNorm2d expects 3 input channels, got 5"):
-        BatchNorm2d(3).to(B)(B.asarray(np.zeros((2, 5, 4, 4), np.float32)))
+@pytest.mark.parametrize("make, shape, message", [
+    (lambda: Conv2d(3, 4, 3), (2, 4, 8, 8), r"Conv2d expects 3 input channels, got 4 \(shape \(2, 4, 8, 8\)\)"),
+    (lambda: Linear(48, 4), (2, 47), r"Linear expects 48 input features, got 47"),
+    (lambda: BatchNorm2d(3), (2, 5, 4, 4), r"BatchNorm2d expects 3 input channels, got 5"),
+    (lambda: Conv2d(3, 4, 3), (0, 3, 8, 8), r"Conv2d got an empty batch \(shape \(0, 3, 8, 8\)\)"),
+    (lambda: Linear(5, 2), (0, 5), r"Linear got an empty batch"),
+], ids=["conv-channels", "linear-features", "bn-channels", "conv-empty", "linear-empty"])
+def test_wrong_channel_count_or_empty_batch_raises_naming_the_shape(backend, make, shape, message):
+    with pytest.raises(ValueError, match=message):
+        make().to(backend)(backend.asarray(np.zeros(shape, np.float32)))
 
 
 def test_input_of_another_dtype_or_library_raises_naming_both(backend):
@@ -571,14 +573,6 @@ def test_too_small_input_raises():
 def test_unequal_stride_raises():
     with pytest.raises(ValueError, match="stride"):
         Conv2d(1, 1, 3, stride=(1, 2))
-
-
-def test_empty_batch_raises_naming_the_shape(backend):
-    B = backend
-    with pytest.raises(ValueError, match=r"Conv2d got an empty batch \(shape \(0, 3, 8, 8\)\)"):
-        Conv2d(3, 4, 3).to(B)(B.asarray(np.zeros((0, 3, 8, 8), np.float32)))
-    with pytest.raises(ValueError, match=r"Linear got an empty batch"):
-        Linear(5, 2).to(B)(B.asarray(np.zeros((0, 5), np.float32)))
 
 
 LAYERS_WITH_A_CACHE = [
