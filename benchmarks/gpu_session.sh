@@ -7,10 +7,9 @@
 #
 # start:   builds the mirror and the prepared data, runs the benchmark on the quiet GPU,
 #          re-trains epoch 1 of resnet_50ep_step and compares it with the committed row
-#          (benchmarks/reproduce_epoch.py; CARRY/reference/ holds that run's history.csv and
-#          metrics.json), then starts the named params.yaml runs in the background (setsid,
-#          so they outlive the command; not if the check crashed) and runs the engine's test
-#          suite beside them.
+#          (benchmarks/reproduce_epoch.py), then starts the named params.yaml runs in the
+#          background (setsid, so they outlive the command; not if the check crashed) and runs
+#          the engine's test suite beside them.
 # runs:    only the mirror, the data and the runs: for a lease that continues runs.
 #          A run whose unfinished outputs an earlier lease brought back and CARRY/runs/RUN
 #          holds (last.npz, best.npz, last.engine, last.devices) continues from there:
@@ -20,25 +19,24 @@
 #          runs.tar (with the resume pair if a run is unfinished). Call it right after
 #          `start` or `runs`, while the machine is still warm.
 # CARRY:   a git-ignored folder holding ../shared/cifar10/{cifar-10-jpeg.tar.xz,make-mirror}
-#          (the device machine cannot download the official archive) and reference/ (DVC
-#          outputs do not travel); logs of the background runs are kept in CARRY/logs
-#          between the two commands.
+#          (the device machine cannot download the official archive); logs of the background
+#          runs are kept in CARRY/logs between the two commands.
 # OUT:     $OUT of a device run.
 #
-# With the device tool (mkdir -p .cache/gpu/reference && cp ../shared/cifar10/{cifar-10-jpeg.tar.xz,make-mirror} .cache/gpu/
-#   && cp runs/resnet_50ep_step/{history.csv,metrics.json} .cache/gpu/reference/):
+# With the device tool (mkdir -p .cache/gpu && cp ../shared/cifar10/{cifar-10-jpeg.tar.xz,make-mirror} .cache/gpu/):
 #   run(command="bash benchmarks/gpu_session.sh start .cache/gpu $OUT resnet_50ep_step resnet_50ep_cosine", carry=[".cache/gpu"])
 #   run(command="bash benchmarks/gpu_session.sh collect .cache/gpu $OUT 400 resnet_50ep_step resnet_50ep_cosine")
 # The device image has torch, CuPy, numpy, Pillow, PyYAML, tqdm, matplotlib and pytest, but
 # neither DVC nor MLflow: each RUN executes its DVC stage commands (python3 -m pipeline.train
 # / .evaluate) without DVC, and MLflow is skipped with one warning. Back here: tar -xf
 # runs.tar, then `dvc commit train@RUN evaluate@RUN` records them in dvc.lock (their deps are
-# this checkout's), and `dvc repro -s report` rebuilds reports/. An unfinished run goes to
+# this checkout's), `dvc repro -s report` rebuilds reports/, and git takes runs/RUN, reports/
+# and dvc.lock (stage outputs are kept in git, see dvc.yaml). An unfinished run goes to
 # CARRY instead (tar -xf runs.tar -C .cache/gpu runs/RUN), for the next lease to continue.
 #
 # Rehearsal on a machine without a GPU: GPU_SESSION_DEVICE=cpu, a short benchmark with
 # GPU_SESSION_BENCH="--models simple --steps 2 --repeats 1 --warmup 1 --batch-sizes 64", and
-# GPU_SESSION_REPRODUCE=simple_5ep_torch (a run this machine produced; its files in CARRY/reference).
+# GPU_SESSION_REPRODUCE=simple_5ep_torch (a run this machine produced).
 set -uo pipefail
 usage="usage: gpu_session.sh start|runs CARRY OUT [RUN ...] | collect CARRY OUT WAIT_S [RUN ...]"
 PHASE=${1:?$usage}
@@ -98,8 +96,7 @@ start)
     step bench python3 -m cnn.bench --device "$DEVICE" --engines $engines $BENCH --json "$OUT/bench.json"
     wait $data || { echo "no data: see mirror.log / data.log"; exit 1; }
     # Exit 0: identical, 1: different (the runs are still worth having), else it crashed.
-    step reproduce python3 benchmarks/reproduce_epoch.py "$REPRODUCE" --device "$DEVICE" \
-        --committed "$CARRY/reference"
+    step reproduce python3 benchmarks/reproduce_epoch.py "$REPRODUCE" --device "$DEVICE"
     [ $? -le 1 ] || set --
     launch "$@"
     # The engine's suite, CUDA and CuPy parametrisations included (the pipeline tests need

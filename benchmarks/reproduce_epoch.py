@@ -19,7 +19,6 @@ import json
 import sys
 import tempfile
 from dataclasses import replace
-from pathlib import Path
 
 from cnn.train import TrainConfig, fit
 from pipeline import params as params_mod
@@ -32,12 +31,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", help="a run named in params.yaml, with a committed runs/<run>/history.csv")
     p.add_argument("--device", help="override the run's device (auto | cpu | cuda)")
-    p.add_argument("--committed", type=Path, help="folder with the run's committed history.csv and "
-                   "metrics.json (default runs/<run>; DVC outputs do not travel with a git checkout)")
     args = p.parse_args(argv)
 
     cfg = params_mod.load().run(args.run)
-    folder = args.committed or paths.run_dir(args.run)
+    folder = paths.run_dir(args.run)
     with open(folder / paths.HISTORY) as f:
         committed = next(csv.DictReader(f))
     produced_on = json.loads((folder / paths.METRICS).read_text())["device"]
