@@ -172,7 +172,8 @@ class Module:
         """Move every parameter and buffer to ``backend`` (and cast floats to ``dtype``: a
         name, a NumPy dtype or a torch dtype)."""
         if dtype is not None:
-            dtype = str(np.dtype(dtype)) if not str(dtype).startswith("torch.") else str(dtype)[6:]
+            # torch.float64 is no NumPy dtype, but its name without "torch." is
+            dtype = str(dtype)[6:] if str(dtype).startswith("torch.") else str(np.dtype(dtype))
         if isinstance(backend, str):
             backend = get_backend(backend, device)
         for _, module, name, is_param in list(self._named_state()):

@@ -101,11 +101,6 @@ def fit(config: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None)
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"the output folder {out} is a file: choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"cannot create the output folder {out} ({err.strerror}): "
-                         "choose another --out") from err
     B = get_backend(config.backend, config.device)
     ds = load_cifar10(config.data)
     mean, std = normalization_stats(config.data, ds)
@@ -113,6 +108,11 @@ def fit(config: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None)
     manual_seed(config.seed)
     model = build_model(config.model).to(B)
     optimizer = make_optimizer(config, model)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create the output folder {out} ({err.strerror}): "
+                         "choose another --out") from err
     last_path, best_path = out / "last.npz", out / "best.npz"
 
     history: list[dict] = []

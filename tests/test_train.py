@@ -508,6 +508,14 @@ def test_cli_out_that_is_a_file_returns_2(tmp_path, capsys):
     assert code == 2 and "taken is a file: choose another --out" in capsys.readouterr().err
 
 
+def test_cli_out_that_cannot_be_made_returns_2(tiny_archive, tmp_path, capsys):
+    (tmp_path / "taken").write_text("")
+    code = main(["--epochs", "1", "--data", str(tiny_archive), "--out", str(tmp_path / "taken" / "run"),
+                 "--no-progress"])
+    assert code == 2
+    assert "cannot create the output folder" in capsys.readouterr().err
+
+
 def test_cli_interrupted_returns_130_and_says_how_to_continue(tmp_path, capsys, monkeypatch):
     def interrupted(config):
         if Path(config.out).is_dir():  # the second time: after an epoch had finished
