@@ -131,7 +131,8 @@ def _count_ops(step) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m cnn.bench", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["simple", "resnet"], choices=["simple", "resnet"])
+    p.add_argument("--models", nargs="+", default=["simple", "resnet"], choices=["simple", "resnet"],
+                   help="SimpleCNN, SmallResNet")
     p.add_argument("--engines", nargs="+", default=["numpy", "torch", "native"],
                    choices=["numpy", "torch", "torch-replay", "cupy", "native"],
                    help="torch-replay: the torch engine as cnn.train runs it on CUDA, each step "
