@@ -410,8 +410,8 @@ def _make_backend(name: str, device: str) -> Backend:
             except ImportError as err:
                 raise DeviceError("the cupy backend needs CuPy: pip install 'cnn-from-scratch[cupy]' "
                                   "(on a machine with a CUDA GPU)") from err
-        else:
-            raise DeviceError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
+        if _seed is not None:
+            _backends[key].seed(_seed)
     return _backends[key]
 
 
@@ -434,10 +434,15 @@ def backend_of(x) -> Backend:
     raise TypeError(f"expected a numpy, torch or cupy array, got {type(x).__name__}")
 
 
+_seed = None  # the last manual_seed, for backends made after it
+
+
 def manual_seed(seed: int) -> None:
-    """Seed weight initialisation and the generators of every backend made so far."""
+    """Seed weight initialisation and the generator of every backend, made so far or later."""
+    global _seed
     from cnn import functional
 
     functional.init_rng = np.random.default_rng(seed)
+    _seed = seed
     for backend in _backends.values():
         backend.seed(seed)

@@ -41,7 +41,7 @@ def _time_case(model_name: str, engine: str, device: str, batch_size: int, steps
         from cnn.torch_twins import torch_twin
 
         torch.set_grad_enabled(True)
-        dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+        dev = resolve_device("torch", device)  # the device the engine gets for the same flag
         model = torch_twin(model_name).to(dev).train()
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
         xb, yb = torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)

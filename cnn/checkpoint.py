@@ -54,7 +54,8 @@ def save_checkpoint(path, model_state: dict, meta: dict, optimizer_state: dict |
 def load_checkpoint(path) -> Checkpoint:
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise FileNotFoundError(f"no checkpoint at {path}: check the path, or train one first "
+                                "(python -m cnn.train, or dvc repro)")
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path} is not a checkpoint: not a complete .npz archive (truncated, "
                               f"or another kind of file); {_RETRAIN}")

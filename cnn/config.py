@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from cnn.backend import BACKENDS, DEVICES
+from cnn.errors import ConfigError
 from cnn.models import MODELS
 from cnn.optim import OPTIMIZERS, SCHEDULES
 
@@ -179,7 +180,7 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        """Raise ValueError listing every bad knob and what it accepts."""
+        """Raise ConfigError (a ValueError) listing every bad knob and what it accepts."""
         found = problems(asdict(self))
         if found:
-            raise ValueError("invalid training settings: " + "; ".join(found))
+            raise ConfigError("invalid training settings: " + "; ".join(found))

@@ -5,3 +5,7 @@ that diverged. Each message says what was wrong and what to do, so the command l
 
 class UserError(Exception):
     """A problem with the input, the settings or the machine, not with the engine."""
+
+
+class ConfigError(UserError, ValueError):
+    """Training settings that cannot work (a ValueError too, as bad arguments are)."""

@@ -22,7 +22,8 @@ init_rng = np.random.default_rng(0)
 def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
     out = (size + 2 * padding - kernel) // stride + 1
     if out < 1:
-        raise ValueError(f"input size {size} is too small for kernel {kernel} with padding {padding}")
+        raise ValueError(f"input size {size} is too small for kernel {kernel} with stride {stride} "
+                         f"and padding {padding}: use a larger input, a smaller kernel or more padding")
     return out
 
 
@@ -32,10 +33,9 @@ def window(offset: int, out_size: int, stride: int) -> slice:
 
 
 def pad_channels_last(x, padding: int, value: float = 0.0):
-    """x: (N, C, H, W) -> (N, H + 2p, W + 2p, C) channels-last copy padded with ``value``.
-
-    With ``padding == 0`` the result is a view of ``x`` when ``x`` is channels-last.
-    """
+    """x: (N, C, H, W) -> (N, H + 2p, W + 2p, C), channels-last, padded with ``value``: a
+    new array, or with ``padding == 0`` the transposed view of ``x`` (contiguous only when
+    ``x`` is channels-last in memory)."""
     B = backend_of(x)
     xt = B.transpose(x, (0, 2, 3, 1))
     if padding == 0:
@@ -62,9 +62,9 @@ def im2col(x, kernel_size: tuple[int, int], stride: int, padding: int, out=None)
     n, c, h, w = x.shape
     ho = conv_output_size(h, kh, stride, padding)
     wo = conv_output_size(w, kw, stride, padding)
-    xp = B.contiguous(pad_channels_last(x, padding))  # (N, Hp, Wp, C)
-    sn, sh, sw = xp.shape[1] * xp.shape[2] * c, xp.shape[2] * c, c
-    patches = B.as_strided(xp, (n, ho, wo, kh, kw, c), (sn, sh * stride, sw * stride, sh, sw, 1))
+    padded = B.contiguous(pad_channels_last(x, padding))  # (N, Hp, Wp, C)
+    sn, sh, sw = padded.shape[1] * padded.shape[2] * c, padded.shape[2] * c, c
+    patches = B.as_strided(padded, (n, ho, wo, kh, kw, c), (sn, sh * stride, sw * stride, sh, sw, 1))
     cols = B.empty(patches.shape, dtype=B.dtype_name(x)) if out is None else out.reshape(patches.shape)
 
     def copy(patches, cols):
@@ -157,6 +157,12 @@ def kaiming_uniform(shape: tuple[int, ...], fan_in: int, a: float = math.sqrt(5)
     """
     bound = math.sqrt(2.0 / (1 + a * a)) * math.sqrt(3.0 / fan_in)
     return init_rng.uniform(-bound, bound, shape).astype(np.float32)
+
+
+def constant(shape, value, dtype: str = "float32") -> np.ndarray:
+    """A host array of ``shape`` filled with ``value``: an initial value, moved to the
+    model's backend by ``Module.to`` like the random ones."""
+    return np.full(shape, value, dtype=dtype)
 
 
 def bias_uniform(size: int, fan_in: int) -> np.ndarray:

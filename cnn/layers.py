@@ -5,8 +5,6 @@ outputs are channels-last in memory (a transposed view); every layer accepts any
 """
 from __future__ import annotations
 
-import numpy as np
-
 from cnn import functional as F
 from cnn.backend import backend_of
 from cnn.module import Module, Parameter
@@ -59,22 +57,24 @@ class Workspace:
 
 def _check_input(layer: Module, x, ndim: int, channels: int | None = None, like=None) -> None:
     """x must be ``ndim``-d with ``channels`` at axis 1, and (given ``like``, the layer's
-    weight) the same kind of array and dtype as the weight: NumPy would silently compute a
+    weight) on the weight's backend and device, in its dtype: NumPy would silently compute a
     float64 input in float64 all the way down, PyTorch fails deep inside a matmul."""
     name = type(layer).__name__
     if x.ndim != ndim:
         layout = "(N, C, H, W)" if ndim == 4 else "(N, features)"
-        raise ValueError(f"{name} expects a {ndim}-d input {layout}, got shape {tuple(x.shape)}")
+        hint = " (add a batch axis for one sample: x[None])" if x.ndim == ndim - 1 else ""
+        raise ValueError(f"{name} expects a {ndim}-d input {layout}, got shape {tuple(x.shape)}{hint}")
     if x.shape[0] == 0:
         raise ValueError(f"{name} got an empty batch (shape {tuple(x.shape)}): pass at least one sample")
     if channels is not None and x.shape[1] != channels:
         what = "input channels" if ndim == 4 else "input features"
         raise ValueError(f"{name} expects {channels} {what}, got {x.shape[1]} (shape {tuple(x.shape)})")
-    if like is not None and (type(x) is not type(like) or x.dtype != like.dtype):
-        def kind(a):
-            return f"{type(a).__module__.split('.')[0]} {str(a.dtype).removeprefix('torch.')}"
-        raise TypeError(f"{name} has {kind(like)} weights but got a {kind(x)} input: convert the "
-                        f"input with backend.asarray(x, dtype=...), or move the model with model.to(...)")
+    if like is not None:
+        Bx, Bw = backend_of(x), backend_of(like)
+        if Bx is not Bw or Bx.dtype_name(x) != Bw.dtype_name(like):
+            raise TypeError(f"{name} has {Bw!r} {Bw.dtype_name(like)} weights but got a {Bx!r} "
+                            f"{Bx.dtype_name(x)} input: convert the input with backend.asarray(x, "
+                            "dtype=...), or move the model with model.to(...)")
 
 
 class Conv2d(Module):
@@ -115,8 +115,8 @@ class Conv2d(Module):
         kh, kw = self.kernel_size
         ho = F.conv_output_size(h, kh, self.stride, self.padding)
         wo = F.conv_output_size(w, kw, self.stride, self.padding)
-        # Training reuses the column buffer; evaluation (larger batches, no backward
-        # pass) allocates per call, so its big buffers are not kept alive.
+        # Training reuses the column buffer; evaluation (larger batches) allocates per call,
+        # and predict/evaluate drop the caches when done (Module.clear_caches).
         buf = (self.workspace.get("cols", (n * ho * wo, kh * kw * c), B, B.dtype_name(x))
                if self.training else None)
         cols2d = F.im2col(x, self.kernel_size, self.stride, self.padding, out=buf)
@@ -186,11 +186,11 @@ class BatchNorm2d(Module):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
         super().__init__()
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
-        self.weight = Parameter(np.ones(num_features, np.float32))
-        self.bias = Parameter(np.zeros(num_features, np.float32))
-        self.register_buffer("running_mean", np.zeros(num_features, np.float32))
-        self.register_buffer("running_var", np.ones(num_features, np.float32))
-        self.register_buffer("num_batches_tracked", np.zeros((), np.int64))
+        self.weight = Parameter(F.constant(num_features, 1.0))
+        self.bias = Parameter(F.constant(num_features, 0.0))
+        self.register_buffer("running_mean", F.constant(num_features, 0.0))
+        self.register_buffer("running_var", F.constant(num_features, 1.0))
+        self.register_buffer("num_batches_tracked", F.constant((), 0, "int64"))
         self.cache = None
         self.workspace = Workspace()
 
@@ -198,7 +198,7 @@ class BatchNorm2d(Module):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
 
     def forward(self, x):
-        _check_input(self, x, 4, self.num_features)
+        _check_input(self, x, 4, self.num_features, like=self.weight.data)
         B = backend_of(x)
         n, c, h, w = x.shape
         x2 = _channels_last_2d(x)  # (M, C), M = N * H * W
@@ -208,7 +208,8 @@ class BatchNorm2d(Module):
         if self.training:
             if m < 2:
                 raise ValueError("BatchNorm2d in train mode needs more than one value per "
-                                 f"channel, got input shape {tuple(x.shape)}")
+                                 f"channel, got input shape {tuple(x.shape)}: use a larger batch, "
+                                 "or .eval() to normalise with the running statistics")
             mean = B.column_sums(x2) / m
             squares = self.workspace.get("squares", x2.shape, B, dtype)
 
@@ -298,6 +299,9 @@ class _Pool2d(Module):
     def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__()
         self.kernel_size = _pair(kernel_size, "kernel_size", 1)
+        if stride is None and self.kernel_size[0] != self.kernel_size[1]:
+            raise ValueError(f"kernel_size {self.kernel_size} is not square, so the stride cannot "
+                             "default to it: give stride (one integer; strides are square)")
         self.stride = _square(stride if stride is not None else kernel_size, "stride", 1)
         self.padding = _square(padding, "padding", 0)
         if self.padding * 2 > min(self.kernel_size):
@@ -345,20 +349,20 @@ class MaxPool2d(_Pool2d):
     def forward(self, x):
         _check_input(self, x, 4)
         B = backend_of(x)
-        xp = F.pad_channels_last(x, self.padding, -float("inf"))  # (N, Hp, Wp, C)
+        padded = F.pad_channels_last(x, self.padding, -float("inf"))  # (N, Hp, Wp, C)
         (ho, wo), offsets = self._windows(x.shape)
         out = B.empty((x.shape[0], ho, wo, x.shape[1]), dtype=B.dtype_name(x))
-        argmax = B.zeros(out.shape, dtype="uint8")
+        argmax = B.zeros(out.shape, dtype="uint8" if len(offsets) <= 256 else "int32")
 
-        def pool(xp, out, argmax):
-            out[...] = xp[:, offsets[0][0], offsets[0][1], :]
+        def pool(padded, out, argmax):
+            out[...] = padded[:, offsets[0][0], offsets[0][1], :]
             for k, (rows, cols) in enumerate(offsets[1:], start=1):
-                candidate = xp[:, rows, cols, :]
+                candidate = padded[:, rows, cols, :]
                 better = candidate > out  # strict: an earlier offset keeps ties
                 B.maximum(out, candidate, out=out)
                 argmax += better * (k - argmax)  # where(better, k, argmax), but faster
 
-        B.map_chunks(pool, xp, out, argmax)
+        B.map_chunks(pool, padded, out, argmax)
         self.cache = (argmax, tuple(x.shape))
         return B.transpose(out, (0, 3, 1, 2))
 
@@ -422,15 +426,16 @@ class Dropout(Module):
 
     def forward(self, x):
         if not self.training or self.p == 0.0:
-            self.cache = None
+            self.cache = (None,)  # identity: no mask, but a forward pass to go back through
             return x
         B = backend_of(x)
-        mask = (B.uniform(tuple(x.shape), dtype=B.dtype_name(x)) >= self.p) * (1.0 / (1.0 - self.p))
-        self.cache = B.astype(mask, B.dtype_name(x))
-        return x * self.cache
+        keep = B.uniform(tuple(x.shape), dtype=B.dtype_name(x)) >= self.p
+        mask = B.astype(keep, B.dtype_name(x)) * (1.0 / (1.0 - self.p))
+        self.cache = (mask,)
+        return x * mask
 
     def backward(self, grad_out):
-        mask, self.cache = self.cache, None
+        (mask,) = self._take_cache()
         return grad_out if mask is None else grad_out * mask
 
 

@@ -84,6 +84,14 @@ class Module:
         self.cache = None
         return cache
 
+    def clear_caches(self) -> "Module":
+        """Drop what every module's last forward pass kept for backward: after evaluation,
+        which needs no backward, that is the activations of a whole batch."""
+        for _, module in self.named_modules():
+            if "cache" in module.__dict__:
+                module.cache = None
+        return self
+
     # -- traversal ------------------------------------------------------------------
     def named_modules(self, prefix: str = "") -> Iterator[tuple[str, "Module"]]:
         yield prefix, self

@@ -25,7 +25,7 @@ from cnn.backend import BACKENDS, Backend, backend_of, get_backend, manual_seed
 from cnn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cnn.config import TrainConfig, resume_conflicts
 from cnn.data import DataLoader, load_cifar10, normalization_stats
-from cnn.errors import UserError
+from cnn.errors import ConfigError, UserError
 from cnn.functional import softmax_cross_entropy
 from cnn.models import MODELS, build_model
 from cnn.module import Module
@@ -65,6 +65,7 @@ def predict(model: Module, x: np.ndarray, batch_size: int = EVAL_BATCH_SIZE,
     model.eval()
     preds = [B.to_numpy(B.argmax(model(B.asarray(x[i:i + batch_size])), axis=1))
              for i in range(0, len(x), batch_size)]
+    model.clear_caches()
     return np.concatenate(preds).astype(np.int64)
 
 
@@ -74,6 +75,7 @@ def evaluate(model: Module, loader: DataLoader, B: Backend) -> float:
     correct = 0
     for xb, yb in loader:
         correct = correct + B.sum(B.argmax(model(B.asarray(xb)), axis=1) == B.asarray(yb))
+    model.clear_caches()
     return B.item(correct) / loader.num_samples
 
 
@@ -100,7 +102,7 @@ def fit(config: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None)
     config.validate()
     out = Path(config.out)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"the output folder {out} is a file: choose another --out")
+        raise ConfigError(f"the output folder {out} is a file: choose another --out")
     B = get_backend(config.backend, config.device)
     ds = load_cifar10(config.data)
     mean, std = normalization_stats(config.data, ds)
@@ -111,7 +113,7 @@ def fit(config: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ValueError(f"cannot create the output folder {out} ({err.strerror}): "
+        raise ConfigError(f"cannot create the output folder {out} ({err.strerror}): "
                          "choose another --out") from err
     last_path, best_path = out / "last.npz", out / "best.npz"
 
@@ -279,7 +281,7 @@ def main(argv=None) -> int:
         out=args.out.replace("<model>", args.model), resume=args.resume, progress=not args.no_progress)
     try:
         result = fit(config)
-    except (ValueError, UserError, FileNotFoundError) as err:
+    except (UserError, FileNotFoundError) as err:  # not every ValueError: an engine bug must show
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

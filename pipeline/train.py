@@ -122,7 +122,11 @@ def resumable_meta(last: Path, cfg: dict) -> dict | None:
     """``last``'s metadata if it was written by a run with the same settings (see
     ``cnn.config.resume_conflicts``) and the same engine code, else None (after saying why)."""
     stamp = last.with_name(paths.ENGINE_STAMP)
-    if not stamp.is_file() or stamp.read_text().strip() != engine_fingerprint():
+    if not stamp.is_file():
+        print(f"not resuming from {last}: no {stamp.name} beside it says which engine code "
+              "wrote it", file=sys.stderr)
+        return None
+    if stamp.read_text().strip() != engine_fingerprint():
         print(f"not resuming from {last}: the engine code (cnn/) changed since it was written",
               file=sys.stderr)
         return None
@@ -199,7 +203,7 @@ def train(run: str, params) -> dict:
         remove([p for p in outputs if not (p == best_path and last.is_file())])
         raise
 
-    try:
+    try:  # a failure from here on keeps the resume pair too: the training itself is done
         hist = [dict(r) for r in (result.history or history)]
         best = Path(result.best_checkpoint)
         if best.resolve() != best_path.resolve() or not best.is_file():
@@ -222,7 +226,7 @@ def train(run: str, params) -> dict:
         write_json(out / paths.MLFLOW_RUN, tracker.info())
     except BaseException:
         tracker.finish("FAILED")
-        remove(outputs)
+        remove([p for p in outputs if not (p == best_path and last.is_file())])
         raise
     print(
         f"train@{run}: best test acc {metrics['best_test_acc']:.4f} at epoch {metrics['best_epoch']}, "

@@ -6,6 +6,8 @@ and float32 (loose).
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -287,7 +289,8 @@ def test_dropout_train_mask_fraction_scale_and_backward(p, backend, dtype, rng):
     xb = backend.asarray(x, dtype=dtype)
     out = to_numpy(layer(xb))
     assert out.dtype == np.dtype(dtype) and out.shape == shape
-    mask = to_numpy(layer.cache).copy()
+    (mask,) = layer.cache
+    mask = to_numpy(mask).copy()
     dropped = out == 0
     assert abs(dropped.mean() - p) < 0.01, f"zero fraction {dropped.mean():.4f} for p={p}"
     r = TOLERANCES[dtype][0]
@@ -539,17 +542,26 @@ def test_wrong_channel_count_or_empty_batch_raises_naming_the_shape(backend, mak
 
 def test_input_of_another_dtype_or_library_raises_naming_both(backend):
     """NumPy would silently run a float64 batch through float32 weights in float64 (and
-    keep float64 momentum); PyTorch would fail deep inside a matmul."""
+    keep float64 momentum); PyTorch would fail deep inside a matmul. BatchNorm2d too: it
+    would write float64 statistics into its float32 running buffers."""
     B = backend
-    lib = B.name if B.name != "numpy" else "numpy"
-    conv, linear = Conv2d(3, 4, 3).to(B), Linear(5, 2).to(B)
+    lib = re.escape(repr(B))
+    conv, linear, bn = Conv2d(3, 4, 3).to(B), Linear(5, 2).to(B), BatchNorm2d(3).to(B)
     with pytest.raises(TypeError, match=f"Conv2d has {lib} float32 weights but got a {lib} float64 input"):
         conv(B.asarray(np.zeros((1, 3, 5, 5)), dtype="float64"))
     with pytest.raises(TypeError, match=f"Linear has {lib} float32 weights but got a {lib} int64 input"):
         linear(B.asarray(np.zeros((1, 5), np.int64)))
+    with pytest.raises(TypeError, match=f"BatchNorm2d has {lib} float32 weights but got a {lib} float64 input"):
+        bn(B.asarray(np.zeros((2, 3, 4, 4)), dtype="float64"))
     if B.name != "numpy":
-        with pytest.raises(TypeError, match=f"Conv2d has {lib} float32 weights but got a numpy float32 input"):
+        with pytest.raises(TypeError, match=f"Conv2d has {lib} float32 weights but got a numpy \\(cpu\\) float32 input"):
             conv(np.zeros((1, 3, 5, 5), np.float32))
+
+
+def test_a_numpy_subclass_input_is_accepted():
+    """A memory-mapped dataset slice is an ndarray subclass: the same library and dtype."""
+    x = np.zeros((1, 3, 5, 5), np.float32).view(np.memmap)
+    assert Conv2d(3, 4, 3)(x).shape == (1, 4, 3, 3)
 
 
 @pytest.mark.parametrize("make, message", [
@@ -584,6 +596,8 @@ LAYERS_WITH_A_CACHE = [
     (lambda: AvgPool2d(2), (2, 3, 4, 4)),
     (lambda: GlobalAvgPool2d(), (2, 3, 4, 4)),
     (lambda: Flatten(), (2, 3, 4, 4)),
+    (lambda: Dropout(0.5), (2, 3)),
+    (lambda: Dropout(0.5).eval(), (2, 3)),
 ]
 
 
@@ -601,3 +615,15 @@ def test_backward_without_its_own_forward_raises(backend, make, shape):
     layer.backward(out)
     with pytest.raises(RuntimeError, match=message):
         layer.backward(out)
+
+
+def test_pooling_a_non_square_kernel_needs_a_stride_and_large_kernels_work():
+    with pytest.raises(ValueError, match=r"kernel_size \(2, 3\) is not square, so the stride cannot default"):
+        MaxPool2d((2, 3))
+    assert MaxPool2d((2, 3), stride=2)(np.zeros((1, 1, 4, 6), np.float32)).shape == (1, 1, 2, 2)
+    # 17 x 17 = 289 offsets: more than a uint8 argmax holds
+    x = np.random.default_rng(0).standard_normal((1, 2, 17, 17)).astype(np.float32)
+    layer = MaxPool2d(17)
+    assert np.array_equal(layer(x).reshape(2), x.reshape(2, -1).max(axis=1))
+    grad = layer.backward(np.ones((1, 2, 1, 1), np.float32))
+    assert np.array_equal(grad.reshape(2, -1).argmax(axis=1), x.reshape(2, -1).argmax(axis=1))

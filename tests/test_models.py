@@ -128,7 +128,7 @@ def test_sgd_training_steps_equal_the_twin(name, backend, rng):
         x, y = images(rng, n), rng.integers(0, 10, n)
         logits = model(backend.asarray(x))
         if name == "simple":
-            mask = to_numpy(model[DROPOUT_INDEX].cache).copy()
+            mask = to_numpy(model[DROPOUT_INDEX].cache[0]).copy()
             assert set(np.unique(mask)) <= {0.0, 2.0}
             twin[DROPOUT_INDEX].mask = torch.from_numpy(mask)
         loss, dlogits = softmax_cross_entropy(logits, backend.asarray(y))
@@ -385,3 +385,25 @@ def test_the_torch_backend_leaves_autograd_to_the_user(rng):
     assert all(p.grad is not None and p.grad.grad_fn is None for p in model.parameters())
     twin(x).sum().backward()
     assert x.grad is not None and all(p.grad is not None for p in twin.parameters())
+
+
+def test_manual_seed_also_seeds_backends_made_after_it(monkeypatch):
+    """README's order: cnn.manual_seed(0) first, the backend later (with model.to)."""
+    import cnn.backend as backend_mod
+
+    def first_draw(seed):
+        monkeypatch.setattr(backend_mod, "_backends", {})  # a fresh process: no backend yet
+        manual_seed(seed)
+        return cnn.get_backend("numpy").uniform((4,))
+
+    monkeypatch.setattr(backend_mod, "_seed", None)
+    assert np.array_equal(first_draw(1), first_draw(1))
+    assert not np.array_equal(first_draw(1), first_draw(2))
+
+
+def test_evaluation_does_not_keep_a_batch_of_activations():
+    from cnn.train import predict
+
+    model = build_model("simple")
+    predict(model, np.zeros((3, 3, 32, 32), np.float32))
+    assert all(getattr(m, "cache", None) is None for _, m in model.named_modules())

@@ -573,6 +573,42 @@ def test_interrupted_run_keeps_what_resume_needs(stage_dir, monkeypatch, capsys)
     assert not any(p.exists() for p in paths.train_outputs("simple_5ep_torch") if p.name != paths.BEST_CHECKPOINT)
 
 
+def test_a_failure_after_training_keeps_what_resume_needs(stage_dir, monkeypatch):
+    """Writing the metrics or the plot can fail (a full disk) once all epochs are trained:
+    the resume pair stays, so `resume: true` continues instead of training all over."""
+    import types
+
+    import cnn.train
+    from pipeline import _util, train
+
+    d = paths.run_dir("simple_5ep_torch")
+
+    def finished_fit(config, on_epoch_end=None):
+        (d / paths.BEST_CHECKPOINT).write_bytes(b"best")
+        (d / paths.LAST_CHECKPOINT).write_bytes(b"last")
+        epoch = {"epoch": 1, "loss": 2.3, "train_acc": 0.1, "test_acc": 0.1, "lr": 0.01, "seconds": 1.0}
+        on_epoch_end({**epoch, "device": "numpy (cpu)"})
+        return types.SimpleNamespace(history=[epoch], best_checkpoint=str(d / paths.BEST_CHECKPOINT))
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cnn.train, "fit", finished_fit)
+    monkeypatch.setattr(train, "summarize", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        _util.run_main(train.main, ["simple_5ep_torch"])
+    assert (d / paths.BEST_CHECKPOINT).read_bytes() == b"best"
+    assert (d / paths.LAST_CHECKPOINT).read_bytes() == b"last"
+
+
+def test_resume_without_an_engine_stamp_says_so(tmp_path, capsys):
+    from pipeline import train
+
+    (tmp_path / paths.LAST_CHECKPOINT).write_bytes(b"last")
+    assert train.resumable_meta(tmp_path / paths.LAST_CHECKPOINT, {}) is None
+    assert f"no {paths.ENGINE_STAMP} beside it" in capsys.readouterr().err
+
+
 def test_report_lists_runs_not_trained_yet(tmp_path, monkeypatch):
     """Part of the table can be regenerated at a time: runs without outputs are listed, not fatal."""
     from pipeline import report, train
