@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_path
 from .data import BATCH_DIR, CIFAR10_CLASSES, IMAGE_SHAPE, META_MEMBER, TEST_MEMBER
 
 __all__ = ["write_synthetic_cifar10"]
@@ -50,25 +51,22 @@ def _add(tar: tarfile.TarFile, name: str, obj) -> None:
 
 
 def write_synthetic_cifar10(path: str | os.PathLike, *, n_train: int = 500,
-                            n_test: int = 100, seed: int = 0,
-                            n_batches: int = 5) -> Path:
+                            n_test: int = 100, seed: int = 0) -> Path:
     """Write a synthetic CIFAR-10 ``.tar.gz`` at ``path`` and return ``Path(path)``.
 
-    n_train images are split as evenly as possible over data_batch_1..n_batches
-    (the official layout, and what load_cifar10 expects, has 5); n_test go to
-    test_batch. Labels are balanced (each class within one of n/10) and
-    shuffled. Same arguments give byte-identical files (fixed mtimes).
+    n_train images are split as evenly as possible over data_batch_1..5, the official
+    layout; n_test go to test_batch. Labels are balanced (each class within one of n/10)
+    and shuffled. Same arguments give byte-identical files (fixed mtimes).
     """
-    if n_train < 0 or n_test < 0 or n_batches < 1:
-        raise ValueError(f"need n_train >= 0, n_test >= 0, n_batches >= 1; got "
-                         f"{n_train}, {n_test}, {n_batches}")
+    if n_train < 0 or n_test < 0:
+        raise ValueError(f"need n_train >= 0 and n_test >= 0; got {n_train}, {n_test}")
+    n_batches = 5
     rng = np.random.default_rng(seed)
     protos = _prototypes(rng)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # GzipFile(mtime=0, filename="") keeps the timestamp and name out of the
     # gzip header, so the archive bytes depend on the arguments only.
-    with open(path, "wb") as f, gzip.GzipFile(filename="", mode="wb", fileobj=f, mtime=0) as gz, \
+    with atomic_path(path) as tmp, open(tmp, "wb") as f, gzip.GzipFile(filename="", mode="wb", fileobj=f, mtime=0) as gz, \
             tarfile.open(fileobj=gz, mode="w") as tar:
         splits = [(f"data_batch_{i + 1}", part, f"training batch {i + 1} of {n_batches}")
                   for i, part in enumerate(np.array_split(np.arange(n_train), n_batches))]

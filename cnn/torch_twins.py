@@ -2,8 +2,8 @@
 
 They are the oracle of the tests and the baseline of the benchmark, and define the
 checkpoint interop contract: ``twin.load_state_dict(model.state_dict(), strict=True)``.
-This module is the one place outside the backend that imports ``torch.nn``; the engine
-never uses it.
+The engine never uses them (only the tests and the benchmark, ``cnn/bench.py``, do):
+its layers run on torch tensors through the backend, without ``torch.nn`` or autograd.
 """
 from __future__ import annotations
 

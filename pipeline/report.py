@@ -87,8 +87,7 @@ def split_pending(runs: list[str]) -> tuple[list[str], list[str]]:
     return [r for r in runs if done(r)], [r for r in runs if not done(r)]
 
 
-def render(data: dict[str, dict], stats: dict, out_dir: Path = paths.REPORTS,
-           pending: list[str] = ()) -> str:
+def render(data: dict[str, dict], stats: dict, pending: list[str] = ()) -> str:
     lines = [
         "# CIFAR-10 results",
         "",
