@@ -278,6 +278,9 @@ def _channels_last_2d(x):
 
 
 class ReLU(Module):
+    """max(x, 0) elementwise, any shape; keeps its output for backward (the gradient passes
+    where the output is positive, as in PyTorch: none at exactly 0)."""
+
     def forward(self, x):
         B = backend_of(x)
         out = B.empty_like(x)
