@@ -1,7 +1,7 @@
 """Stage ``normalize``: validate the archive and write the prepared dataset.
 
-Reads ``data/raw/cifar-10-python.tar.gz`` with ``cnn.data.load_cifar10``,
-checks shapes, dtypes, label range and counts, computes the per-channel mean
+Reads ``data/raw/cifar-10-python.tar.gz`` with ``cnn.data.load_cifar10`` (which checks
+shapes, dtypes and labels), checks class names and counts, computes the per-channel mean
 and standard deviation of the training images (on the [0, 1] scale) and writes
 
 * ``data/prepared/cifar10.npz`` -- images (uint8), labels, class names, mean, std
@@ -24,31 +24,18 @@ from pipeline.params import load
 
 
 def check_dataset(ds, source: str) -> dict:
-    """Validate a loaded CIFAR10 and return its per-split counts."""
+    """Per-split image counts (per class) of a loaded CIFAR10, after the checks that
+    ``load_cifar10`` leaves to a training set: unique class names, no empty split, and
+    images of every class to learn from. (Shapes, dtypes and label ranges are its own.)"""
     problems = []
     classes = list(ds.classes)
-    if not classes or not all(isinstance(c, str) and c for c in classes):
-        problems.append(f"class names must be non-empty strings; got {classes!r}")
     if len(set(classes)) != len(classes):
         problems.append(f"class names are not unique: {classes!r}")
     counts = {}
     for split in ("train", "test"):
-        x, y = getattr(ds, f"{split}_x"), getattr(ds, f"{split}_y")
-        if x.dtype != np.uint8:
-            problems.append(f"{split}_x has dtype {x.dtype}, expected uint8")
-        if x.ndim != 4 or x.shape[1:] != (3, 32, 32):
-            problems.append(f"{split}_x has shape {x.shape}, expected (N, 3, 32, 32)")
-        if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
-            problems.append(f"{split}_y must be a 1-D integer array; got {y.dtype} {y.shape}")
-            continue
-        if len(x) != len(y):
-            problems.append(f"{split}: {len(x)} images but {len(y)} labels")
+        y = getattr(ds, f"{split}_y")
         if len(y) == 0:
             problems.append(f"{split} split is empty")
-            continue
-        lo, hi = int(y.min()), int(y.max())
-        if lo < 0 or hi >= len(classes):
-            problems.append(f"{split}_y has labels in [{lo}, {hi}], expected [0, {len(classes) - 1}]")
             continue
         per_class = np.bincount(y, minlength=len(classes))
         counts[split] = {"images": int(len(y)), "per_class": dict(zip(classes, map(int, per_class)))}
@@ -72,8 +59,8 @@ def normalize(archive: Path = paths.RAW_ARCHIVE, out: Path = paths.PREPARED, sta
     counts = check_dataset(ds, str(archive))
     mean, std = channel_stats(ds.train_x)
     mean, std = np.asarray(mean, dtype=np.float64), np.asarray(std, dtype=np.float64)
-    if mean.shape != (3,) or std.shape != (3,) or not np.all(np.isfinite(mean)) or not np.all(std > 0):
-        raise PipelineError(f"{archive}: bad channel statistics mean={mean} std={std}")
+    if not np.all(std > 0):  # normalising would divide by zero
+        raise PipelineError(f"{archive}: a channel of the training images is constant (std {std})")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     try:
         save_prepared(out, ds, mean, std)

@@ -452,6 +452,21 @@ def test_download_rejects_bad_archives(case, archive, tmp_path):
     assert not (work / "data").exists()  # nothing left behind, not even an empty folder
 
 
+def test_normalize_checks_what_a_training_set_needs():
+    import types
+
+    import numpy as np
+
+    from pipeline._util import PipelineError
+    from pipeline.normalize import check_dataset
+
+    ds = types.SimpleNamespace(classes=["a", "b", "a"], train_y=np.array([0, 0, 2]), test_y=np.array([], int))
+    with pytest.raises(PipelineError, match="failed validation") as e:
+        check_dataset(ds, "x.tar.gz")
+    for problem in ("class names are not unique", "test split is empty", "no images of class(es) b"):
+        assert problem in str(e.value)
+
+
 def test_normalize_rejects_bad_labels_and_leaves_nothing(archive, tmp_path):
     bad = rewrite_archive(archive[0], tmp_path / "bad.tar.gz", labels={"test_batch": lambda ys: [12] + ys[1:]})
     work = tmp_path / "work"
