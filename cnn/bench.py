@@ -103,6 +103,8 @@ def _time_case(model_name: str, engine: str, device: str, batch_size: int, steps
     if engine == "cupy":
         import cupy
 
+        # The pool keeps every block it got, so its size is the peak it reserved
+        # (allocations rounded up to its block sizes), not a peak of live arrays.
         result["peak_gpu_mb"] = cupy.get_default_memory_pool().total_bytes() / 2**20
     return result
 
