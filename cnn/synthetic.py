@@ -66,7 +66,8 @@ def write_synthetic_cifar10(path: str | os.PathLike, *, n_train: int = 500,
     path = Path(path)
     # GzipFile(mtime=0, filename="") keeps the timestamp and name out of the
     # gzip header, so the archive bytes depend on the arguments only.
-    with atomic_path(path) as tmp, open(tmp, "wb") as f, gzip.GzipFile(filename="", mode="wb", fileobj=f, mtime=0) as gz, \
+    with atomic_path(path) as tmp, open(tmp, "wb") as f, \
+            gzip.GzipFile(filename="", mode="wb", fileobj=f, mtime=0) as gz, \
             tarfile.open(fileobj=gz, mode="w") as tar:
         splits = [(f"data_batch_{i + 1}", part, f"training batch {i + 1} of {n_batches}")
                   for i, part in enumerate(np.array_split(np.arange(n_train), n_batches))]

@@ -162,6 +162,11 @@ def train(run: str, params) -> dict:
         remove([last, out / paths.EPOCH_DEVICES])
         write_text(out / paths.ENGINE_STAMP, engine_fingerprint() + "\n")
 
+    def remove_all_but_the_resume_pair() -> None:
+        """A failed run's outputs go, but the pair that `resume` continues from stays:
+        last.npz and the best.npz written with it."""
+        remove([p for p in outputs if not (p == best_path and last.is_file())])
+
     ctx = tracking.dvc_context(f"train@{run}")
     tags = {**tracking.git_info(outputs=paths.PIPELINE_OUTPUTS), **ctx, "pipeline_run": run,
             "model_name": MODEL_TITLES[cfg["model"]]}
@@ -198,9 +203,7 @@ def train(run: str, params) -> dict:
         result = fit(config, on_epoch_end=on_epoch_end)
     except BaseException as e:
         tracker.finish("KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
-        # The rest of a failed run's outputs go, but the pair that `resume` continues from
-        # stays: last.npz and the best.npz written with it.
-        remove([p for p in outputs if not (p == best_path and last.is_file())])
+        remove_all_but_the_resume_pair()
         raise
 
     try:  # a failure from here on keeps the resume pair too: the training itself is done
@@ -226,7 +229,7 @@ def train(run: str, params) -> dict:
         write_json(out / paths.MLFLOW_RUN, tracker.info())
     except BaseException:
         tracker.finish("FAILED")
-        remove([p for p in outputs if not (p == best_path and last.is_file())])
+        remove_all_but_the_resume_pair()
         raise
     print(
         f"train@{run}: best test acc {metrics['best_test_acc']:.4f} at epoch {metrics['best_epoch']}, "
