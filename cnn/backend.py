@@ -32,6 +32,11 @@ class Backend:
 
     name = "numpy"
 
+    # Conv2d's input gradient at stride 1: a convolution of the output gradient
+    # (functional.conv_input_grad: im2col + one matrix product) rather than a matrix
+    # product and col2im's overlapping strided adds, which are memory-bound on the CPU.
+    input_grad_as_convolution = True
+
     def __init__(self, xp=np, device: str = "cpu"):
         self.xp = xp
         self.device = device
@@ -87,6 +92,10 @@ class Backend:
         """A view of contiguous ``a`` with ``strides`` counted in elements (not bytes)."""
         item = a.itemsize
         return self.xp.lib.stride_tricks.as_strided(a, shape, tuple(s * item for s in strides))
+
+    def flip(self, a, axes):
+        """``a`` reversed along ``axes`` (a view where the library allows one)."""
+        return self.xp.flip(a, axis=axes)
 
     # -- math -----------------------------------------------------------------------
     def matmul(self, a, b, out=None):
@@ -224,6 +233,9 @@ class TorchBackend(Backend):
     """
 
     name = "torch"
+    # Not yet on PyTorch: the two ways round differ in float rounding, and the committed
+    # torch runs were trained with col2im (re-running SmallResNet's takes hours on a CPU).
+    input_grad_as_convolution = False
 
     def __init__(self, device: str = "cpu"):
         import torch
@@ -285,6 +297,9 @@ class TorchBackend(Backend):
 
     def as_strided(self, a, shape, strides):
         return a.as_strided(shape, strides)
+
+    def flip(self, a, axes):
+        return self.torch.flip(a, dims=axes)
 
     def column_sums(self, a):
         return a.sum(dim=0)

@@ -114,6 +114,28 @@ def col2im(cols, input_shape, kernel_size: tuple[int, int], stride: int, padding
     return B.transpose(grad, (0, 3, 1, 2))
 
 
+def conv_input_grad(grad_out, weight, padding: int, out=None):
+    """Input gradient of a stride-1 convolution, computed as a convolution itself.
+
+    grad_out: (N, F, Ho, Wo), weight: (F, C, k, k) -> (N, C, H, W) (a channels-last view),
+    with ``padding <= k - 1``. dx is the correlation of grad_out, zero-padded by k - 1 - p,
+    with the kernel flipped in space and its channel axes swapped: one :func:`im2col`
+    and one matrix product, where :func:`col2im` adds k * k overlapping strided slices.
+    ``out``: an optional (N * H * W, k * k * F) buffer for the columns.
+    """
+    B = backend_of(grad_out)
+    f, c, kh, kw = weight.shape
+    n, _, ho, wo = grad_out.shape
+    if kh != kw or not 0 <= padding < kh:
+        raise ValueError(f"conv_input_grad needs a square kernel and 0 <= padding < {kh}; "
+                         f"got kernel {kh}x{kw}, padding {padding}: use col2im")
+    cols = im2col(grad_out, (kh, kw), 1, kh - 1 - padding, out=out)
+    flipped = B.transpose(B.flip(weight, (2, 3)), (2, 3, 0, 1))  # (k, k, F, C), like cols' columns
+    dx = cols @ B.contiguous(flipped).reshape(kh * kw * f, c)  # (N*H*W, C): channels-last
+    h, w = ho + kh - 1 - 2 * padding, wo + kw - 1 - 2 * padding
+    return B.transpose(dx.reshape(n, h, w, c), (0, 3, 1, 2))
+
+
 def log_softmax(logits):
     """logits: (N, K) -> log-probabilities (N, K), stable for any finite logits."""
     B = backend_of(logits)

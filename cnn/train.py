@@ -61,7 +61,7 @@ def make_optimizer(config: TrainConfig, model: Module) -> Optimizer:
 def predict(model: Module, x: np.ndarray, batch_size: int = EVAL_BATCH_SIZE,
             backend: Backend | None = None) -> np.ndarray:
     """Class predictions (N,) int64 for normalised images x: (N, 3, 32, 32) float32."""
-    B = backend or _model_backend(model)
+    B = backend or model_backend(model)
     model.eval()
     preds = [B.to_numpy(B.argmax(model(B.asarray(x[i:i + batch_size])), axis=1))
              for i in range(0, len(x), batch_size)]
@@ -92,7 +92,8 @@ def load_model(checkpoint_path, backend: str = "numpy", device: str = "auto") ->
     return model.eval()
 
 
-def _model_backend(model: Module) -> Backend:
+def model_backend(model: Module) -> Backend:
+    """The backend (and device) that holds the model's parameters."""
     return backend_of(model.parameters()[0].data)
 
 

@@ -31,15 +31,13 @@ import urllib.request
 import zlib
 from pathlib import Path
 
+from cnn import data
 from pipeline import paths
 from pipeline._util import PipelineError, atomic_path
 from pipeline.params import MD5_RE, load
 
 CHUNK = 1 << 20
-MEMBERS = tuple(
-    f"cifar-10-batches-py/{n}"
-    for n in ("batches.meta", *(f"data_batch_{i}" for i in range(1, 6)), "test_batch")
-)
+MEMBERS = tuple(f"{data.BATCH_DIR}/{m}" for m in data.MEMBERS)  # what cnn.data reads
 USER_AGENT = "cnn-from-scratch-pipeline/0.1 (+python urllib)"
 #: Base of the exponential backoff between attempts (seconds): 1, 2, 4, ... capped at 60.
 BACKOFF_BASE = float(os.environ.get("CIFAR10_BACKOFF", "1"))

@@ -4,7 +4,8 @@
 ``cnn.train.load_model`` (on the run's backend and device), predicts the test
 images of the prepared dataset and writes, under ``runs/<run>/``:
 
-* ``eval.json``       -- test accuracy and per-class accuracy (``dvc metrics``)
+* ``eval.json``       -- test accuracy, per-class accuracy, and the seconds that predicting
+                        the test set took on ``device`` (``dvc metrics``)
 * ``confusion.json``  -- confusion matrix (rows: true class, columns: predicted) + class names
 * ``confusion.png``   -- the same, plotted with class names
 * ``predictions.csv`` -- actual,predicted class name per test image (``dvc plots``, confusion template)
@@ -59,7 +60,7 @@ def load_test_set(path=paths.PREPARED):
 
 
 def evaluate(run: str) -> dict:
-    from cnn.train import load_model, predict
+    from cnn.train import load_model, model_backend, predict
 
     d = paths.run_dir(run)
     outputs = paths.evaluate_outputs(run)
@@ -71,13 +72,13 @@ def evaluate(run: str) -> dict:
     mlflow_info = read_json(d / paths.MLFLOW_RUN)
 
     x, y, classes = load_test_set()
-    t0 = time.perf_counter()
     model = load_model(str(ckpt), backend=config["backend"], device=config["device"])
-    pred = np.asarray(predict(model, x))
+    t0 = time.perf_counter()
+    pred = np.asarray(predict(model, x))  # back on the host: the device's work is done
     seconds = time.perf_counter() - t0
     cm = confusion(y, pred, len(classes))
     result = scores(cm, classes)
-    result["inference_seconds"] = seconds
+    result.update(inference_seconds=seconds, device=repr(model_backend(model)))
 
     try:
         write_json(d / paths.EVAL_METRICS, result)

@@ -788,6 +788,7 @@ def test_dvc_repro_end_to_end(repro_project, archive):
         ev = json.loads((d / paths.EVAL_METRICS).read_text())
         assert ev["test_acc"] == pytest.approx(m["best_test_acc"])  # reloaded checkpoint = best epoch
         assert len(ev["per_class_acc"]) == 10
+        assert ev["device"] == m["device"] and ev["inference_seconds"] > 0
         cm = json.loads((d / paths.CONFUSION).read_text())
         assert len(cm["classes"]) == 10 and sum(map(sum, cm["matrix"])) == N_TEST
 
