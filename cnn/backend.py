@@ -32,9 +32,10 @@ class Backend:
 
     name = "numpy"
 
-    # Conv2d's input gradient at stride 1: a convolution of the output gradient
-    # (functional.conv_input_grad: im2col + one matrix product) rather than a matrix
-    # product and col2im's overlapping strided adds, which are memory-bound on the CPU.
+    # Conv2d's input gradient at stride 1, where out_channels <= in_channels: a convolution
+    # of the output gradient (functional.conv_input_grad: im2col + one matrix product)
+    # rather than a matrix product and col2im's overlapping strided adds, which are
+    # memory-bound on the CPU (see Conv2d.backward).
     input_grad_as_convolution = True
 
     def __init__(self, xp=np, device: str = "cpu"):

@@ -112,9 +112,10 @@ def test_same_seed_gives_identical_weights(archive, runs, one_epoch_run):
 
 def test_resumed_run_ends_exactly_like_an_uninterrupted_one(archive, full_run, one_epoch_run):
     full, full_out = full_run
-    _, out, _ = one_epoch_run
+    first, out, _ = one_epoch_run
     resumed = fit(base_config(archive, out, epochs=2, resume=True))
     assert [h["epoch"] for h in resumed.history] == [1, 2]
+    assert resumed.history[0] == first.history[0]  # its time too: epoch 1 was not trained again
     a = load_checkpoint(full_out / "last.npz")
     b = load_checkpoint(out / "last.npz")
     assert_same_state(a.model_state, b.model_state, "model ")
