@@ -142,8 +142,8 @@ class Conv2d(Module):
         gcols_shape = (x_shape[0] * x_shape[2] * x_shape[3], kh * kw * g.shape[1])  # (N*H*W, kh*kw*F)
         if (B.input_grad_as_convolution and self.stride == 1 and kh == kw and self.padding < kh
                 and gcols_shape[0] * gcols_shape[1] <= dcols_shape[0] * dcols_shape[1]):
-            # Only where its columns are no larger than col2im's: measured on NumPy, it is
-            # then clearly faster (out_channels == in_channels), and not otherwise.
+            # Only where its columns are no larger than col2im's. Measured on NumPy: clearly
+            # faster where out_channels == in_channels, no faster where they double.
             gcols = self.workspace.get("grad cols", gcols_shape, B, B.dtype_name(g))
             return F.conv_input_grad(grad_out, self.weight.data, self.padding, out=gcols)
         dcols = self.workspace.get("dcols", dcols_shape, B, B.dtype_name(g))
