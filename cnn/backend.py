@@ -32,11 +32,11 @@ class Backend:
 
     name = "numpy"
 
-    # Conv2d's input gradient at stride 1, where out_channels <= in_channels: a convolution
-    # of the output gradient (functional.conv_input_grad: im2col + one matrix product)
-    # rather than a matrix product and col2im's overlapping strided adds, which are
-    # memory-bound on the CPU (see Conv2d.backward).
-    input_grad_as_convolution = True
+    # Conv2d.backward's patch gradients: one matrix product per kernel offset, each into its
+    # own contiguous block, rather than one product whose rows interleave the offsets.
+    # NumPy pays per inner loop, and col2im's adds then run over whole image rows instead
+    # of one pixel's channels. Where each operator costs host time (a GPU), one product.
+    patch_grads_per_offset = True
 
     def __init__(self, xp=np, device: str = "cpu"):
         self.xp = xp
@@ -93,10 +93,6 @@ class Backend:
         """A view of contiguous ``a`` with ``strides`` counted in elements (not bytes)."""
         item = a.itemsize
         return self.xp.lib.stride_tricks.as_strided(a, shape, tuple(s * item for s in strides))
-
-    def flip(self, a, axes):
-        """``a`` reversed along ``axes`` (a view where the library allows one)."""
-        return self.xp.flip(a, axis=axes)
 
     # -- math -----------------------------------------------------------------------
     def matmul(self, a, b, out=None):
@@ -207,6 +203,7 @@ class Backend:
 
 class CupyBackend(Backend):
     name = "cupy"
+    patch_grads_per_offset = False
 
     def __init__(self, device: str = "cuda"):
         import cupy
@@ -234,9 +231,7 @@ class TorchBackend(Backend):
     """
 
     name = "torch"
-    # Not yet on PyTorch: the two ways round differ in float rounding, and the committed
-    # torch runs were trained with col2im (re-running SmallResNet's takes hours on a CPU).
-    input_grad_as_convolution = False
+    patch_grads_per_offset = False
 
     def __init__(self, device: str = "cpu"):
         import torch
@@ -298,9 +293,6 @@ class TorchBackend(Backend):
 
     def as_strided(self, a, shape, strides):
         return a.as_strided(shape, strides)
-
-    def flip(self, a, axes):
-        return self.torch.flip(a, dims=axes)
 
     def column_sums(self, a):
         return a.sum(dim=0)

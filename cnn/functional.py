@@ -91,17 +91,19 @@ def col2im(cols, input_shape, kernel_size: tuple[int, int], stride: int, padding
 
     cols: (N * Ho * Wo, kh * kw * C) -> (N, C, H, W) (a channels-last view). Overlapping
     patches are summed by one strided add per kernel offset, not by a scatter-add.
-    ``offsets``: ``patch_offsets(cols, ...)`` made once for a reused ``cols`` buffer; on
-    PyTorch every view is an operator call, which on a GPU costs host time whatever its size.
+    ``offsets`` replaces ``cols``: the kh * kw arrays (N, Ho, Wo, C) of each kernel offset's
+    patch gradients, in (i, j) row-major order. Either ``patch_offsets(cols, ...)`` made
+    once for a reused ``cols`` buffer (on PyTorch every view is an operator call, which on a
+    GPU costs host time whatever its size), or contiguous blocks computed offset by offset.
     """
-    B = backend_of(cols)
     n, c, h, w = input_shape
     kh, kw = kernel_size
     ho = conv_output_size(h, kh, stride, padding)
     wo = conv_output_size(w, kw, stride, padding)
     if offsets is None:
         offsets = patch_offsets(cols, input_shape, kernel_size, stride, padding)
-    grad = B.zeros((n, h + 2 * padding, w + 2 * padding, c), dtype=B.dtype_name(cols))
+    B = backend_of(offsets[0])
+    grad = B.zeros((n, h + 2 * padding, w + 2 * padding, c), dtype=B.dtype_name(offsets[0]))
     windows = [(window(i, ho, stride), window(j, wo, stride)) for i in range(kh) for j in range(kw)]
 
     def accumulate(grad, *offsets):
@@ -112,28 +114,6 @@ def col2im(cols, input_shape, kernel_size: tuple[int, int], stride: int, padding
     B.map_chunks(accumulate, grad, *offsets)
     grad = grad[:, padding:padding + h, padding:padding + w, :]
     return B.transpose(grad, (0, 3, 1, 2))
-
-
-def conv_input_grad(grad_out, weight, padding: int, out=None):
-    """Input gradient of a stride-1 convolution, computed as a convolution itself.
-
-    grad_out: (N, F, Ho, Wo), weight: (F, C, k, k) -> (N, C, H, W) (a channels-last view),
-    with ``padding <= k - 1``. dx is the correlation of grad_out, zero-padded by k - 1 - p,
-    with the kernel flipped in space and its channel axes swapped: one :func:`im2col`
-    and one matrix product, where :func:`col2im` adds k * k overlapping strided slices.
-    ``out``: an optional (N * H * W, k * k * F) buffer for the columns.
-    """
-    B = backend_of(grad_out)
-    f, c, kh, kw = weight.shape
-    n, _, ho, wo = grad_out.shape
-    if kh != kw or not 0 <= padding < kh:
-        raise ValueError(f"conv_input_grad needs a square kernel and 0 <= padding < {kh}; "
-                         f"got kernel {kh}x{kw}, padding {padding}: use col2im")
-    cols = im2col(grad_out, (kh, kw), 1, kh - 1 - padding, out=out)
-    flipped = B.transpose(B.flip(weight, (2, 3)), (2, 3, 0, 1))  # (k, k, F, C), like cols' columns
-    dx = cols @ B.contiguous(flipped).reshape(kh * kw * f, c)  # (N*H*W, C): channels-last
-    h, w = ho + kh - 1 - 2 * padding, wo + kw - 1 - 2 * padding
-    return B.transpose(dx.reshape(n, h, w, c), (0, 3, 1, 2))
 
 
 def log_softmax(logits):

@@ -138,17 +138,15 @@ class Conv2d(Module):
             self.bias.grad = B.column_sums(g)
         if not self.input_grad:
             return None
-        dcols_shape = (g.shape[0], w2d.shape[1])  # (N*Ho*Wo, kh*kw*C)
-        gcols_shape = (x_shape[0] * x_shape[2] * x_shape[3], kh * kw * g.shape[1])  # (N*H*W, kh*kw*F)
-        if (B.input_grad_as_convolution and self.stride == 1 and kh == kw and self.padding < kh
-                and gcols_shape[0] * gcols_shape[1] <= dcols_shape[0] * dcols_shape[1]):
-            # Only where its columns are no larger than col2im's. Measured on NumPy: clearly
-            # faster where out_channels == in_channels, no faster where they double.
-            gcols = self.workspace.get("grad cols", gcols_shape, B, B.dtype_name(g))
-            return F.conv_input_grad(grad_out, self.weight.data, self.padding, out=gcols)
-        dcols = self.workspace.get("dcols", dcols_shape, B, B.dtype_name(g))
-        B.matmul(g, w2d, out=dcols)
         geometry = (x_shape, self.kernel_size, self.stride, self.padding)
+        c, dtype = x_shape[1], B.dtype_name(g)
+        if B.patch_grads_per_offset:  # (kh*kw, N*Ho*Wo, C): the same dot products
+            dcols = self.workspace.get("dcols by offset", (kh * kw, g.shape[0], c), B, dtype)
+            for k in range(kh * kw):
+                B.matmul(g, w2d[:, k * c:(k + 1) * c], out=dcols[k])
+            return F.col2im(None, *geometry, offsets=[part.reshape(n, ho, wo, c) for part in dcols])
+        dcols = self.workspace.get("dcols", (g.shape[0], w2d.shape[1]), B, dtype)  # (N*Ho*Wo, kh*kw*C)
+        B.matmul(g, w2d, out=dcols)
         offsets = self.workspace.views("dcols offsets", F.patch_offsets, dcols, *geometry)
         return F.col2im(dcols, *geometry, offsets=offsets)
 

@@ -56,7 +56,7 @@ CONV_CASES = [
     (2, 3, 5, 2, 1, True, 2, 8, 11),
     (4, 2, (3, 5), 1, 1, True, 2, 7, 9),
     (1, 1, 3, 1, 0, True, 1, 3, 3),  # output 1x1
-    # out_channels <= in_channels at stride 1: where the input gradient can be a convolution
+    # out_channels <= in_channels
     (4, 4, 3, 1, 1, True, 2, 7, 9),
     (6, 2, 3, 1, 0, False, 1, 7, 9),
     (5, 3, 5, 1, 2, True, 2, 8, 7),
@@ -64,12 +64,11 @@ CONV_CASES = [
 ]
 
 
-@pytest.mark.parametrize("as_convolution", [True, False], ids=["dx_by_conv", "dx_by_col2im"])
+@pytest.mark.parametrize("per_offset", [True, False], ids=["dcols_by_offset", "dcols_one_matmul"])
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "c{}-{}_k{}_s{}_p{}_b{}_n{}_{}x{}".format(*c))
-def test_conv2d_matches_torch(case, as_convolution, backend, dtype, rng, monkeypatch):
-    """Both ways to the input gradient (Backend.input_grad_as_convolution) on every backend;
-    the convolution applies to stride 1 with a square kernel and padding < kernel."""
-    monkeypatch.setattr(backend, "input_grad_as_convolution", as_convolution)
+def test_conv2d_matches_torch(case, per_offset, backend, dtype, rng, monkeypatch):
+    """Both layouts of the patch gradients (Backend.patch_grads_per_offset) on every backend."""
+    monkeypatch.setattr(backend, "patch_grads_per_offset", per_offset)
     c_in, c_out, k, s, p, bias, n, h, w = case
     ours = randomize_bias(Conv2d(c_in, c_out, k, stride=s, padding=p, bias=bias), rng)
     theirs = nn.Conv2d(c_in, c_out, k, stride=s, padding=p, bias=bias)
@@ -410,27 +409,6 @@ def test_col2im_is_adjoint_of_im2col(kernel, stride, padding, backend, rng):
     assert tuple(back.shape) == shape
     rhs = float(to_numpy(x).ravel() @ to_numpy(back).ravel())
     assert lhs == pytest.approx(rhs, rel=1e-12, abs=1e-12)
-
-
-@pytest.mark.parametrize("case", [c for c in CONV_CASES if c[3] == 1 and isinstance(c[2], int) and c[4] < c[2]],
-                         ids=lambda c: "c{}-{}_k{}_s{}_p{}_b{}_n{}_{}x{}".format(*c))
-def test_conv_input_grad_matches_torch(case, backend, dtype, rng):
-    """The stride-1 input gradient as a convolution, for any channel counts (Conv2d uses
-    it only where its columns are no larger than col2im's)."""
-    c_in, c_out, k, _, p, _, n, h, w = case
-    x = torch.tensor(rng.standard_normal((n, c_in, h, w)), requires_grad=True)
-    weight = rng.standard_normal((c_out, c_in, k, k)).astype(dtype)
-    out = torch.nn.functional.conv2d(x, torch.tensor(weight, dtype=torch.float64), padding=p)
-    g = rng.standard_normal(tuple(out.shape)).astype(dtype)
-    out.backward(torch.tensor(g, dtype=torch.float64))
-    got = F.conv_input_grad(backend.asarray(g), backend.asarray(weight), p)
-    assert_close(got, x.grad, dtype, "dx")
-
-
-@pytest.mark.parametrize("kernel,padding", [((3, 3), 3), ((3, 5), 1)])
-def test_conv_input_grad_refuses_what_it_cannot_compute(kernel, padding):
-    with pytest.raises(ValueError, match="needs a square kernel and 0 <= padding < 3.*use col2im"):
-        F.conv_input_grad(np.zeros((1, 2, 4, 4)), np.zeros((2, 3) + kernel), padding)
 
 
 @pytest.mark.parametrize("stride,padding", [(1, 0), (2, 1), (1, 1)])
