@@ -56,7 +56,7 @@ CONV_CASES = [
     (2, 3, 5, 2, 1, True, 2, 8, 11),
     (4, 2, (3, 5), 1, 1, True, 2, 7, 9),
     (1, 1, 3, 1, 0, True, 1, 3, 3),  # output 1x1
-    # out_channels <= in_channels
+    # as many or fewer output channels than input channels
     (4, 4, 3, 1, 1, True, 2, 7, 9),
     (6, 2, 3, 1, 0, False, 1, 7, 9),
     (5, 3, 5, 1, 2, True, 2, 8, 7),
