@@ -9,7 +9,8 @@ committed ``runs/<run>/history.csv``, exactly (the loss is a float32 sum over 50
 images, so one changed rounding anywhere in a step shows). A change to ``cnn/`` that is
 meant not to change results passes this on the device that produced the row: GPU kernels
 and CPU libraries round differently, so a row is reproducible only on its own kind of
-device. Exit status 0 when identical, 1 when not.
+device. Exit status (as cmp's): 0 when identical, 1 when not, 2 when it could not tell
+(bad arguments, or training failed).
 """
 from __future__ import annotations
 
@@ -18,10 +19,13 @@ import csv
 import json
 import sys
 import tempfile
+import traceback
 from dataclasses import replace
 
+from cnn.errors import UserError
 from cnn.train import TrainConfig, fit
 from pipeline import params as params_mod
+from pipeline.params import ParamsError
 from pipeline import paths
 
 COMPARED = ("loss", "train_acc", "test_acc")
@@ -54,4 +58,11 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (UserError, ParamsError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except Exception:  # noqa: BLE001 - an engine bug: show where
+        traceback.print_exc()
+        sys.exit(2)

@@ -350,7 +350,11 @@ class TorchBackend(Backend):
         graph = torch.cuda.CUDAGraph()
         if hasattr(graph, "register_generator_state"):
             graph.register_generator_state(self.rng)
-        with torch.cuda.device(self.device), torch.cuda.graph(graph):
+        # The outer stream context puts back the stream that was current: when a capture
+        # fails, torch.cuda.graph raises before it restores it, and every later eager
+        # kernel would run on its capture stream.
+        with (torch.cuda.device(self.device), torch.cuda.stream(torch.cuda.current_stream(self.device)),
+              torch.cuda.graph(graph)):
             fn()
         return graph
 

@@ -5,7 +5,7 @@
 
 One full SGD step (forward, loss, backward, update) on random data is timed for each
 model, engine and batch size. ``native`` is the equivalent ``torch.nn`` model with autograd
-and ``torch.optim.SGD``: the baseline. Every case runs in a fresh subprocess, one after the
+and ``torch.optim.SGD``: the baseline, in full float32 like the engine (no TF32). Every case runs in a fresh subprocess, one after the
 other, so its peak memory is its own and no case warms caches for another. The figure per
 case is the best of ``--repeats`` blocks of ``--steps`` steps (mean time per step within a
 block), the usual way to measure on a machine that other work may disturb.
@@ -41,6 +41,10 @@ def _time_case(model_name: str, engine: str, device: str, batch_size: int, steps
         from cnn.torch_twins import torch_twin
 
         torch.set_grad_enabled(True)
+        # cuDNN runs float32 convolutions in TF32 by default on Ampere and newer GPUs; the
+        # engine's float32 matrix products run in full float32 (PyTorch's default for
+        # matmul), so the baseline does too: same precision, same arithmetic to compare.
+        torch.backends.cudnn.allow_tf32 = False
         dev = resolve_device("torch", device)  # the device the engine gets for the same flag
         model = torch_twin(model_name).to(dev).train()
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)

@@ -235,6 +235,30 @@ def test_cuda_graph_replays_train_exactly_like_eager_steps(model, archive, tmp_p
     _assert_same_run(eager, replayed)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to PyTorch here")
+def test_a_cuda_step_that_cannot_be_recorded_runs_eagerly_on_the_stream_it_had():
+    """A step that reads a value back to the host cannot be captured in a CUDA graph: the
+    warning says so, every step runs eagerly once, and later kernels stay on the stream that
+    was current (a failed capture must not leave its capture stream behind)."""
+    from cnn.backend import get_backend
+    from cnn.replay import StepReplay
+
+    B = get_backend("torch", "cuda")
+    total = B.zeros((1,), "float32")
+
+    def step(x, y):
+        total[...] += B.sum(x)
+        B.item(total)  # a host read: refused while a stream is capturing
+
+    run, x = StepReplay(step, B), B.asarray(np.ones(4, np.float32))
+    stream = torch.cuda.current_stream()
+    with pytest.warns(RuntimeWarning, match="runs eagerly"):
+        for _ in range(3):
+            run(x, x)
+    assert torch.cuda.current_stream() == stream
+    assert run.replays == 0 and B.item(total) == 12.0  # 3 steps of 4: none lost or doubled
+
+
 @pytest.mark.parametrize("change, message", [
     ({"model": "resnet"}, "model 'simple' -> 'resnet'"),
     ({"lr": 0.1}, "lr 0.01 -> 0.1"),
