@@ -63,6 +63,14 @@ step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, note the time and e
     return $rc
 }
 
+# On a machine with 8 or more cores, the runs get cores 0-3 and the checks beside them the
+# rest: the test suite would otherwise take every core (a NumPy thread pool per core in each
+# of its workers) from the runs' host threads, and their s/epoch goes into the results table.
+RUN_CPUS="" TEST_CPUS=""
+if command -v taskset >/dev/null && [ "$(nproc)" -ge 8 ]; then
+    RUN_CPUS="taskset -c 0-3" TEST_CPUS="taskset -c 4-$(($(nproc) - 1))"
+fi
+
 launch() {  # each run in the background: train, then evaluate; exit status in LOGS/RUN.rc
     for run in "$@"; do
         local params=params.yaml
@@ -72,7 +80,7 @@ launch() {  # each run in the background: train, then evaluate; exit status in L
             python3 -c "import sys, yaml; p = yaml.safe_load(open('params.yaml')); p['resume'] = True
 yaml.safe_dump(p, open(sys.argv[1], 'w'), sort_keys=False)" "$params"
         fi
-        setsid nohup bash -c "t0=\$SECONDS; OMP_NUM_THREADS=2 python3 -m pipeline.train $run --params $params >$LOGS/train_$run.log 2>&1 &&
+        setsid nohup $RUN_CPUS bash -c "t0=\$SECONDS; OMP_NUM_THREADS=2 python3 -m pipeline.train $run --params $params >$LOGS/train_$run.log 2>&1 &&
             python3 -m pipeline.evaluate $run >$LOGS/evaluate_$run.log 2>&1; rc=\$?
             echo \"$run: exit \$rc, \$((SECONDS - t0)) s\" >$LOGS/$run.rc" >/dev/null 2>&1 &
     done
@@ -109,12 +117,12 @@ start)
     wait $data || { echo "no data: see mirror.log / data.log"; exit 1; }
     launch "$@"
     # Beside the runs: whether it matches only needs the numbers, not a quiet GPU.
-    step reproduce python3 benchmarks/reproduce_epoch.py "$REPRODUCE" --device "$DEVICE"
+    step reproduce $TEST_CPUS python3 benchmarks/reproduce_epoch.py "$REPRODUCE" --device "$DEVICE"
     # The engine's suite, CUDA and CuPy parametrisations included (the pipeline tests need
     # DVC), beside the runs: its timing does not matter, theirs is read from their metrics.
     workers=""
     python3 -c "import xdist" 2>/dev/null && workers="-n 4"
-    step tests python3 -m pytest -q -rs -p no:cacheprovider $workers tests/test_layers.py \
+    step tests $TEST_CPUS python3 -m pytest -q -rs -p no:cacheprovider $workers tests/test_layers.py \
         tests/test_models.py tests/test_optim.py tests/test_data.py tests/test_train.py
     ;;
 collect)

@@ -420,8 +420,8 @@ def _make_backend(name: str, device: str) -> Backend:
             try:
                 _backends[key] = CupyBackend(device)
             except ImportError as err:
-                raise DeviceError("the cupy backend needs CuPy: pip install 'cnn-from-scratch[cupy]' "
-                                  "(on a machine with a CUDA GPU)") from err
+                raise DeviceError("the cupy backend needs CuPy: on a machine with a CUDA GPU, "
+                                  "pip install -e '.[cupy]' in the repository root (cupy-cuda12x)") from err
         if _seed is not None:
             _backends[key].seed(_seed)
     return _backends[key]

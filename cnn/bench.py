@@ -177,7 +177,7 @@ def main(argv=None) -> int:
         for model in args.models:
             for engine in args.engines:
                 cmd = [sys.executable, "-m", "cnn.bench", "--case", f"{model}:{engine}:{bs}",
-                       "--device", args.device, "--steps", str(args.steps),
+                       "--engines", engine, "--device", args.device, "--steps", str(args.steps),
                        "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
                 print(f"timing {model} on {engine}, batch {bs} ...", file=sys.stderr, flush=True)
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())

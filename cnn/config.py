@@ -122,6 +122,8 @@ def combination_problems(settings: dict) -> list[str]:
     """Problems between two knobs that are each valid on their own."""
     found = []
     backend, device = settings.get("backend"), settings.get("device")
+    if _device(device) is not None:
+        device = None  # already reported as a device no backend has
     if backend == "numpy" and device not in (None, "auto", "cpu"):
         found.append(f"'device' must be auto or cpu with backend numpy; got {show(device)}")
     if backend == "cupy" and device not in (None, "auto") and not str(device).startswith("cuda"):
@@ -151,6 +153,18 @@ def resume_conflicts(saved: dict, settings: dict, epochs_done: int = 0) -> list[
         changed.append(f"epochs {show(saved.get('epochs'))} -> {show(settings['epochs'])}, "
                        f"fewer than the {epochs_done} already trained")
     return changed
+
+
+def data_conflicts(meta: dict, mean, std) -> list[str]:
+    """A checkpoint's normalisation statistics (``meta``'s mean and std) against ``mean``
+    and ``std`` of the data at hand: other values mean other training images (the official
+    archive and a mirror of it, say), which resuming would mix into one run. Checkpoints
+    without them pass."""
+    if "mean" not in meta or "std" not in meta:
+        return []
+    if [float(v) for v in mean] == meta["mean"] and [float(v) for v in std] == meta["std"]:
+        return []
+    return ["the data: its per-channel mean/std are not those the checkpoint was trained on"]
 
 
 @dataclass

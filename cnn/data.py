@@ -308,6 +308,9 @@ def save_prepared(path: str | os.PathLike, ds: CIFAR10, mean, std) -> None:
 
 
 def _open_npz(path: Path):
+    if not zipfile.is_zipfile(path):  # NumPy would guess a pickle and suggest allow_pickle
+        raise DatasetError(f"{path}: not a .npz archive (truncated, or another kind of file): "
+                           "delete it and prepare it again from the archive")
     try:
         return np.load(path, allow_pickle=False)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:

@@ -140,6 +140,11 @@ def softmax_cross_entropy(logits, labels):
     """
     B = backend_of(logits)
     n = logits.shape[0]
+    # (N, 1) labels would broadcast against the rows into an (N, N) pick: a wrong loss and
+    # no error. The values' range is not checked: on a GPU that would wait for the device.
+    if tuple(labels.shape) != (n,) or not B.dtype_name(labels).startswith("int"):
+        raise ValueError(f"labels must be {n} integer class indices, shape ({n},) like the rows of the "
+                         f"({n}, K) logits; got shape {tuple(labels.shape)} of {B.dtype_name(labels)}")
     rows = B.arange(n)
     logp = log_softmax(logits)
     loss = -B.mean(logp[rows, labels])

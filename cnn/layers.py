@@ -5,9 +5,17 @@ outputs are channels-last in memory (a transposed view); every layer accepts any
 """
 from __future__ import annotations
 
+import numbers
+
 from cnn import functional as F
 from cnn.backend import backend_of
 from cnn.module import Module, Parameter
+
+
+def _count(v, what: str) -> int:
+    if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"{what} must be a positive integer, got {v!r}")
+    return int(v)
 
 
 def _pair(v, what: str, minimum: int) -> tuple[int, int]:
@@ -87,7 +95,8 @@ class Conv2d(Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  bias: bool = True):
         super().__init__()
-        self.in_channels, self.out_channels = in_channels, out_channels
+        self.in_channels = _count(in_channels, "in_channels")
+        self.out_channels = _count(out_channels, "out_channels")
         self.kernel_size = _pair(kernel_size, "kernel_size", 1)
         self.stride = _square(stride, "stride", 1)
         self.padding = _square(padding, "padding", 0)
@@ -156,7 +165,8 @@ class Linear(Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features = in_features = _count(in_features, "in_features")
+        self.out_features = out_features = _count(out_features, "out_features")
         self.weight = Parameter(F.kaiming_uniform((out_features, in_features), in_features))
         self.bias = Parameter(F.bias_uniform(out_features, in_features)) if bias else None
         self.cache = None
@@ -191,7 +201,8 @@ class BatchNorm2d(Module):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
         super().__init__()
-        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.num_features = num_features = _count(num_features, "num_features")
+        self.eps, self.momentum = eps, momentum
         self.weight = Parameter(F.constant(num_features, 1.0))
         self.bias = Parameter(F.constant(num_features, 0.0))
         self.register_buffer("running_mean", F.constant(num_features, 0.0))

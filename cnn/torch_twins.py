@@ -51,6 +51,8 @@ TWINS = {"simple": simple_cnn_twin, "resnet": small_resnet_twin}
 
 def torch_twin(name: str, state_dict=None) -> nn.Sequential:
     """The torch.nn twin of reference model ``name``, loaded from a state_dict if given."""
+    if name not in TWINS:
+        raise ValueError(f"no torch.nn twin of model {name!r}: choose one of {', '.join(TWINS)}")
     model = TWINS[name]()
     if state_dict is not None:
         model.load_state_dict({k: torch.as_tensor(v) for k, v in state_dict.items()}, strict=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from tqdm import tqdm
 
 from cnn.backend import BACKENDS, Backend, backend_of, get_backend, manual_seed
 from cnn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from cnn.config import TrainConfig, resume_conflicts
+from cnn.config import TrainConfig, data_conflicts, resume_conflicts
 from cnn.data import DataLoader, load_cifar10, normalization_stats
 from cnn.errors import ConfigError, UserError
 from cnn.functional import softmax_cross_entropy
@@ -113,8 +114,10 @@ def fit(config: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None)
     optimizer = make_optimizer(config, model)
     try:
         out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):  # now, not when the first epoch's checkpoint is due
+            pass
     except OSError as err:
-        raise ConfigError(f"cannot create the output folder {out} ({err.strerror}): "
+        raise ConfigError(f"cannot write to the output folder {out} ({err.strerror}): "
                          "choose another --out") from err
     last_path, best_path = out / "last.npz", out / "best.npz"
 
@@ -122,7 +125,8 @@ def fit(config: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None)
     best_acc, best_epoch, bad_epochs, start = -1.0, 0, 0, 0
     if config.resume and last_path.exists():
         ck = load_checkpoint(last_path)
-        changed = resume_conflicts(ck.meta.get("config", {}), asdict(config), ck.meta.get("epoch", 0))
+        changed = (resume_conflicts(ck.meta.get("config", {}), asdict(config), ck.meta.get("epoch", 0))
+                   + data_conflicts(ck.meta, mean, std))
         if changed:
             raise CheckpointError(f"{last_path} was written by a run with other settings "
                                   f"({'; '.join(changed)}), so resuming would not continue it: "

@@ -215,7 +215,8 @@ def download(params, dest: Path = paths.RAW_ARCHIVE) -> Path:
     if dest.is_file() and md5sum(dest) == md5:
         print(f"{dest} already present (md5 {md5})", file=sys.stderr)
         return dest
-    dest.unlink(missing_ok=True)
+    # A file already there with another md5 stays until a verified one is renamed over it:
+    # a failed download must not cost the user the copy they had.
 
     try:
         with atomic_path(dest) as tmp:

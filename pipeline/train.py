@@ -29,7 +29,8 @@ from pathlib import Path
 
 import cnn
 from cnn.checkpoint import read_meta
-from cnn.config import resume_conflicts
+from cnn.config import data_conflicts, resume_conflicts
+from cnn.data import load_prepared_stats
 
 from pipeline import paths, plots
 from pipeline._util import PipelineError, remove, write_json, write_text
@@ -136,6 +137,9 @@ def resumable_meta(last: Path, cfg: dict) -> dict | None:
         print(f"not resuming: cannot read {last} ({e})", file=sys.stderr)
         return None
     changed = resume_conflicts(meta.get("config") or {}, cfg, meta.get("epoch", 0))
+    stats = load_prepared_stats(paths.PREPARED)
+    if stats is not None:
+        changed += data_conflicts(meta, *stats)
     if changed:
         print(f"not resuming from {last}: settings changed ({'; '.join(changed)})", file=sys.stderr)
         return None

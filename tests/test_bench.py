@@ -35,6 +35,15 @@ def test_a_failed_case_is_one_line_and_the_exit_status_says_so(capsys):
     assert "Traceback" not in err and "1 case(s) failed: simple:cupy:2" in err
 
 
+def test_numpy_runs_on_the_cpu_whatever_the_device(tmp_path):
+    """--device names the GPU for the torch engines; numpy cases ignore it, even where that
+    device does not exist."""
+    out = tmp_path / "bench.json"
+    assert bench.main(["--models", "simple", "--engines", "numpy", "--device", "mps", "--batch-sizes", "2",
+                       "--steps", "1", "--repeats", "1", "--warmup", "0", "--json", str(out)]) == 0
+    assert [r["engine"] for r in json.loads(out.read_text())] == ["numpy"]
+
+
 @pytest.mark.parametrize("args", [["--steps", "0"], ["--repeats", "0"], ["--batch-sizes", "0"],
                                   ["--device", "tpu"], ["--json", "/nonexistent-folder/bench.json"]])
 def test_bench_refuses_bad_settings_before_timing_anything(args):

@@ -512,6 +512,14 @@ def test_softmax_cross_entropy_loss_is_a_0d_array_of_the_backend(backend):
     assert tuple(loss.shape) == ()
 
 
+@pytest.mark.parametrize("labels", [np.array([[0], [2]]), np.array([0.0, 2.0]), np.array([0, 2, 1])],
+                         ids=["(N, 1)", "float", "N + 1"])
+def test_softmax_cross_entropy_refuses_labels_that_are_not_one_index_per_row(backend, labels):
+    """(N, 1) labels would broadcast into an (N, N) pick: a wrong loss, silently."""
+    with pytest.raises(ValueError, match=r"labels must be 2 integer class indices, shape \(2,\)"):
+        F.softmax_cross_entropy(backend.asarray(np.zeros((2, 3), np.float32)), backend.asarray(labels))
+
+
 # ---------------------------------------------------------------------------------------
 # Clear errors for wrong input shapes
 # ---------------------------------------------------------------------------------------
@@ -572,6 +580,11 @@ def test_a_numpy_subclass_input_is_accepted():
     (lambda: Conv2d(3, 4, (3, 3, 3)), "kernel_size must be an integer >= 1 \\(or a pair of them\\)"),
     (lambda: MaxPool2d(2, stride=0), "stride must be an integer >= 1"),
     (lambda: AvgPool2d(1.5), "kernel_size must be an integer >= 1"),
+    (lambda: Conv2d(3, 0, 3), "out_channels must be a positive integer, got 0"),
+    (lambda: Conv2d("3", 4, 3), "in_channels must be a positive integer, got '3'"),
+    (lambda: Linear(0, 5), "in_features must be a positive integer, got 0"),
+    (lambda: Linear(5, 2.0), "out_features must be a positive integer, got 2.0"),
+    (lambda: BatchNorm2d(True), "num_features must be a positive integer, got True"),
 ])
 def test_bad_layer_arguments_raise_naming_the_argument(make, message):
     with pytest.raises(ValueError, match=message):

@@ -61,6 +61,11 @@ def test_exact_parameter_counts(name, count):
     assert sum(p.numel() for p in torch_twin(name).parameters()) == count
 
 
+def test_an_unknown_model_has_no_twin():
+    with pytest.raises(ValueError, match="no torch.nn twin of model 'vgg': choose one of simple, resnet"):
+        torch_twin("vgg")
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_state_dict_keys_shapes_and_order_equal_the_twin(name):
     ours = build_model(name).state_dict()

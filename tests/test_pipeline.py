@@ -30,6 +30,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -452,6 +453,21 @@ def test_download_rejects_bad_archives(case, archive, tmp_path):
     assert not (work / "data").exists()  # nothing left behind, not even an empty folder
 
 
+def test_a_failed_download_keeps_the_archive_that_was_there(archive, tmp_path):
+    """An archive with another md5 (say, a mirror, when the official one is asked for) is
+    replaced only by a verified one: a download that fails leaves it as it was."""
+    path, md5 = archive
+    work = tmp_path / "work"
+    (work / paths.RAW_ARCHIVE).parent.mkdir(parents=True)
+    shutil.copy(REPO / "params.yaml", work)
+    shutil.copy(path, work / paths.RAW_ARCHIVE)
+    env = clean_env(PYTHONPATH=REPO, CIFAR10_SOURCE=str(tmp_path / "no-such.tar.gz"), CIFAR10_MD5="0" * 32)
+    p = stage("download", cwd=work, env=env, check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert md5_of(work / paths.RAW_ARCHIVE) == md5
+    assert sorted(f.name for f in (work / paths.RAW_ARCHIVE).parent.iterdir()) == [paths.RAW_ARCHIVE.name]
+
+
 def test_normalize_checks_what_a_training_set_needs():
     import types
 
@@ -536,14 +552,14 @@ def test_tracker_degrades_to_noop_after_one_warning(monkeypatch, capsys):
 @pytest.fixture
 def stage_dir(tmp_path, monkeypatch):
     """The working directory of a train stage whose fit is to be stood in for: the
-    project's params.yaml, a stand-in prepared file, MLflow off."""
+    project's params.yaml, a stand-in prepared file (its statistics only), MLflow off."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DVC_ROOT", raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # no-op tracker
     monkeypatch.setattr(tracking, "_warned", False)
     shutil.copy(REPO / "params.yaml", tmp_path)
     paths.PREPARED.parent.mkdir(parents=True)
-    paths.PREPARED.write_bytes(b"stand-in")
+    np.savez(paths.PREPARED, mean=np.full(3, 0.5), std=np.full(3, 0.25))  # what resuming reads
     return tmp_path
 
 
@@ -867,6 +883,22 @@ def test_only_the_edited_run_is_stale(repro_project, archive, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_typo_in_params_leaves_the_trained_run_in_place(repro_project, tmp_path):
+    """DVC deletes a stage's outputs before running it unless they persist: the train stage
+    persists them and removes them itself only after params.yaml passed its checks."""
+    proj, env, _ = repro_project
+    proj = clone_project(proj, tmp_path / "project")
+    run_dir = proj / "runs" / "simple_5ep_torch"
+    before = {f.name: f.read_bytes() for f in run_dir.iterdir()}
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["runs"]["simple_5ep_torch"]["epoch"] = params["runs"]["simple_5ep_torch"].pop("epochs")
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    p = dvc("repro", cwd=proj, env=env, check=False)
+    assert p.returncode != 0 and "run 'simple_5ep_torch': unknown key 'epoch'" in p.stdout + p.stderr
+    assert {f.name: f.read_bytes() for f in run_dir.iterdir()} == before
+
+
+@pytest.mark.slow
 def test_queued_experiments_log_to_the_main_store(repro_project, tmp_path):
     proj, env, _ = repro_project
     proj = clone_project(proj, tmp_path / "project")  # fresh store: no mlflow.db, no mlartifacts
@@ -1001,6 +1033,13 @@ def test_resume_continues_a_run_only_with_the_same_settings(repro_project, tmp_p
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     p = stage("train", name, cwd=proj, env=env)
     assert "not resuming" in p.stderr and "lr" in p.stderr
+    assert json.loads((d / paths.CONFIG).read_text())["resumed"] is False
+
+    with np.load(proj / paths.PREPARED) as z:  # same settings, other images (as their stats say)
+        prepared = {k: z[k] for k in z.files}
+    np.savez(proj / paths.PREPARED, **{**prepared, "mean": prepared["mean"] + 0.01})
+    p = stage("train", name, cwd=proj, env=env)
+    assert "not resuming" in p.stderr and "the data: its per-channel mean/std" in p.stderr
     assert json.loads((d / paths.CONFIG).read_text())["resumed"] is False
 
     with open(proj / "cnn" / "layers.py", "a") as f:  # same settings, other engine code

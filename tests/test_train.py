@@ -277,6 +277,18 @@ def test_resume_with_other_settings_is_refused(archive, runs, one_epoch_run, cha
     assert read_meta(out / "last.npz")["epoch"] == 1  # untouched
 
 
+def test_resume_on_other_data_is_refused(runs, one_epoch_run, tmp_path):
+    """The same settings on other images (the official archive where a mirror was, at the
+    same path) would train one run on two data sets."""
+    _, _, snapshot = one_epoch_run
+    other = write_synthetic_cifar10(tmp_path / "cifar-10-python.tar.gz", n_train=200, n_test=50, seed=3)
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(snapshot, out / "last.npz")
+    with pytest.raises(CheckpointError, match=re.escape("other settings (the data: its per-channel mean/std")):
+        fit(base_config(other, out, resume=True))
+
+
 def test_resume_may_not_change_epochs_under_the_cosine_schedule(tiny_archive, tmp_path, monkeypatch):
     """Cosine rates depend on the total number of epochs: 2 then 4 is not a 4-epoch run."""
     _patch_training(monkeypatch, [0.5] * 8)
@@ -538,7 +550,16 @@ def test_cli_out_that_cannot_be_made_returns_2(tiny_archive, tmp_path, capsys):
     code = main(["--epochs", "1", "--data", str(tiny_archive), "--out", str(tmp_path / "taken" / "run"),
                  "--no-progress"])
     assert code == 2
-    assert "cannot create the output folder" in capsys.readouterr().err
+    assert "cannot write to the output folder" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not Path("/sys").is_dir(), reason="needs /sys: a folder no one can write to, root included")
+def test_cli_out_that_cannot_be_written_returns_2_before_training(tiny_archive, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train_mod, "_train_epoch", lambda *a: pytest.fail("trained before checking --out"))
+    code = main(["--epochs", "1", "--data", str(tiny_archive), "--out", "/sys", "--no-progress"])
+    assert code == 2
+    assert "cannot write to the output folder /sys (Permission denied): choose another --out" \
+        in capsys.readouterr().err
 
 
 def test_cli_interrupted_returns_130_and_says_how_to_continue(tmp_path, capsys, monkeypatch):
