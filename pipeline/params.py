@@ -48,8 +48,9 @@ class ParamsError(ValueError):
 
 # --------------------------------------------------------------------------- YAML
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads ``1e-3`` as a float (YAML 1.2) and refuses a key given twice in
-    one mapping (PyYAML keeps the last silently), both as DVC does."""
+    """SafeLoader that reads ``1e-3`` as a float and only true/false as booleans (``no`` and
+    ``off`` are strings in YAML 1.2), and refuses a key given twice in one mapping (PyYAML
+    keeps the last silently), all as DVC does."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -62,6 +63,11 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),

@@ -296,10 +296,17 @@ def test_invalid_params_other_sections():
         P.validate({**tiny_params(), "runs": {}})
 
 
-def test_params_yaml_reads_floats_like_dvc(tmp_path):
+def test_params_yaml_reads_floats_and_booleans_like_dvc(tmp_path):
+    """YAML 1.2, as DVC reads params.yaml: 1e-3 is a float, and `no` is the string 'no'
+    (PyYAML alone would read 1e-3 as a string and `no` as false)."""
     text = (REPO / "params.yaml").read_text().replace("lr: 0.01", "lr: 1e-3", 1)
     (tmp_path / "params.yaml").write_text(text)
     assert P.load(tmp_path / "params.yaml").run("simple_5ep_numpy")["lr"] == 0.001
+    (tmp_path / "params.yaml").write_text(text.replace("augment: false", "augment: FALSE", 1))
+    assert P.load(tmp_path / "params.yaml").run("simple_5ep_numpy")["augment"] is False
+    (tmp_path / "params.yaml").write_text(text.replace("augment: false", "augment: no", 1))
+    with pytest.raises(P.ParamsError, match="'augment' must be true or false; got 'no'"):
+        P.load(tmp_path / "params.yaml")
 
 
 def test_resume_files_are_seen_by_neither_git_nor_dvc():
