@@ -53,6 +53,11 @@ def _sigterm(signum, frame):  # pragma: no cover - exercised by signals only
     raise SystemExit(128 + signum)
 
 
+def summary(doc: str) -> str:
+    """A module docstring's first paragraph as plain text, for ``--help``."""
+    return " ".join(doc.strip().split("\n\n")[0].split()).replace("``", "")
+
+
 def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Run a stage's ``main`` and turn known errors into one clear line + exit code.
 

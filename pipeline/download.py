@@ -33,7 +33,7 @@ from pathlib import Path
 
 from cnn import data
 from pipeline import paths
-from pipeline._util import PipelineError, atomic_path
+from pipeline._util import PipelineError, atomic_path, summary
 from pipeline.params import MD5_RE, load
 
 CHUNK = 1 << 20
@@ -247,7 +247,7 @@ def download(params, dest: Path = paths.RAW_ARCHIVE) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.download", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m pipeline.download", description=summary(__doc__))
     ap.add_argument("--params", default=str(paths.PARAMS))
     ap.add_argument("--out", default=str(paths.RAW_ARCHIVE))
     args = ap.parse_args(argv)

@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from pipeline import paths, plots, tracking
-from pipeline._util import PipelineError, read_json, remove, write_json, write_text
+from pipeline._util import PipelineError, read_json, remove, write_json, write_text, summary
 from pipeline.params import load
 
 
@@ -106,7 +106,7 @@ def evaluate(run: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=summary(__doc__))
     ap.add_argument("run", help="name of an entry under runs in params.yaml")
     ap.add_argument("--params", default=str(paths.PARAMS))
     args = ap.parse_args(argv)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import paths
-from pipeline._util import PipelineError, remove, write_json
+from pipeline._util import PipelineError, remove, write_json, summary
 from pipeline.params import load
 
 
@@ -86,7 +86,7 @@ def normalize(archive: Path = paths.RAW_ARCHIVE, out: Path = paths.PREPARED, sta
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.normalize", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m pipeline.normalize", description=summary(__doc__))
     ap.add_argument("--params", default=str(paths.PARAMS))
     args = ap.parse_args(argv)
     load(args.params)  # validate before any work

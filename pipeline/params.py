@@ -36,6 +36,8 @@ import yaml
 
 from cnn.config import CHECKS, boolean, combination_problems, integer, number, show
 
+from pipeline._util import summary
+
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 MD5_RE = re.compile(r"^[0-9a-f]{32}$")
 
@@ -242,7 +244,7 @@ def load(path: str | Path = "params.yaml") -> Params:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.params", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m pipeline.params", description=summary(__doc__))
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--run", help="print only this run's resolved settings")
     args = ap.parse_args(argv)

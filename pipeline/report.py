@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from pipeline import paths, plots
-from pipeline._util import PipelineError, atomic_path, read_json, remove, write_text
+from pipeline._util import PipelineError, atomic_path, read_json, remove, write_text, summary
 from pipeline.params import MODEL_TITLES, load
 from pipeline.train import read_history
 
@@ -191,7 +191,7 @@ def report(params) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m pipeline.report", description=summary(__doc__))
     ap.add_argument("--params", default=str(paths.PARAMS))
     args = ap.parse_args(argv)
     report(load(args.params))

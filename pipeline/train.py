@@ -33,7 +33,7 @@ from cnn.config import data_conflicts, resume_conflicts
 from cnn.data import load_prepared_stats
 
 from pipeline import paths, plots
-from pipeline._util import PipelineError, remove, write_json, write_text
+from pipeline._util import PipelineError, remove, write_json, write_text, summary
 from pipeline.params import MODEL_TITLES, load
 from pipeline import tracking
 
@@ -244,7 +244,7 @@ def train(run: str, params) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m pipeline.train", description=summary(__doc__))
     ap.add_argument("run", help="name of an entry under runs in params.yaml")
     ap.add_argument("--params", default=str(paths.PARAMS))
     args = ap.parse_args(argv)
