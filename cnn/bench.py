@@ -5,10 +5,11 @@
 
 One full SGD step (forward, loss, backward, update) on random data is timed for each
 model, engine and batch size. ``native`` is the equivalent ``torch.nn`` model with autograd
-and ``torch.optim.SGD``: the baseline, in full float32 like the engine (no TF32). Every case runs in a fresh subprocess, one after the
-other, so its peak memory is its own and no case warms caches for another. The figure per
-case is the best of ``--repeats`` blocks of ``--steps`` steps (mean time per step within a
-block), the usual way to measure on a machine that other work may disturb.
+and ``torch.optim.SGD``: the baseline, in full float32 like the engine (no TF32). Every
+case runs in a fresh subprocess, one after the other, so its peak memory is its own and no
+case warms caches for another. The figure per case is the best of ``--repeats`` blocks of
+``--steps`` steps (mean time per step within a block), the usual way to measure on a
+machine that other work may disturb.
 """
 from __future__ import annotations
 

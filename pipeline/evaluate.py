@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from pipeline import paths, plots, tracking
-from pipeline._util import PipelineError, read_json, remove, write_json, write_text, summary
+from pipeline._util import PipelineError, read_json, remove, summary, write_json, write_text
 from pipeline.params import load
 
 

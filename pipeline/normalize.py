@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import paths
-from pipeline._util import PipelineError, remove, write_json, summary
+from pipeline._util import PipelineError, remove, summary, write_json
 from pipeline.params import load
 
 

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from pipeline import paths, plots
-from pipeline._util import PipelineError, atomic_path, read_json, remove, write_text, summary
+from pipeline._util import PipelineError, atomic_path, read_json, remove, summary, write_text
 from pipeline.params import MODEL_TITLES, load
 from pipeline.train import read_history
 

@@ -33,7 +33,7 @@ from cnn.config import data_conflicts, resume_conflicts
 from cnn.data import load_prepared_stats
 
 from pipeline import paths, plots
-from pipeline._util import PipelineError, remove, write_json, write_text, summary
+from pipeline._util import PipelineError, remove, summary, write_json, write_text
 from pipeline.params import MODEL_TITLES, load
 from pipeline import tracking
 
