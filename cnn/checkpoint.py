@@ -70,6 +70,9 @@ def load_checkpoint(path) -> Checkpoint:
         meta = json.loads(str(arrays.pop(_META)))
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path}: its '{_META}' entry is not valid JSON ({err}); {_RETRAIN}") from err
+    if meta.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        raise CheckpointError(f"{path} is in checkpoint format {meta['format_version']}, newer than this "
+                              f"code reads ({FORMAT_VERSION}): update cnn to load it")
     optimizer = {k[len(_OPTIM):]: arrays.pop(k) for k in list(arrays) if k.startswith(_OPTIM)}
     return Checkpoint(model_state=arrays, optimizer_state=optimizer, meta=meta)
 

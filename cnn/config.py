@@ -126,8 +126,9 @@ def combination_problems(settings: dict) -> list[str]:
         device = None  # already reported as a device no backend has
     if backend == "numpy" and device not in (None, "auto", "cpu"):
         found.append(f"'device' must be auto or cpu with backend numpy; got {show(device)}")
-    if backend == "cupy" and device not in (None, "auto") and not str(device).startswith("cuda"):
-        found.append(f"'device' must be auto or cuda with backend cupy; got {show(device)}")
+    if backend == "cupy" and device not in (None, "auto", "cuda"):  # CuPy runs on the current GPU
+        found.append(f"'device' must be auto or cuda with backend cupy (CUDA_VISIBLE_DEVICES picks "
+                     f"the GPU); got {show(device)}")
     if settings.get("nesterov") is True and settings.get("optimizer") == "sgd" \
             and settings.get("momentum") == 0:
         found.append("'nesterov' needs a momentum > 0")

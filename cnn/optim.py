@@ -1,7 +1,7 @@
 """Optimizers and learning-rate schedules whose updates equal ``torch.optim``'s.
 
-Updates are in place on each parameter's array through plain arithmetic operators, so they
-run on every backend.
+Updates are in place on each parameter's array, through the backend (SGD's as a few
+multi-tensor ``Backend.foreach`` operations), so they run on every backend.
 """
 from __future__ import annotations
 

@@ -59,10 +59,10 @@ def make_optimizer(config: TrainConfig, model: Module) -> Optimizer:
                nesterov=config.nesterov, weight_decay=config.weight_decay)
 
 
-def predict(model: Module, x: np.ndarray, batch_size: int = EVAL_BATCH_SIZE,
-            backend: Backend | None = None) -> np.ndarray:
-    """Class predictions (N,) int64 for normalised images x: (N, 3, 32, 32) float32."""
-    B = backend or model_backend(model)
+def predict(model: Module, x: np.ndarray, batch_size: int = EVAL_BATCH_SIZE) -> np.ndarray:
+    """Class predictions (N,) int64 for normalised images x: (N, 3, 32, 32) float32, on
+    the model's own backend."""
+    B = model_backend(model)
     model.eval()
     preds = [B.to_numpy(B.argmax(model(B.asarray(x[i:i + batch_size])), axis=1))
              for i in range(0, len(x), batch_size)]
@@ -199,7 +199,7 @@ def _train_epoch(model, optimizer, loader, B, epoch, config, last_path) -> tuple
 
     Loss and accuracy are summed on the device and read once at the end, so a GPU step
     never waits for the host. On the CPU, where reading a value costs nothing, the bar
-    shows the loss every 50 steps and a NaN stops the run at once; on a GPU that read
+    shows the loss every 50 steps and a NaN seen there stops the run; on a GPU that read
     would stall the queue of launched kernels, so the check waits for the epoch's end.
     On CUDA the step is recorded once and replayed (cnn.replay), with the same result.
     """

@@ -28,7 +28,7 @@ import argparse
 import json
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +114,6 @@ class Params:
     progress: bool = True
     resume: bool = False
     source: str = "params.yaml"
-    raw: dict = field(default_factory=dict, repr=False, compare=False)
 
     def run(self, name: str) -> dict[str, Any]:
         if name not in self.runs:
@@ -225,7 +224,6 @@ def validate(raw: Any, source: str = "params.yaml") -> Params:
         progress=raw.get("progress", True),
         resume=raw.get("resume", False),
         source=source,
-        raw=raw,
     )
 
 

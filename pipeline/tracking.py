@@ -12,7 +12,7 @@
 * **Unreachable servers.** An HTTP store is probed once with a short timeout and
   MLflow's own HTTP retries are shortened; if the store cannot be used, one
   warning is printed and logging becomes a no-op. Any later logging failure also
-  degrades to a no-op (after a couple of quick retries). Training never fails
+  degrades to a no-op (after one quick retry). Training never fails
   because of MLflow, and every result is still in the DVC outputs.
 """
 
@@ -216,7 +216,7 @@ class Tracker:
     no-op tracker (MLflow unavailable); every method is then a no-op.
     """
 
-    RETRIES = 2
+    ATTEMPTS = 2
 
     def __init__(self, client=None, run_id: str | None = None, *, uri: str = "", experiment_id: str | None = None,
                  experiment: str | None = None, run_name: str | None = None, reason: str | None = None):
@@ -244,12 +244,12 @@ class Tracker:
         """``self.client.<method>(*args, **kwargs)`` with quick retries; never raises."""
         if not self.enabled:
             return False
-        for attempt in range(self.RETRIES):
+        for attempt in range(self.ATTEMPTS):
             try:
                 getattr(self.client, method)(*args, **kwargs)
                 return True
             except Exception as e:  # noqa: BLE001 - tracking must never break training
-                if attempt == self.RETRIES - 1:
+                if attempt == self.ATTEMPTS - 1:
                     self._disable(method, e)
                     return False
                 time.sleep(0.5 * (attempt + 1))

@@ -111,10 +111,11 @@ def earlier_devices(out: Path, meta: dict) -> list[str]:
 
 
 def engine_fingerprint() -> str:
-    """sha256 of the engine's source (every cnn/*.py): a run resumed on other code would
-    mix two engines in one result, so resuming needs the same fingerprint."""
+    """sha256 of the engine's source (every cnn/*.py but the benchmark, which .dvcignore
+    also leaves out): a run resumed on other code would mix two engines in one result, so
+    resuming needs the same fingerprint."""
     h = hashlib.sha256()
-    for f in sorted(Path(cnn.__file__).parent.glob("*.py")):
+    for f in sorted(p for p in Path(cnn.__file__).parent.glob("*.py") if p.name != "bench.py"):
         h.update(f.name.encode() + b"\0" + f.read_bytes())
     return h.hexdigest()
 

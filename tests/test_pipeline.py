@@ -551,7 +551,7 @@ def test_tracker_degrades_to_noop_after_one_warning(monkeypatch, capsys):
         t.log_metrics({"loss": 1.0}, step=epoch)
     t.log_artifact(__file__)
     t.finish()
-    assert not t.enabled and Broken.calls == tracking.Tracker.RETRIES
+    assert not t.enabled and Broken.calls == tracking.Tracker.ATTEMPTS
     assert len(mlflow_warnings(capsys.readouterr().err)) == 1
     assert t.info()["run_id"] == "run123" and "server went away" in t.info()["disabled_reason"]
 

@@ -485,6 +485,9 @@ def test_unreadable_checkpoint_raises_clear_error(tmp_path):
     np.savez(bad_meta, meta=np.array("{not json"), **_state(1.0))
     with pytest.raises(CheckpointError, match="bad_meta.npz: its 'meta' entry is not valid JSON"):
         load_checkpoint(bad_meta)
+    newer = save_checkpoint(tmp_path / "newer.npz", _state(1.0), {"format_version": 99})
+    with pytest.raises(CheckpointError, match="newer.npz is in checkpoint format 99, newer than this code reads"):
+        load_checkpoint(newer)
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         load_checkpoint(tmp_path / "missing.npz")
 
@@ -529,6 +532,8 @@ def test_cli_prints_epoch_lines_and_returns_0(tiny_archive, tmp_path, capsys):
     (["--epochs", "0", "--momentum", "2"], "'epochs' must be a positive integer; got 0; "
                                            "'momentum' must be a number in [0, 1); got 2.0"),
     (["--backend", "numpy", "--device", "cuda"], "'device' must be auto or cpu with backend numpy"),
+    (["--backend", "cupy", "--device", "cuda:1"], "'device' must be auto or cuda with backend cupy"),
+    (["--device", "foo"], "'device' must be one of auto, cpu, cuda, mps (or cuda:N); got 'foo'\n"),
 ])
 def test_cli_bad_argument_returns_2_with_a_clear_message(args, message, tiny_archive, tmp_path, capsys):
     code = main([*args, "--data", str(tiny_archive), "--out", str(tmp_path / "x"), "--no-progress"])
