@@ -176,7 +176,13 @@ class Backend:
             return [fn(*arrays)]
         chunks = min(self.workers, n)
         bounds = [n * i // chunks for i in range(chunks + 1)]
-        futures = [self._pool.submit(fn, *(a[lo:hi] for a in arrays))
+        float_errors = np.geterr()  # per thread in NumPy: the workers follow the caller's
+
+        def run(*parts):
+            with np.errstate(**float_errors):
+                return fn(*parts)
+
+        futures = [self._pool.submit(run, *(a[lo:hi] for a in arrays))
                    for lo, hi in zip(bounds[:-1], bounds[1:])]
         return [f.result() for f in futures]
 

@@ -103,8 +103,7 @@ def fit(config: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None)
     ``on_epoch_end(metrics)`` after each epoch: its history entry and ``device``."""
     config.validate()
     out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"the output folder {out} is a file: choose another --out")
+    _check_writable(out)
     B = get_backend(config.backend, config.device)
     ds = load_cifar10(config.data)
     mean, std = normalization_stats(config.data, ds)
@@ -112,13 +111,6 @@ def fit(config: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None)
     manual_seed(config.seed)
     model = build_model(config.model).to(B)
     optimizer = make_optimizer(config, model)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):  # now, not when the first epoch's checkpoint is due
-            pass
-    except OSError as err:
-        raise ConfigError(f"cannot write to the output folder {out} ({err.strerror}): "
-                         "choose another --out") from err
     last_path, best_path = out / "last.npz", out / "best.npz"
 
     history: list[dict] = []
@@ -194,6 +186,27 @@ def fit(config: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None)
     return TrainResult(history, best_acc, best_epoch, best_path, last_path, stopped_early, repr(B))
 
 
+def _check_writable(out: Path) -> None:
+    """Fail now, not when the first epoch's checkpoint is due, if ``out`` cannot be written.
+
+    Creates nothing: the checkpoint writer makes the folder, so a run that stops before its
+    first checkpoint (diverged, interrupted, bad data) leaves no empty folder behind.
+    """
+    folder = out
+    while not folder.exists():
+        folder = folder.parent  # ends at an existing folder: "." or "/" at the latest
+    if folder == out and not out.is_dir():
+        raise ConfigError(f"the output folder {out} is a file: choose another --out")
+    try:
+        if not folder.is_dir():
+            raise NotADirectoryError(0, f"{folder} is a file")
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ConfigError(f"cannot write to the output folder {out} ({err.strerror}): "
+                          "choose another --out") from err
+
+
 def _train_epoch(model, optimizer, loader, B, epoch, config, last_path) -> tuple[float, float]:
     """One pass over the training set; returns (mean loss, accuracy).
 
@@ -223,14 +236,17 @@ def _train_epoch(model, optimizer, loader, B, epoch, config, last_path) -> tuple
     run_step = StepReplay(train_step, B) if optimizer.replayable else train_step
     bar = tqdm(loader, desc=f"Epoch {epoch + 1}/{config.epochs}", leave=False,
                disable=not config.progress, unit="batch", dynamic_ncols=True)
-    for step, (xb, yb) in enumerate(bar):
-        run_step(B.asarray(xb), B.asarray(yb))
-        optimizer.steps += 1  # the host-side half of optimizer.step()
-        if live and step % 50 == 0:
-            value = B.item(totals["last"])
-            if not math.isfinite(value):
-                _diverged(value, epoch, last_path)
-            bar.set_postfix(loss=f"{value:.4f}")
+    # A diverging run overflows to inf, then NaN: NumPy's warnings about it would only come
+    # before the one clear error that the check below raises.
+    with np.errstate(over="ignore", invalid="ignore"):
+        for step, (xb, yb) in enumerate(bar):
+            run_step(B.asarray(xb), B.asarray(yb))
+            optimizer.steps += 1  # the host-side half of optimizer.step()
+            if live and step % 50 == 0:
+                value = B.item(totals["last"])
+                if not math.isfinite(value):
+                    _diverged(value, epoch, last_path)
+                bar.set_postfix(loss=f"{value:.4f}")
     mean_loss = B.item(totals["loss"]) / loader.num_samples
     if not math.isfinite(mean_loss):
         _diverged(mean_loss, epoch, last_path)

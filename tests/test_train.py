@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -369,12 +370,23 @@ def test_diverging_run_raises_and_keeps_the_last_good_checkpoint(archive, runs, 
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_diverging_first_epoch_raises_training_error(tiny_archive, tmp_path, monkeypatch):
-    """A NaN loss in the very first epoch: TrainingError, and no checkpoint is written."""
+def test_diverging_first_epoch_raises_training_error_and_leaves_no_folder(tiny_archive, tmp_path, monkeypatch):
+    """A NaN loss in the very first epoch: TrainingError, and no checkpoint is written, nor
+    the output folder that would have held it."""
     _nan_loss(monkeypatch)
+    out = tmp_path / "runs" / "diverged"
     with pytest.raises(TrainingError, match="became nan in epoch 1: .* no epoch finished, so there is no checkpoint"):
-        fit(base_config(tiny_archive, tmp_path, epochs=1, augment=False))
-    assert not (tmp_path / "last.npz").exists()
+        fit(base_config(tiny_archive, out, epochs=1, augment=False))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_that_really_diverges_says_so_once_without_numpy_warnings(tiny_archive, tmp_path):
+    """lr 1e3: the weights overflow to inf, then NaN. NumPy's overflow warnings (from the
+    worker threads of map_chunks too) would only precede the clear error, so none is shown."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(TrainingError, match="in epoch 1: the run diverged"):
+            fit(base_config(tiny_archive, tmp_path / "run", epochs=1, lr=1e3, batch_size=10, augment=False))
 
 
 # ---------------------------------------------------------------------------------------
