@@ -436,7 +436,10 @@ def _make_backend(name: str, device: str) -> Backend:
 def get_backend(name: str = "numpy", device: str = "auto") -> Backend:
     """The backend called ``name`` on ``device`` (one shared instance per pair)."""
     if name not in BACKENDS:
-        raise DeviceError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
+        hint = (f" ({name!r} is a device: pick a backend and pass device={name!r}, e.g. "
+                f"get_backend('torch', {name!r}) or model.to('torch', device={name!r}))"
+                if str(name).split(":")[0] in ("cpu", "cuda", "mps") else "")
+        raise DeviceError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}{hint}")
     return _make_backend(name, resolve_device(name, device))
 
 

@@ -141,10 +141,17 @@ def softmax_cross_entropy(logits, labels):
     B = backend_of(logits)
     n = logits.shape[0]
     # (N, 1) labels would broadcast against the rows into an (N, N) pick: a wrong loss and
-    # no error. The values' range is not checked: on a GPU that would wait for the device.
+    # no error; so would a label of -1 (the last class).
     if tuple(labels.shape) != (n,) or not B.dtype_name(labels).startswith("int"):
         raise ValueError(f"labels must be {n} integer class indices, shape ({n},) like the rows of the "
                          f"({n}, K) logits; got shape {tuple(labels.shape)} of {B.dtype_name(labels)}")
+    # Checked on NumPy only: a torch or CuPy step is device work alone (a GPU would wait for
+    # the read, and a recorded step cannot read values back; see cnn.replay).
+    if B.name == "numpy" and n:
+        low, high, k = int(labels.min()), int(labels.max()), logits.shape[1]
+        if low < 0 or high >= k:
+            raise ValueError(f"labels must be class indices from 0 to {k - 1} for {k} logits per "
+                             f"row; got values from {low} to {high}")
     rows = B.arange(n)
     logp = log_softmax(logits)
     loss = -B.mean(logp[rows, labels])

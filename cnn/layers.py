@@ -19,10 +19,13 @@ def _count(v, what: str) -> int:
 
 
 def _pair(v, what: str, minimum: int) -> tuple[int, int]:
-    pair = (v, v) if isinstance(v, int) else tuple(v) if isinstance(v, (tuple, list)) else ()
-    if len(pair) != 2 or not all(isinstance(a, int) and a >= minimum for a in pair):
+    def integer(a):
+        return isinstance(a, numbers.Integral) and not isinstance(a, bool)
+
+    pair = (v, v) if integer(v) else tuple(v) if isinstance(v, (tuple, list)) else ()
+    if len(pair) != 2 or not all(integer(a) and a >= minimum for a in pair):
         raise ValueError(f"{what} must be an integer >= {minimum} (or a pair of them), got {v!r}")
-    return pair
+    return int(pair[0]), int(pair[1])
 
 
 def _square(v, what: str, minimum: int) -> int:
@@ -68,6 +71,9 @@ def _check_input(layer: Module, x, ndim: int, channels: int | None = None, like=
     weight) on the weight's backend and device, in its dtype: NumPy would silently compute a
     float64 input in float64 all the way down, PyTorch fails deep inside a matmul."""
     name = type(layer).__name__
+    if not hasattr(x, "ndim"):
+        raise TypeError(f"{name} expects an array (NumPy, torch or CuPy), got {type(x).__name__}: "
+                        "convert it first, e.g. np.asarray(x, dtype=np.float32)")
     if x.ndim != ndim:
         layout = "(N, C, H, W)" if ndim == 4 else "(N, features)"
         hint = " (add a batch axis for one sample: x[None])" if x.ndim == ndim - 1 else ""
@@ -202,6 +208,11 @@ class BatchNorm2d(Module):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
         super().__init__()
         self.num_features = num_features = _count(num_features, "num_features")
+        if not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:
+            # PyTorch's momentum=None (a cumulative average) is not implemented
+            raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
+        if not isinstance(eps, numbers.Real) or not eps > 0:
+            raise ValueError(f"eps must be a positive number, got {eps!r}")
         self.eps, self.momentum = eps, momentum
         self.weight = Parameter(F.constant(num_features, 1.0))
         self.bias = Parameter(F.constant(num_features, 0.0))
@@ -364,7 +375,8 @@ class _Pool2d(Module):
 
 class MaxPool2d(_Pool2d):
     """x: (N, C, H, W) -> (N, C, Ho, Wo); the gradient goes to the first maximum of each
-    window in row-major order, exactly as in PyTorch (ties included)."""
+    window in row-major order, exactly as in PyTorch (ties included; a window holding a NaN,
+    where PyTorch picks the NaN, is the exception)."""
 
     def forward(self, x):
         _check_input(self, x, 4)
@@ -463,6 +475,9 @@ class Flatten(Module):
     """x: (N, C, H, W) -> (N, C * H * W) in PyTorch's (C, H, W) order."""
 
     def forward(self, x):
+        if x.ndim < 2:
+            raise ValueError(f"Flatten expects a batch (N, ...), got shape {tuple(x.shape)}: "
+                             "add a batch axis for one sample, x[None]")
         self.cache = tuple(x.shape)
         return x.reshape(x.shape[0], -1)
 

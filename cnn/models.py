@@ -19,8 +19,15 @@ class Sequential(Module):
         for i, layer in enumerate(layers):
             setattr(self, str(i), layer)
 
-    def __getitem__(self, i: int) -> Module:
-        return list(self._modules.values())[i]
+    def __getitem__(self, i: int | slice) -> Module:
+        """The i-th layer; a slice is a Sequential of those layers (the same objects, under
+        the same names, as in PyTorch)."""
+        if not isinstance(i, slice):
+            return list(self._modules.values())[i]
+        part = Sequential()
+        for name, layer in list(self._modules.items())[i]:
+            setattr(part, name, layer)
+        return part
 
     def __len__(self) -> int:
         return len(self._modules)

@@ -4,11 +4,16 @@ A module computes ``forward(x)`` and, by hand, ``backward(grad_out) -> grad_in``
 also fills ``p.grad`` of each of its parameters (overwriting, not accumulating: every
 parameter is used once per forward). Sub-modules assigned as attributes are registered in
 order, which gives ``state_dict()`` PyTorch's key names (``0.weight``, ``3.bn1.running_mean``).
+
+Unlike autograd, nothing tracks changes made in place: a layer keeps references to the
+arrays that ``backward`` needs (ReLU its output, Linear its input), so changing one in
+place between ``forward`` and ``backward`` (``y = relu(x); y += skip``) changes the
+gradient. Write ``y = relu(x) + skip`` instead.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-from typing import Iterator
+from collections import OrderedDict, namedtuple
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -30,10 +35,18 @@ class Parameter:
 
     @property
     def size(self) -> int:
+        """Number of elements, as NumPy's ``size``; ``numel()`` is the PyTorch name."""
         return int(np.prod(self.shape))
+
+    def numel(self) -> int:
+        return self.size
 
     def __repr__(self) -> str:
         return f"Parameter(shape={self.shape})"
+
+
+# What load_state_dict returns, as in PyTorch.
+IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
 
 
 class Module:
@@ -44,14 +57,37 @@ class Module:
         object.__setattr__(self, "training", True)
 
     def __setattr__(self, name, value):
-        if isinstance(value, Parameter):
-            self._parameters[name] = value
-        elif isinstance(value, Module):
-            self._modules[name] = value
-        elif name in self._buffers:
-            self._buffers[name] = value
-            return
+        registries = self.__dict__.get("_parameters"), self.__dict__.get("_modules")
+        if isinstance(value, (Parameter, Module)):
+            if registries[0] is None:
+                raise AttributeError(f"cannot assign {type(value).__name__} {name!r} before "
+                                     f"Module.__init__(): call super().__init__() first in "
+                                     f"{type(self).__name__}.__init__")
+            mine, other = registries if isinstance(value, Parameter) else registries[::-1]
+            other.pop(name, None)
+            self._buffers.pop(name, None)
+            mine[name] = value
+        elif registries[0] is not None:
+            for kind, registry in zip(("a Parameter", "a Module"), registries):
+                if name in registry:
+                    # None removes it (Conv2d's bias = None); anything else is a mistake,
+                    # such as an array where a Parameter belongs.
+                    if value is not None:
+                        raise TypeError(f"cannot assign {type(value).__name__} to {name!r} of "
+                                        f"{type(self).__name__}: assign {kind}, or None to remove it")
+                    del registry[name]
+            if name in self._buffers:
+                self._buffers[name] = value
+                return
         object.__setattr__(self, name, value)
+
+    def __delattr__(self, name):
+        if name in self.__dict__.get("_buffers", {}):
+            del self._buffers[name]
+            return
+        self._parameters.pop(name, None)
+        self._modules.pop(name, None)
+        object.__delattr__(self, name)
 
     def __getattr__(self, name):
         # Only reached for names not found normally: buffers live in _buffers.
@@ -93,21 +129,56 @@ class Module:
         return self
 
     # -- traversal ------------------------------------------------------------------
-    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, "Module"]]:
+    def named_modules(self, prefix: str = "", remove_duplicate: bool = True,
+                      _seen: set | None = None) -> Iterator[tuple[str, "Module"]]:
+        """(path, module) of this module and every descendant, depth first; a module used
+        twice comes once, under its first path (unless ``remove_duplicate=False``)."""
+        if _seen is None:
+            _seen = set()
+        if remove_duplicate:
+            if id(self) in _seen:
+                return
+            _seen.add(id(self))
         yield prefix, self
         for name, child in self._modules.items():
-            yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+            yield from child.named_modules(f"{prefix}.{name}" if prefix else name, remove_duplicate, _seen)
+
+    def modules(self) -> Iterator["Module"]:
+        return (module for _, module in self.named_modules())
+
+    def named_children(self) -> Iterator[tuple[str, "Module"]]:
+        return iter(self._modules.items())
 
     def children(self) -> Iterator["Module"]:
         return iter(self._modules.values())
 
     def named_parameters(self) -> Iterator[tuple[str, Parameter]]:
+        """Each parameter once, under its first path: a layer used twice (shared weights)
+        must not be updated twice by the optimizer."""
+        seen = set()
         for path, module in self.named_modules():
             for name, p in module._parameters.items():
-                yield (f"{path}.{name}" if path else name), p
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield (f"{path}.{name}" if path else name), p
 
     def parameters(self) -> list[Parameter]:
         return [p for _, p in self.named_parameters()]
+
+    def named_buffers(self) -> Iterator[tuple[str, object]]:
+        for path, module in self.named_modules():
+            for name, value in module._buffers.items():
+                yield (f"{path}.{name}" if path else name), value
+
+    def buffers(self) -> list:
+        return [value for _, value in self.named_buffers()]
+
+    def apply(self, fn: Callable[["Module"], None]) -> "Module":
+        """``fn(module)`` for every descendant, then this module (as PyTorch: children first)."""
+        for child in self.children():
+            child.apply(fn)
+        fn(self)
+        return self
 
     def num_parameters(self) -> int:
         return sum(p.size for p in self.parameters())
@@ -117,6 +188,8 @@ class Module:
             p.grad = None
 
     def train(self, mode: bool = True) -> "Module":
+        if not isinstance(mode, bool):
+            raise ValueError(f"training mode must be True or False, got {mode!r}")
         for _, module in self.named_modules():
             object.__setattr__(module, "training", mode)
         return self
@@ -126,8 +199,9 @@ class Module:
 
     # -- state ----------------------------------------------------------------------
     def _named_state(self):
-        """(key, owner module, attribute name, is_parameter) in PyTorch's state_dict order."""
-        for path, module in self.named_modules():
+        """(key, owner module, attribute name, is_parameter) in PyTorch's state_dict order:
+        a module used twice has its state under both paths, as in PyTorch."""
+        for path, module in self.named_modules(remove_duplicate=False):
             prefix = f"{path}." if path else ""
             for name in module._parameters:
                 yield prefix + name, module, name, True
@@ -142,19 +216,19 @@ class Module:
             state[key] = np.array(backend_of(value).to_numpy(value), copy=True)
         return state
 
-    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+    def load_state_dict(self, state: dict, strict: bool = True) -> IncompatibleKeys:
         """Copy arrays (NumPy, torch or cupy) into this module, on its own backend and dtype.
 
         All or nothing: every key and shape is checked first, and a ValueError lists every
         mismatch, so a failed load leaves the module as it was. ``strict=False`` skips
-        missing and unexpected keys (shapes must still match)."""
+        missing and unexpected keys (shapes must still match) and returns them, as PyTorch
+        does: ``(missing_keys, unexpected_keys)``."""
         own = {key: (module, name, is_param) for key, module, name, is_param in self._named_state()}
         problems = []
-        if strict:
-            missing = sorted(set(own) - set(state))
-            unexpected = sorted(set(state) - set(own))
-            if missing or unexpected:
-                problems.append(f"missing keys {missing}, unexpected keys {unexpected}")
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if strict and (missing or unexpected):
+            problems.append(f"missing keys {missing}, unexpected keys {unexpected}")
         loads = []
         for key, value in state.items():
             if key not in own:
@@ -174,11 +248,16 @@ class Module:
             # A copy: training updates in place and must not write into the caller's arrays.
             module._assign(name, is_param, B.asarray(np.array(value, order="C"),
                                                      dtype=B.dtype_name(current)))
+        return IncompatibleKeys(missing, unexpected)
 
     def to(self, backend: Backend | str = "numpy", device: str = "auto",
            dtype: str | None = None) -> "Module":
         """Move every parameter and buffer to ``backend`` (and cast floats to ``dtype``: a
         name, a NumPy dtype or a torch dtype)."""
+        if not isinstance(backend, (Backend, str)):
+            raise TypeError(f"Module.to() takes a backend name ('numpy', 'torch', 'cupy') or a "
+                            f"Backend, then device= and dtype=, got {backend!r}: for example "
+                            "model.to('torch', device='cuda') or model.to(dtype='float64')")
         if dtype is not None:
             # torch.float64 is no NumPy dtype, but its name without "torch." is
             dtype = str(dtype)[6:] if str(dtype).startswith("torch.") else str(np.dtype(dtype))

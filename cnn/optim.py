@@ -14,6 +14,16 @@ from cnn.backend import backend_of
 from cnn.module import Parameter
 
 
+def _number(value, what: str, low: float = 0.0, below: float | None = None) -> float:
+    """``value`` as a float if it is a number in [low, below) (or [low, inf)), else a ValueError."""
+    ok = (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+          and value >= low and (below is None or value < below))
+    if not ok:
+        where = f"in [{low:g}, {below:g})" if below is not None else f">= {low:g}"
+        raise ValueError(f"{what} must be a number {where}, got {value!r}")
+    return float(value)
+
+
 class Optimizer:
     #: The per-parameter state entries this optimizer keeps (and checkpoints).
     state_keys: tuple[str, ...] = ()
@@ -107,12 +117,15 @@ class SGD(Optimizer):
     replayable = True
     state_keys = ("momentum_buffer",)
 
-    def __init__(self, params, lr: float, momentum: float = 0.0, nesterov: bool = False,
+    def __init__(self, params, lr: float, momentum: float = 0.0, *, nesterov: bool = False,
                  weight_decay: float = 0.0):
+        # Keywords after momentum: torch.optim.SGD's next positional argument is dampening,
+        # which this SGD does not have, so a positional call from torch code must fail.
         super().__init__(params, lr)
+        momentum, weight_decay = _number(momentum, "momentum"), _number(weight_decay, "weight_decay")
         if nesterov and momentum <= 0:
             raise ValueError("Nesterov momentum needs momentum > 0")
-        self.momentum, self.nesterov, self.weight_decay = momentum, nesterov, weight_decay
+        self.momentum, self.nesterov, self.weight_decay = momentum, bool(nesterov), weight_decay
 
     def _update(self, params: list[Parameter], states: list[dict]) -> None:
         # Whole-list operations: a handful of multi-tensor kernels per step on PyTorch
@@ -144,7 +157,11 @@ class Adam(Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0):
         super().__init__(params, lr)
-        self.betas, self.eps, self.weight_decay = tuple(betas), eps, weight_decay
+        betas = tuple(betas)
+        if len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        self.betas = tuple(_number(b, f"beta{i}", 0.0, 1.0) for i, b in enumerate(betas, 1))
+        self.eps, self.weight_decay = _number(eps, "eps"), _number(weight_decay, "weight_decay")
 
     def _update(self, params: list[Parameter], states: list[dict]) -> None:
         for p, state in zip(params, states):

@@ -1,7 +1,8 @@
 """The native ``torch.nn`` twins of the reference models, with autograd.
 
 They are the oracle of the tests and the baseline of the benchmark, and define the
-checkpoint interop contract: ``twin.load_state_dict(model.state_dict(), strict=True)``.
+checkpoint interop contract: the engine's ``model.state_dict()`` (NumPy arrays), made
+tensors, loads with ``strict=True`` (``torch_twin(name, state)`` does both).
 The engine never uses them (only the tests and the benchmark, ``cnn/bench.py``, do):
 its layers run on torch tensors through the backend, without ``torch.nn`` or autograd.
 """

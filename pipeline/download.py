@@ -230,12 +230,13 @@ def download(params, dest: Path = paths.RAW_ARCHIVE) -> Path:
                 fetch_url(source, tmp, params.data.retries, params.data.timeout)
             got = md5sum(tmp)
             if got != md5:
-                raise PipelineError(
-                    f"md5 mismatch for {source}: expected {md5} ({md5_from}), got {got}. "
-                    "The file is truncated, corrupt or not the CIFAR-10 python archive; delete it and "
-                    "download it again. If it is a trusted mirror of a repackaged archive, set "
-                    f"CIFAR10_MD5={got}."
-                )
+                cause = ("Check the file; if it is a copy you made (an offline mirror), set CIFAR10_MD5 to its md5"
+                         if src_path is not None else
+                         "The download is truncated or corrupt, or not the CIFAR-10 python archive: "
+                         "run the stage again. If the source is a trusted mirror of a repackaged "
+                         "archive, set CIFAR10_MD5 to its md5")
+                raise PipelineError(f"md5 mismatch for {source}: expected {md5} ({md5_from}), got {got}. "
+                                    f"{cause}: CIFAR10_MD5={got}.")
             check_archive(tmp, source)
     except BaseException:
         for d in created:  # folders made for this download, if still empty
@@ -247,9 +248,12 @@ def download(params, dest: Path = paths.RAW_ARCHIVE) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.download", description=summary(__doc__))
-    ap.add_argument("--params", default=str(paths.PARAMS))
-    ap.add_argument("--out", default=str(paths.RAW_ARCHIVE))
+    ap = argparse.ArgumentParser(
+        prog="python -m pipeline.download", description=summary(__doc__),
+        epilog="Offline: set CIFAR10_SOURCE (a path, file:// or another URL) and CIFAR10_MD5 (its "
+               "md5, if it differs from data.md5) in the environment; params.yaml keeps the official values.")
+    ap.add_argument("--params", default=str(paths.PARAMS), help="the pipeline's params file (data.url, data.md5)")
+    ap.add_argument("--out", default=str(paths.RAW_ARCHIVE), help="where the verified archive goes")
     args = ap.parse_args(argv)
     params = load(args.params)
     download(params, Path(args.out))

@@ -64,14 +64,14 @@ def evaluate(run: str) -> dict:
 
     d = paths.run_dir(run)
     outputs = paths.evaluate_outputs(run)
-    remove(outputs)
     ckpt = d / paths.BEST_CHECKPOINT
     if not ckpt.is_file():
         raise PipelineError(f"{ckpt} not found; run the training stage first (dvc repro train@{run})")
     config = read_json(d / paths.CONFIG)
     mlflow_info = read_json(d / paths.MLFLOW_RUN)
-
     x, y, classes = load_test_set()
+    # Only now that every input is there: a missing one leaves the last evaluation in place.
+    remove(outputs)
     model = load_model(str(ckpt), backend=config["backend"], device=config["device"])
     t0 = time.perf_counter()
     pred = np.asarray(predict(model, x))  # back on the host: the device's work is done
@@ -108,7 +108,7 @@ def evaluate(run: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=summary(__doc__))
     ap.add_argument("run", help="name of an entry under runs in params.yaml")
-    ap.add_argument("--params", default=str(paths.PARAMS))
+    ap.add_argument("--params", default=str(paths.PARAMS), help="the pipeline's params file")
     args = ap.parse_args(argv)
     params = load(args.params)
     params.run(args.run)

@@ -87,7 +87,7 @@ def normalize(archive: Path = paths.RAW_ARCHIVE, out: Path = paths.PREPARED, sta
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.normalize", description=summary(__doc__))
-    ap.add_argument("--params", default=str(paths.PARAMS))
+    ap.add_argument("--params", default=str(paths.PARAMS), help="the pipeline's params file")
     args = ap.parse_args(argv)
     load(args.params)  # validate before any work
     normalize()

@@ -17,7 +17,10 @@ Layout of ``params.yaml``::
 
 Only ``data.url``/``data.md5``, ``defaults`` and ``runs.<name>`` are DVC
 params dependencies; the other keys do not change results, so editing them
-does not re-run anything.
+does not re-run anything. ``defaults`` and ``runs.<name>`` are those of the
+``settings@<name>`` stage, which writes the run's resolved settings to
+``runs/<name>/settings.json``: the train stage depends on that file, so a
+default that the run overrides does not retrain it.
 
 ``python -m pipeline.params`` validates the file and prints the resolved runs.
 """
@@ -36,7 +39,7 @@ import yaml
 
 from cnn.config import CHECKS, boolean, combination_problems, integer, number, show
 
-from pipeline._util import summary
+from pipeline._util import summary, write_json
 
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 MD5_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -243,11 +246,16 @@ def load(path: str | Path = "params.yaml") -> Params:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.params", description=summary(__doc__))
-    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--params", default="params.yaml", help="the params file to check")
     ap.add_argument("--run", help="print only this run's resolved settings")
+    ap.add_argument("--out", help="write them to this JSON file instead (with --run; the settings stage)")
     args = ap.parse_args(argv)
+    if args.out and not args.run:
+        ap.error("--out needs --run")
     params = load(args.params)
-    if args.run:
+    if args.out:
+        write_json(args.out, params.run(args.run))
+    elif args.run:
         print(json.dumps(params.run(args.run), indent=2))
     else:
         print(json.dumps(params.runs, indent=2))

@@ -15,12 +15,14 @@ RAW_ARCHIVE = Path("data/raw/cifar-10-python.tar.gz")
 PREPARED = Path("data/prepared/cifar10.npz")
 STATS = Path("data/prepared/stats.json")
 
-# train@<run> / evaluate@<run>: everything under runs/<run>/
+# settings@<run> / train@<run> / evaluate@<run>: everything under runs/<run>/
 RUNS = Path("runs")
+SETTINGS = "settings.json"        # the run's entry merged over defaults (settings stage)
 BEST_CHECKPOINT = "best.npz"      # written by cnn.train.fit (DVC out)
 LAST_CHECKPOINT = "last.npz"      # written by fit, used by `resume`; not a DVC out
 ENGINE_STAMP = "last.engine"      # fingerprint of the cnn/ code that wrote last.npz; not a DVC out
 EPOCH_DEVICES = "last.devices"    # the device of each epoch in last.npz (JSON list); not a DVC out
+LIVE_MLFLOW_RUN = "last.mlflow"   # the MLflow run of the training in progress (JSON); not a DVC out
 HISTORY = "history.csv"           # per-epoch metrics (dvc plots)
 METRICS = "metrics.json"          # final training metrics (dvc metrics)
 CONFIG = "config.json"            # the resolved run configuration + device
@@ -44,6 +46,10 @@ PIPELINE_OUTPUTS = ("dvc.lock", "data", str(RUNS), str(REPORTS))
 
 def run_dir(run: str) -> Path:
     return RUNS / run
+
+
+def settings_output(run: str) -> Path:
+    return run_dir(run) / SETTINGS
 
 
 def train_outputs(run: str) -> list[Path]:

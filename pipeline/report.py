@@ -192,7 +192,7 @@ def report(params) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.report", description=summary(__doc__))
-    ap.add_argument("--params", default=str(paths.PARAMS))
+    ap.add_argument("--params", default=str(paths.PARAMS), help="the pipeline's params file")
     args = ap.parse_args(argv)
     report(load(args.params))
     return 0

@@ -288,6 +288,22 @@ class Tracker:
     def finish(self, status: str = "FINISHED") -> None:
         self._call("set_terminated", self.run_id, status)
 
+    def end_abandoned(self, info: dict[str, Any] | None) -> str | None:
+        """Mark KILLED the run that ``info`` names (the record of a training in progress,
+        left behind by a process that died without closing its run), if it is in this
+        store and still RUNNING; return its id. Best effort: never raises."""
+        run_id = (info or {}).get("run_id")
+        if not self.enabled or not run_id or info.get("tracking_uri") != display_uri(self.uri):
+            return None
+        try:
+            if self.client.get_run(run_id).info.status != "RUNNING":
+                return None
+            self.client.set_tag(run_id, "ended_by", f"run {self.run_id}: the process of this run had died")
+            self.client.set_terminated(run_id, "KILLED")
+            return run_id
+        except Exception:  # noqa: BLE001 - tracking must never break training
+            return None
+
     def info(self) -> dict[str, Any]:
         """What the train stage stores in ``runs/<run>/mlflow.json``."""
         return {

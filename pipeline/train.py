@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import getpass
 import hashlib
 import io
 import itertools
@@ -147,6 +148,24 @@ def resumable_meta(last: Path, cfg: dict) -> dict | None:
     return meta
 
 
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (some containers)
+        return "unknown"
+
+
+def _read_json_or_none(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _rounded(values) -> str:
+    return ", ".join(f"{float(v):.4f}" for v in values)
+
+
 def train(run: str, params) -> dict:
     from cnn.train import TrainConfig, fit
 
@@ -174,9 +193,23 @@ def train(run: str, params) -> dict:
 
     ctx = tracking.dvc_context(f"train@{run}")
     tags = {**tracking.git_info(outputs=paths.PIPELINE_OUTPUTS), **ctx, "pipeline_run": run,
-            "model_name": MODEL_TITLES[cfg["model"]]}
+            "model_name": MODEL_TITLES[cfg["model"]], "mlflow.user": _user(),
+            "mlflow.source.name": "pipeline/train.py", "mlflow.source.type": "LOCAL"}
     tracker = tracking.start_run(params.experiment, tracking.run_name_for(ctx), tags)
-    tracker.log_params({"run": run, **cfg, "data": paths.PREPARED.as_posix(), "resume": resume})
+    # A training process that died (kill -9, a lost machine) left its MLflow run RUNNING.
+    live = out / paths.LIVE_MLFLOW_RUN
+    abandoned = tracker.end_abandoned(_read_json_or_none(live))
+    if abandoned:
+        print(f"train@{run}: MLflow run {abandoned}, left RUNNING by a training process that "
+              "died, is now marked KILLED", file=sys.stderr)
+    if tracker.enabled:
+        write_json(live, tracker.info())
+    else:
+        remove([live])
+    stats = load_prepared_stats(paths.PREPARED)
+    tracker.log_params({"run": run, **cfg, "data": paths.PREPARED.as_posix(), "resume": resume,
+                        # which images: the official archive and an offline copy differ here
+                        **({"data_mean": _rounded(stats[0]), "data_std": _rounded(stats[1])} if stats else {})})
 
     history: list[dict] = []
     devices: list[str] = []  # the device of each epoch: one run may move between machines
@@ -208,6 +241,7 @@ def train(run: str, params) -> dict:
         result = fit(config, on_epoch_end=on_epoch_end)
     except BaseException as e:
         tracker.finish("KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
+        remove([live])
         remove_all_but_the_resume_pair()
         raise
 
@@ -236,6 +270,8 @@ def train(run: str, params) -> dict:
         tracker.finish("FAILED")
         remove_all_but_the_resume_pair()
         raise
+    finally:
+        remove([live])
     print(
         f"train@{run}: best test acc {metrics['best_test_acc']:.4f} at epoch {metrics['best_epoch']}, "
         f"{metrics['epochs_run']} epochs, {metrics['seconds_per_epoch'] or 0:.1f} s/epoch on {metrics['device']}",
@@ -247,7 +283,7 @@ def train(run: str, params) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.train", description=summary(__doc__))
     ap.add_argument("run", help="name of an entry under runs in params.yaml")
-    ap.add_argument("--params", default=str(paths.PARAMS))
+    ap.add_argument("--params", default=str(paths.PARAMS), help="the pipeline's params file")
     args = ap.parse_args(argv)
     params = load(args.params)
     params.run(args.run)  # unknown run -> clear error before any work

@@ -520,6 +520,16 @@ def test_softmax_cross_entropy_refuses_labels_that_are_not_one_index_per_row(bac
         F.softmax_cross_entropy(backend.asarray(np.zeros((2, 3), np.float32)), backend.asarray(labels))
 
 
+@pytest.mark.parametrize("labels, values", [([0, -1], "from -1 to 0"), ([3, 1], "from 1 to 3")])
+def test_softmax_cross_entropy_refuses_labels_outside_the_classes_on_numpy(backend, labels, values):
+    """-1 would pick the last class, silently; 3 of 3 classes an IndexError. Only NumPy
+    checks: on torch and CuPy the step stays device work alone (no value read back)."""
+    if backend.name != "numpy":
+        pytest.skip("the label range is checked on NumPy only")
+    with pytest.raises(ValueError, match=f"labels must be class indices from 0 to 2 for 3 logits per row; got values {values}"):
+        F.softmax_cross_entropy(backend.asarray(np.zeros((2, 3), np.float32)), backend.asarray(np.array(labels)))
+
+
 # ---------------------------------------------------------------------------------------
 # Clear errors for wrong input shapes
 # ---------------------------------------------------------------------------------------
@@ -585,10 +595,32 @@ def test_a_numpy_subclass_input_is_accepted():
     (lambda: Linear(0, 5), "in_features must be a positive integer, got 0"),
     (lambda: Linear(5, 2.0), "out_features must be a positive integer, got 2.0"),
     (lambda: BatchNorm2d(True), "num_features must be a positive integer, got True"),
+    (lambda: Conv2d(3, 4, True), "kernel_size must be an integer >= 1"),
+    (lambda: BatchNorm2d(3, momentum=None), r"momentum must be a number in \[0, 1\], got None"),
+    (lambda: BatchNorm2d(3, momentum=1.5), r"momentum must be a number in \[0, 1\]"),
+    (lambda: BatchNorm2d(3, eps=0), "eps must be a positive number, got 0"),
 ])
 def test_bad_layer_arguments_raise_naming_the_argument(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_numpy_integers_are_integers_to_the_constructors():
+    """Sizes computed with NumPy (np.int64) are accepted, as PyTorch accepts them."""
+    conv = Conv2d(np.int64(3), np.int64(4), np.int64(3), stride=np.int32(2), padding=np.int64(1))
+    assert conv.kernel_size == (3, 3) and type(conv.kernel_size[0]) is int and conv.stride == 2
+    assert MaxPool2d(np.int64(2)).kernel_size == (2, 2)
+    assert conv(np.zeros((1, 3, 5, 5), np.float32)).shape == (1, 4, 3, 3)
+
+
+def test_a_list_input_is_a_clear_error():
+    with pytest.raises(TypeError, match=r"Conv2d expects an array \(NumPy, torch or CuPy\), got list"):
+        Conv2d(1, 1, 1)([[[[0.0]]]])
+
+
+def test_flatten_refuses_an_input_without_a_batch_axis(backend):
+    with pytest.raises(ValueError, match=r"Flatten expects a batch \(N, ...\), got shape \(3,\)"):
+        Flatten()(backend.asarray(np.zeros(3, np.float32)))
 
 
 def test_too_small_input_raises():

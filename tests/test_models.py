@@ -11,7 +11,7 @@ from torch import nn
 import cnn
 from cnn.backend import manual_seed
 from cnn.functional import softmax_cross_entropy
-from cnn.layers import BatchNorm2d
+from cnn.layers import BatchNorm2d, Linear
 from cnn.models import ResidualBlock, build_model
 from cnn.optim import SGD, Adam
 from cnn.torch_twins import Block, torch_twin
@@ -97,6 +97,104 @@ def test_train_eval_reach_every_submodule():
     assert not any(m.training for _, m in model.named_modules())
     model.train()
     assert all(m.training for _, m in model.named_modules())
+
+
+# ---------------------------------------------------------------------------------------
+# The Module API, as torch.nn has it
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", MODELS)
+def test_traversal_equals_the_twin(name):
+    """modules(), named_children(), named_buffers(), apply() and numel() as in torch.nn."""
+    model, twin = build_model(name), torch_twin(name)
+    # the twin's residual blocks call a functional relu where ours have ReLU modules
+    assert ([type(m).__name__ for m in model.modules() if m._parameters]
+            == [type(m).__name__ for m in twin.modules() if list(m.parameters(recurse=False))])
+    assert [n for n, _ in model.named_children()] == [n for n, _ in twin.named_children()]
+    assert [n for n, _ in model.named_buffers()] == [n for n, _ in twin.named_buffers()]
+    assert len(model.buffers()) == len(list(twin.buffers()))
+    visited = []
+    assert model.apply(lambda m: visited.append(type(m).__name__)) is model
+    assert visited[-1] == type(model).__name__ and len(visited) == len(list(model.modules()))
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in twin.parameters())
+
+
+def test_a_shared_layer_is_one_set_of_parameters():
+    """The optimizer must see a layer used twice once (as torch.nn lists it), or it would
+    update its weights twice a step; state_dict keeps both paths, as torch.nn does."""
+    lin, ref = Linear(3, 3), nn.Linear(3, 3)
+    ours, theirs = cnn.Sequential(lin, cnn.ReLU(), lin), nn.Sequential(ref, nn.ReLU(), ref)
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert len(list(ours.modules())) == len(list(theirs.modules()))
+
+
+def test_assigning_none_removes_a_parameter_or_a_layer():
+    conv = cnn.Conv2d(3, 8, 3)
+    conv.bias = None
+    assert conv.num_parameters() == 216 and list(conv.state_dict()) == ["weight"]
+    nn.Conv2d(3, 8, 3, bias=False).load_state_dict(
+        {k: torch.from_numpy(v) for k, v in conv.state_dict().items()}, strict=True)
+    x = np.ones((1, 3, 4, 4), np.float32)
+    conv.backward(conv(x))  # runs without the bias
+    model = cnn.Sequential(Linear(4, 3), cnn.ReLU())
+    model.head = Linear(3, 2)
+    assert model(np.ones((1, 4), np.float32)).shape == (1, 2)
+    model.head = None
+    assert len(model) == 2 and model(np.ones((1, 4), np.float32)).shape == (1, 3)
+    del model[0].weight
+    assert [n for n, _ in model.named_parameters()] == ["0.bias"] and "weight" not in vars(model[0])
+
+
+def test_assigning_an_array_where_a_parameter_belongs_is_a_clear_error():
+    lin = Linear(2, 2)
+    with pytest.raises(TypeError, match="cannot assign ndarray to 'weight' of Linear: assign a "
+                                        "Parameter, or None to remove it"):
+        lin.weight = np.zeros((2, 2), np.float32)
+    assert isinstance(lin.weight, cnn.module.Parameter)
+
+
+def test_a_module_that_skips_super_init_is_told_so():
+    class Forgetful(cnn.module.Module):
+        def __init__(self):
+            self.fc = Linear(2, 2)
+
+    with pytest.raises(AttributeError, match=r"before Module.__init__\(\): call super\(\).__init__\(\) first"):
+        Forgetful()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_a_slice_of_a_sequential_is_a_sequential_with_the_same_names(name, rng):
+    model, twin = build_model(name).eval(), torch_twin(name).eval()
+    part = model[2:5]
+    assert isinstance(part, cnn.Sequential) and part[0] is model[2]
+    assert list(part.state_dict()) == list(twin[2:5].state_dict())
+    x = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
+    assert np.array_equal(part(model[:2](x)), model[:5](x))
+
+
+def test_load_state_dict_returns_what_it_skipped_like_torch():
+    model, twin = build_model("simple"), torch_twin("simple")
+    state = {k: v for k, v in model.state_dict().items() if k != "0.bias"}
+    state["extra"] = np.zeros(1, np.float32)
+    ours = model.load_state_dict(state, strict=False)
+    theirs = twin.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=False)
+    assert ours.missing_keys == theirs.missing_keys and ours.unexpected_keys == theirs.unexpected_keys
+    assert model.load_state_dict(model.state_dict()) == ([], [])
+
+
+def test_train_takes_a_boolean():
+    with pytest.raises(ValueError, match="training mode must be True or False, got 'no'"):
+        build_model("simple").train("no")
+
+
+@pytest.mark.parametrize("target, message", [
+    (torch.float64, r"Module.to\(\) takes a backend name .* model.to\(dtype='float64'\)"),
+    ("cuda", r"unknown backend 'cuda'.*'cuda' is a device: .*model.to\('torch', device='cuda'\)"),
+])
+def test_to_with_a_torch_style_argument_says_how_to_write_it(target, message):
+    with pytest.raises((TypeError, cnn.backend.DeviceError), match=message):
+        build_model("simple").to(target)
 
 
 # ---------------------------------------------------------------------------------------

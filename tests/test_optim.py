@@ -273,6 +273,26 @@ def test_nesterov_needs_momentum():
         SGD([Parameter(np.zeros(2))], lr=0.1, nesterov=True)
 
 
+@pytest.mark.parametrize("make, message", [
+    (lambda p: SGD(p, 0.1, momentum=-0.9), r"momentum must be a number >= 0, got -0.9"),
+    (lambda p: SGD(p, 0.1, weight_decay=float("nan")), r"weight_decay must be a number >= 0, got nan"),
+    (lambda p: Adam(p, betas=(1.0, 0.999)), r"beta1 must be a number in \[0, 1\), got 1.0"),
+    (lambda p: Adam(p, betas=(0.9,)), r"betas must be a pair"),
+    (lambda p: Adam(p, eps=-1e-8), r"eps must be a number >= 0"),
+])
+def test_invalid_hyperparameters_raise_naming_them(make, message):
+    with pytest.raises(ValueError, match=message):
+        make([Parameter(np.zeros(2))])
+
+
+def test_sgd_arguments_after_momentum_are_keywords():
+    """torch.optim.SGD(p, lr, momentum, dampening, weight_decay, nesterov): a positional call
+    written for it would set other knobs here, so it fails instead."""
+    with pytest.raises(TypeError):
+        SGD([Parameter(np.zeros(2))], 0.1, 0.9, 0.5, 1e-4)
+    assert SGD([Parameter(np.zeros(2))], 0.1, 0.9).momentum == 0.9
+
+
 def test_lr_can_be_changed_between_steps(rng):
     """fit() sets optimizer.lr each epoch: the new lr must be used (as a torch param group)."""
     p = Parameter(np.ones(3))

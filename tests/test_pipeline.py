@@ -339,8 +339,12 @@ def test_dvc_yaml_matches_pipeline_paths():
 
     k = "${key}"
     train = spec["train"]["do"]
-    assert spec["train"]["foreach"] == spec["evaluate"]["foreach"] == "${runs}"
-    assert sorted(train["params"]) == sorted(["defaults", f"runs.{k}"])
+    assert spec["settings"]["foreach"] == spec["train"]["foreach"] == spec["evaluate"]["foreach"] == "${runs}"
+    settings = spec["settings"]["do"]
+    assert sorted(settings["params"]) == sorted(["defaults", f"runs.{k}"]) and "params" not in train
+    assert names(settings["outs"]) == [paths.settings_output(k).as_posix()]
+    assert settings["cmd"].endswith(f"--out {paths.settings_output(k).as_posix()}")
+    assert paths.settings_output(k).as_posix() in train["deps"]
     train_outs = names(train["outs"] + train["metrics"] + train["plots"])
     assert train_outs == sorted(p.as_posix() for p in paths.train_outputs(k))
     ev = spec["evaluate"]["do"]
@@ -639,12 +643,72 @@ def test_a_failure_after_training_keeps_what_resume_needs(stage_dir, monkeypatch
     assert (d / paths.LAST_CHECKPOINT).read_bytes() == b"last"
 
 
+def test_an_mlflow_run_left_running_by_a_dead_process_is_marked_killed(stage_dir, monkeypatch, capsys):
+    """kill -9 leaves the training's MLflow run RUNNING; the stage's next start closes it.
+    The new run also says who ran it, from where, and on which images (mean/std)."""
+    import types
+
+    import cnn.train
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import _util, train
+
+    uri = f"sqlite:///{stage_dir / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    d = paths.run_dir("simple_5ep_torch")
+    dead = tracking.start_run("cifar10-cnn", "train@simple_5ep_torch", root=stage_dir)
+    d.mkdir(parents=True)
+    (d / paths.LIVE_MLFLOW_RUN).write_text(json.dumps(dead.info()))
+    seen_live = []
+
+    def finished_fit(config, on_epoch_end=None):
+        seen_live.append(json.loads((d / paths.LIVE_MLFLOW_RUN).read_text())["run_id"])
+        (d / paths.BEST_CHECKPOINT).write_bytes(b"best")
+        epoch = {"epoch": 1, "loss": 2.3, "train_acc": 0.1, "test_acc": 0.1, "lr": 0.01, "seconds": 1.0}
+        on_epoch_end({**epoch, "device": "numpy (cpu)"})
+        return types.SimpleNamespace(history=[epoch], best_checkpoint=str(d / paths.BEST_CHECKPOINT),
+                                     best_test_acc=0.1, best_epoch=1, stopped_early=False, device="numpy (cpu)")
+
+    monkeypatch.setattr(cnn.train, "fit", finished_fit)
+    with pytest.raises(SystemExit) as e:
+        _util.run_main(train.main, ["simple_5ep_torch"])
+    assert e.value.code == 0
+    assert f"MLflow run {dead.run_id}, left RUNNING by a training process that died, is now marked KILLED" \
+        in capsys.readouterr().err
+    client = MlflowClient(uri)
+    assert client.get_run(dead.run_id).info.status == "KILLED"
+    new = client.get_run(json.loads((d / paths.MLFLOW_RUN).read_text())["run_id"])
+    assert seen_live == [new.info.run_id] and not (d / paths.LIVE_MLFLOW_RUN).exists()
+    assert new.info.status == "FINISHED" and new.data.tags["mlflow.source.name"] == "pipeline/train.py"
+    assert new.data.tags["mlflow.user"] and new.data.params["data_mean"] == "0.5000, 0.5000, 0.5000"
+
+
 def test_resume_without_an_engine_stamp_says_so(tmp_path, capsys):
     from pipeline import train
 
     (tmp_path / paths.LAST_CHECKPOINT).write_bytes(b"last")
     assert train.resumable_meta(tmp_path / paths.LAST_CHECKPOINT, {}) is None
     assert f"no {paths.ENGINE_STAMP} beside it" in capsys.readouterr().err
+
+
+def test_evaluate_without_its_inputs_keeps_the_last_evaluation(stage_dir, capsys):
+    """Run directly (as the README's stage table allows), evaluate checks its inputs before
+    it deletes the outputs of the last evaluation."""
+    from pipeline import _util, evaluate
+
+    run = "simple_5ep_torch"
+    paths.PREPARED.unlink()
+    d = paths.run_dir(run)
+    d.mkdir(parents=True)
+    (d / paths.BEST_CHECKPOINT).write_bytes(b"")
+    for name in (paths.CONFIG, paths.MLFLOW_RUN):
+        (d / name).write_text("{}")
+    for out in paths.evaluate_outputs(run):
+        out.write_text("the last evaluation")
+    with pytest.raises(SystemExit) as e:
+        _util.run_main(evaluate.main, [run])
+    assert e.value.code == 1 and "cifar10.npz not found" in capsys.readouterr().err
+    assert all(out.read_text() == "the last evaluation" for out in paths.evaluate_outputs(run))
 
 
 def test_report_lists_runs_not_trained_yet(tmp_path, monkeypatch):
@@ -815,11 +879,16 @@ def test_dvc_repro_end_to_end(repro_project, archive):
         cm = json.loads((d / paths.CONFUSION).read_text())
         assert len(cm["classes"]) == 10 and sum(map(sum, cm["matrix"])) == N_TEST
 
-    # --- dvc.lock: each train stage depends on its own run's params and the defaults only
+    # --- dvc.lock: each run's settings depend on its own params and the defaults only, and
+    # its train stage on those resolved settings
     lock = yaml.safe_load((proj / "dvc.lock").read_text())["stages"]
-    assert set(lock) == {"download", "normalize", "report", *(f"{s}@{n}" for s in ("train", "evaluate") for n in TINY_RUNS)}
+    assert set(lock) == {"download", "normalize", "report",
+                         *(f"{s}@{n}" for s in ("settings", "train", "evaluate") for n in TINY_RUNS)}
     for name in TINY_RUNS:
-        assert set(lock[f"train@{name}"]["params"]["params.yaml"]) == {"defaults", f"runs.{name}"}
+        assert set(lock[f"settings@{name}"]["params"]["params.yaml"]) == {"defaults", f"runs.{name}"}
+        assert json.loads((proj / paths.settings_output(name)).read_text()) == \
+            tiny_params()["defaults"] | tiny_params()["runs"][name]
+        assert paths.settings_output(name).as_posix() in {d["path"] for d in lock[f"train@{name}"]["deps"]}
     assert set(lock["download"]["params"]["params.yaml"]) == {"data.url", "data.md5"}
     assert "up to date" in dvc("status", cwd=proj, env=env).stdout
 
@@ -886,7 +955,21 @@ def test_only_the_edited_run_is_stale(repro_project, archive, tmp_path):
     # `dvc status` lists the stages whose own dependencies changed (evaluate@simple_5ep_torch
     # follows once train has run); report lists the runs, so it depends on all of `runs`.
     stale = set(json.loads(dvc("status", "--json", cwd=proj, env=env).stdout))
-    assert stale == {"train@simple_5ep_torch", "report"}
+    assert stale == {"settings@simple_5ep_torch", "report"}
+
+
+@pytest.mark.slow
+def test_a_default_that_every_run_overrides_retrains_nothing(repro_project, tmp_path):
+    """Every settings stage re-runs (they depend on all of `defaults`), writes the same
+    resolved settings, and so no train stage runs."""
+    proj, env, _ = repro_project
+    proj = clone_project(proj, tmp_path / "project")
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["defaults"]["epochs"] = 9  # every tiny run sets epochs: 1
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = dvc("repro", cwd=proj, env=env, timeout=600).stdout
+    assert "Running stage 'settings@simple_5ep_torch'" in out and "Running stage 'train@" not in out
+    assert "up to date" in dvc("status", cwd=proj, env=env).stdout
 
 
 @pytest.mark.slow
