@@ -31,9 +31,10 @@
 #   run(command="bash benchmarks/gpu_session.sh collect .cache/gpu $OUT 450 resnet_50ep_step resnet_50ep_cosine")
 # The device image has torch, CuPy, numpy, Pillow, PyYAML, tqdm, matplotlib and pytest, but
 # neither DVC nor MLflow: each RUN executes its DVC stage commands (python3 -m pipeline.train
-# / .evaluate) without DVC, and MLflow is skipped with one warning. Back here: tar -xf
-# runs.tar, then `dvc commit train@RUN evaluate@RUN` records them in dvc.lock (their deps are
-# this checkout's), `dvc repro -s report` rebuilds reports/, and git takes runs/RUN, reports/
+# / .evaluate) without DVC, and MLflow is skipped with one warning. The train stage refuses
+# a run whose committed runs/RUN/settings.json is not what params.yaml resolves to: keep
+# settings@RUN up to date (dvc status) before a lease. Back here: tar -xf runs.tar, then
+# `dvc commit train@RUN evaluate@RUN` records them in dvc.lock (their deps are this checkout's), `dvc repro -s report` rebuilds reports/, and git takes runs/RUN, reports/
 # and dvc.lock (stage outputs are kept in git, see dvc.yaml). An unfinished run goes to
 # CARRY instead (tar -xf runs.tar -C .cache/gpu runs/RUN), for the next lease to continue.
 #

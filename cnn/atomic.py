@@ -17,14 +17,20 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     and renamed onto ``path`` in one step.
 
     On any exception (KeyboardInterrupt and SIGTERM-as-SystemExit included) the temporary
-    file is removed, so a failed or interrupted write leaves ``path`` as it was. The
+    file is removed, and the folders made for it if they are still empty, so a failed or
+    interrupted write leaves ``path`` and the file system as they were. The
     temporary file lives in ``path``'s folder because a rename is only atomic within one
     filesystem. ``suffix`` keeps an extension that a writer insists on (``np.savez`` adds
     ``.npz`` to a name without it).
     """
     path = Path(path)
+    made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # deepest first
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix + ".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix + ".tmp")
+    except BaseException:
+        _remove_empty(made)
+        raise
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -35,4 +41,11 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        _remove_empty(made)
         raise
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        with contextlib.suppress(OSError):  # not empty: something else was written there
+            folder.rmdir()

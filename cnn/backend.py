@@ -189,7 +189,10 @@ class Backend:
     # -- randomness -----------------------------------------------------------------
     def seed(self, seed) -> None:
         """Reseed this backend's generator (``seed``: int or sequence of ints)."""
-        self.rng = self.xp.random.default_rng(seed)
+        # Not default_rng(seed) itself: the weights (default_rng(seed)) and the loader's
+        # epoch plans (default_rng([seed, epoch])) draw from NumPy's generator seeded so,
+        # and dropout masks would repeat their random bits.
+        self.rng = self.xp.random.default_rng(_fold(seed, _DROPOUT_STREAM))
 
     def uniform(self, shape, dtype: str = "float32"):
         """Uniform [0, 1) samples drawn on the backend's device."""
@@ -338,7 +341,8 @@ class TorchBackend(Backend):
 
     def seed(self, seed) -> None:
         # torch.Generator takes one integer; fold a sequence of ints into one with numpy.
-        self.rng.manual_seed(int(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0] >> 1))
+        # (Another generator than NumPy's, so no stream of its own is needed.)
+        self.rng.manual_seed(_fold(seed))
 
     def uniform(self, shape, dtype: str = "float32"):
         return self.torch.rand(shape, generator=self.rng, dtype=self._dtype(dtype), device=self.device)
@@ -456,6 +460,14 @@ def backend_of(x) -> Backend:
 
 
 _seed = None  # the last manual_seed, for backends made after it
+_DROPOUT_STREAM = 1
+
+
+def _fold(seed, stream: int | None = None) -> int:
+    """``seed`` (an int or a sequence of ints) as one non-negative 63-bit integer; with
+    ``stream``, that of an independent stream (NumPy's SeedSequence spawn key)."""
+    sequence = np.random.SeedSequence(seed, spawn_key=() if stream is None else (stream,))
+    return int(sequence.generate_state(1, np.uint64)[0] >> 1)
 
 
 def manual_seed(seed: int) -> None:

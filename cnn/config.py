@@ -136,16 +136,32 @@ def combination_problems(settings: dict) -> list[str]:
 
 
 #: Knobs that a resumed run may change: how long it goes on, not what each epoch computes.
-RESUMABLE_CHANGES = ("epochs", "early_stop")
+# device: a run may go on on another device (only the rounding differs; the pipeline
+# records the device of each epoch).
+RESUMABLE_CHANGES = ("epochs", "early_stop", "device")
+
+
+def unused_knobs(settings: dict) -> set[str]:
+    """The knobs that ``settings`` leave without effect: the step schedule's milestones and
+    gamma under another schedule, Adam's betas for SGD, SGD's momentum and nesterov for Adam."""
+    unused = set()
+    if settings.get("schedule") != "step":
+        unused |= {"milestones", "gamma"}
+    if settings.get("optimizer") != "adam":
+        unused.add("betas")
+    if settings.get("optimizer") != "sgd":
+        unused |= {"momentum", "nesterov"}
+    return unused
 
 
 def resume_conflicts(saved: dict, settings: dict, epochs_done: int = 0) -> list[str]:
     """The knobs of ``settings`` that differ from ``saved`` (the settings a checkpoint was
     written with, after ``epochs_done`` epochs) so that resuming would not continue the same
-    run: any knob but ``RESUMABLE_CHANGES``; ``epochs`` too under the cosine schedule, whose
-    learning rates depend on the total; and fewer ``epochs`` than are done, which no run of
-    that length has. Each as "lr 0.01 -> 0.1"; knobs ``saved`` lacks pass."""
-    free = set(RESUMABLE_CHANGES)
+    run: any knob but ``RESUMABLE_CHANGES`` and those without effect in both; ``epochs`` too
+    under the cosine schedule, whose learning rates depend on the total; and fewer ``epochs``
+    than are done, which no run of that length has. Each as "lr 0.01 -> 0.1"; knobs
+    ``saved`` lacks pass."""
+    free = set(RESUMABLE_CHANGES) | (unused_knobs(saved) & unused_knobs(settings))
     if "cosine" in (saved.get("schedule"), settings.get("schedule")):
         free.discard("epochs")
     changed = [f"{key} {show(saved[key])} -> {show(settings.get(key))}" for key in CHECKS

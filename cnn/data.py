@@ -119,10 +119,9 @@ def load_cifar10(path: str | os.PathLike) -> CIFAR10:
             f"extracted {BATCH_DIR}/ folder, or of a prepared .npz")
     if path.is_dir():
         ds = _load_folder(path)
-    elif path.suffix == ".npz":
-        ds = _load_npz(path)
     else:
-        ds = _load_archive(path)
+        _check_readable(path)
+        ds = _load_npz(path) if path.suffix == ".npz" else _load_archive(path)
     _validate(ds, str(path))
     return ds
 
@@ -199,6 +198,15 @@ def _load_archive(path: Path) -> CIFAR10:
     return _assemble(found, str(path))
 
 
+def _check_readable(path: Path) -> None:
+    """A file that cannot be opened is not a corrupt one: say so (the readers would
+    report a permission error as a truncated archive)."""
+    try:
+        open(path, "rb").close()
+    except OSError as e:
+        raise DatasetError(f"cannot read {path} ({e.strerror}): check its permissions") from e
+
+
 def _load_folder(path: Path) -> CIFAR10:
     """Read an extracted ``cifar-10-batches-py/`` (given itself or its parent)."""
     # The folder itself if it holds batch files, else its cifar-10-batches-py/ child.
@@ -213,6 +221,7 @@ def _load_folder(path: Path) -> CIFAR10:
         if not f.is_file():
             raise DatasetError(f"{f}: member {BATCH_DIR}/{m} missing: the extracted "
                                f"folder is incomplete; extract the archive again")
+        _check_readable(f)
         found[m] = _unpickle(f.read_bytes(), str(f))
     return _assemble(found, str(folder))
 

@@ -23,22 +23,22 @@ class Sequential(Module):
         """The i-th layer; a slice is a Sequential of those layers (the same objects, under
         the same names, as in PyTorch)."""
         if not isinstance(i, slice):
-            return list(self._modules.values())[i]
+            return list(self.children())[i]
         part = Sequential()
-        for name, layer in list(self._modules.items())[i]:
+        for name, layer in list(self.named_children())[i]:
             setattr(part, name, layer)
         return part
 
     def __len__(self) -> int:
-        return len(self._modules)
+        return len(list(self.children()))
 
     def forward(self, x):
-        for layer in self._modules.values():
+        for layer in self.children():
             x = layer.forward(x)
         return x
 
     def backward(self, grad_out):
-        for layer in reversed(self._modules.values()):
+        for layer in reversed(list(self.children())):
             grad_out = layer.backward(grad_out)
         return grad_out
 

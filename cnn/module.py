@@ -70,12 +70,13 @@ class Module:
         elif registries[0] is not None:
             for kind, registry in zip(("a Parameter", "a Module"), registries):
                 if name in registry:
-                    # None removes it (Conv2d's bias = None); anything else is a mistake,
-                    # such as an array where a Parameter belongs.
+                    # None empties the slot (Conv2d's bias = None), which keeps its place in
+                    # the order as in PyTorch; anything else is a mistake, such as an array
+                    # where a Parameter belongs.
                     if value is not None:
                         raise TypeError(f"cannot assign {type(value).__name__} to {name!r} of "
                                         f"{type(self).__name__}: assign {kind}, or None to remove it")
-                    del registry[name]
+                    registry[name] = None
             if name in self._buffers:
                 self._buffers[name] = value
                 return
@@ -129,28 +130,29 @@ class Module:
         return self
 
     # -- traversal ------------------------------------------------------------------
-    def named_modules(self, prefix: str = "", remove_duplicate: bool = True,
-                      _seen: set | None = None) -> Iterator[tuple[str, "Module"]]:
+    # Registries may hold None (an emptied slot, see __setattr__): every walk skips those.
+    def named_modules(self, prefix: str = "", remove_duplicate: bool = True) -> Iterator[tuple[str, "Module"]]:
         """(path, module) of this module and every descendant, depth first; a module used
         twice comes once, under its first path (unless ``remove_duplicate=False``)."""
-        if _seen is None:
-            _seen = set()
-        if remove_duplicate:
-            if id(self) in _seen:
+        return self._walk(prefix, set() if remove_duplicate else None)
+
+    def _walk(self, prefix: str, seen: set | None) -> Iterator[tuple[str, "Module"]]:
+        if seen is not None:
+            if id(self) in seen:
                 return
-            _seen.add(id(self))
+            seen.add(id(self))
         yield prefix, self
-        for name, child in self._modules.items():
-            yield from child.named_modules(f"{prefix}.{name}" if prefix else name, remove_duplicate, _seen)
+        for name, child in self.named_children():
+            yield from child._walk(f"{prefix}.{name}" if prefix else name, seen)
 
     def modules(self) -> Iterator["Module"]:
         return (module for _, module in self.named_modules())
 
     def named_children(self) -> Iterator[tuple[str, "Module"]]:
-        return iter(self._modules.items())
+        return ((name, child) for name, child in self._modules.items() if child is not None)
 
     def children(self) -> Iterator["Module"]:
-        return iter(self._modules.values())
+        return (child for _, child in self.named_children())
 
     def named_parameters(self) -> Iterator[tuple[str, Parameter]]:
         """Each parameter once, under its first path: a layer used twice (shared weights)
@@ -158,7 +160,7 @@ class Module:
         seen = set()
         for path, module in self.named_modules():
             for name, p in module._parameters.items():
-                if id(p) not in seen:
+                if p is not None and id(p) not in seen:
                     seen.add(id(p))
                     yield (f"{path}.{name}" if path else name), p
 
@@ -168,7 +170,8 @@ class Module:
     def named_buffers(self) -> Iterator[tuple[str, object]]:
         for path, module in self.named_modules():
             for name, value in module._buffers.items():
-                yield (f"{path}.{name}" if path else name), value
+                if value is not None:
+                    yield (f"{path}.{name}" if path else name), value
 
     def buffers(self) -> list:
         return [value for _, value in self.named_buffers()]
@@ -203,10 +206,12 @@ class Module:
         a module used twice has its state under both paths, as in PyTorch."""
         for path, module in self.named_modules(remove_duplicate=False):
             prefix = f"{path}." if path else ""
-            for name in module._parameters:
-                yield prefix + name, module, name, True
-            for name in module._buffers:
-                yield prefix + name, module, name, False
+            for name, p in module._parameters.items():
+                if p is not None:
+                    yield prefix + name, module, name, True
+            for name, value in module._buffers.items():
+                if value is not None:
+                    yield prefix + name, module, name, False
 
     def state_dict(self) -> "OrderedDict[str, np.ndarray]":
         """Host (NumPy) copies of every parameter and buffer, under PyTorch's key names."""
@@ -225,10 +230,10 @@ class Module:
         does: ``(missing_keys, unexpected_keys)``."""
         own = {key: (module, name, is_param) for key, module, name, is_param in self._named_state()}
         problems = []
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
+        missing = [key for key in own if key not in state]  # in state_dict order, as PyTorch
+        unexpected = [key for key in state if key not in own]
         if strict and (missing or unexpected):
-            problems.append(f"missing keys {missing}, unexpected keys {unexpected}")
+            problems.append(f"missing keys {sorted(missing)}, unexpected keys {sorted(unexpected)}")
         loads = []
         for key, value in state.items():
             if key not in own:
@@ -284,7 +289,7 @@ class Module:
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__}({self.extra_repr()}"]
-        for name, child in self._modules.items():
+        for name, child in self.named_children():
             child_lines = repr(child).splitlines()
             lines.append(f"  ({name}): " + "\n  ".join(child_lines))
         return "\n".join(lines) + ")" if len(lines) > 1 else lines[0] + ")"

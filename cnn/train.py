@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import signal
 import sys
 import tempfile
 import time
@@ -23,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cnn.backend import BACKENDS, Backend, backend_of, get_backend, manual_seed
-from cnn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cnn.checkpoint import CheckpointError, load_checkpoint, read_meta, save_checkpoint
 from cnn.config import TrainConfig, data_conflicts, resume_conflicts
 from cnn.data import DataLoader, load_cifar10, normalization_stats
 from cnn.errors import ConfigError, UserError
@@ -61,13 +63,19 @@ def make_optimizer(config: TrainConfig, model: Module) -> Optimizer:
 
 def predict(model: Module, x: np.ndarray, batch_size: int = EVAL_BATCH_SIZE) -> np.ndarray:
     """Class predictions (N,) int64 for normalised images x: (N, 3, 32, 32) float32, on
-    the model's own backend."""
+    the model's own backend, in eval mode (the model's own mode is put back after)."""
+    if np.asarray(x[:0]).dtype == np.uint8:
+        raise ValueError("predict takes normalised float images, got uint8 pixels: "
+                         "cnn.data.normalize(x, mean, std) first, with the checkpoint's "
+                         "meta['mean'] and meta['std']")
     B = model_backend(model)
+    was_training = model.training
     model.eval()
     preds = [B.to_numpy(B.argmax(model(B.asarray(x[i:i + batch_size])), axis=1))
              for i in range(0, len(x), batch_size)]
     model.clear_caches()
-    return np.concatenate(preds).astype(np.int64)
+    model.train(was_training)
+    return np.concatenate(preds).astype(np.int64) if preds else np.zeros(0, np.int64)
 
 
 def evaluate(model: Module, loader: DataLoader, B: Backend) -> float:
@@ -193,10 +201,12 @@ def _check_writable(out: Path) -> None:
     first checkpoint (diverged, interrupted, bad data) leaves no empty folder behind.
     """
     folder = out
-    while not folder.exists():
+    while not os.path.lexists(folder):
         folder = folder.parent  # ends at an existing folder: "." or "/" at the latest
     if folder == out and not out.is_dir():
-        raise ConfigError(f"the output folder {out} is a file: choose another --out")
+        what = (f"a link to {os.readlink(out)}, which does not exist" if out.is_symlink()
+                else "a file")
+        raise ConfigError(f"the output folder {out} is {what}: choose another --out")
     try:
         if not folder.is_dir():
             raise NotADirectoryError(0, f"{folder} is a file")
@@ -291,6 +301,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt  # as Ctrl-C: checkpoint writes clean up, and the message says how to go on
+
+
+def _interrupted_message(config: TrainConfig) -> str:
+    last = Path(config.out) / "last.npz"
+    if not last.is_file():
+        return "interrupted"
+    try:
+        meta = read_meta(last)
+        mine = not resume_conflicts(meta.get("config", {}), asdict(config), meta.get("epoch", 0))
+    except (CheckpointError, OSError, ValueError):
+        mine = False
+    return (f"interrupted; --resume continues from {last}" if mine else
+            f"interrupted before the first epoch ended; {last} is another run's (other settings), "
+            "which --resume would refuse")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     config = TrainConfig(
@@ -306,9 +334,7 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        last = Path(config.out) / "last.npz"
-        print("interrupted" + (f"; --resume continues from {last}" if last.is_file() else ""),
-              file=sys.stderr)
+        print(_interrupted_message(config), file=sys.stderr)
         return 130
     print(f"Best test accuracy {result.best_test_acc:.4f} at epoch {result.best_epoch} "
           f"on {result.device}; checkpoint {result.best_checkpoint}")
@@ -316,4 +342,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _terminated)
     sys.exit(main())

@@ -17,7 +17,6 @@ transfer resumes where it stopped when the server supports ranges.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gzip
 import hashlib
 import http.client
@@ -209,7 +208,6 @@ def resolve_source(params) -> tuple[str, str, str]:
 def download(params, dest: Path = paths.RAW_ARCHIVE) -> Path:
     source, md5, md5_from = resolve_source(params)
     dest = Path(dest)
-    created = [d for d in (dest.parent, *dest.parent.parents) if not d.exists()]  # deepest first
     for stale in dest.parent.glob(f".{dest.name}.*.tmp") if dest.parent.exists() else []:
         stale.unlink(missing_ok=True)  # left by a killed earlier attempt
     if dest.is_file() and md5sum(dest) == md5:
@@ -218,31 +216,25 @@ def download(params, dest: Path = paths.RAW_ARCHIVE) -> Path:
     # A file already there with another md5 stays until a verified one is renamed over it:
     # a failed download must not cost the user the copy they had.
 
-    try:
-        with atomic_path(dest) as tmp:
-            src_path = local_path(source)
-            if src_path is not None:
-                print(f"copying CIFAR-10 from {src_path}", file=sys.stderr)
-                copy_local(src_path, tmp)
-            else:
-                print(f"downloading CIFAR-10 from {source}", file=sys.stderr)
-                tmp.unlink()  # _attempt resumes from an existing file
-                fetch_url(source, tmp, params.data.retries, params.data.timeout)
-            got = md5sum(tmp)
-            if got != md5:
-                cause = ("Check the file; if it is a copy you made (an offline mirror), set CIFAR10_MD5 to its md5"
-                         if src_path is not None else
-                         "The download is truncated or corrupt, or not the CIFAR-10 python archive: "
-                         "run the stage again. If the source is a trusted mirror of a repackaged "
-                         "archive, set CIFAR10_MD5 to its md5")
-                raise PipelineError(f"md5 mismatch for {source}: expected {md5} ({md5_from}), got {got}. "
-                                    f"{cause}: CIFAR10_MD5={got}.")
-            check_archive(tmp, source)
-    except BaseException:
-        for d in created:  # folders made for this download, if still empty
-            with contextlib.suppress(OSError):
-                d.rmdir()
-        raise
+    with atomic_path(dest) as tmp:  # a failure leaves no temporary file, nor folders made for it
+        src_path = local_path(source)
+        if src_path is not None:
+            print(f"copying CIFAR-10 from {src_path}", file=sys.stderr)
+            copy_local(src_path, tmp)
+        else:
+            print(f"downloading CIFAR-10 from {source}", file=sys.stderr)
+            tmp.unlink()  # _attempt resumes from an existing file
+            fetch_url(source, tmp, params.data.retries, params.data.timeout)
+        got = md5sum(tmp)
+        if got != md5:
+            cause = ("Check the file; if it is a copy you made (an offline mirror), set CIFAR10_MD5 to its md5"
+                     if src_path is not None else
+                     "The download is truncated or corrupt, or not the CIFAR-10 python archive: "
+                     "run the stage again. If the source is a trusted mirror of a repackaged "
+                     "archive, set CIFAR10_MD5 to its md5")
+            raise PipelineError(f"md5 mismatch for {source}: expected {md5} ({md5_from}), got {got}. "
+                                f"{cause}: CIFAR10_MD5={got}.")
+        check_archive(tmp, source)
     print(f"wrote {dest} (md5 {md5})", file=sys.stderr)
     return dest
 

@@ -292,9 +292,10 @@ class Tracker:
         """Mark KILLED the run that ``info`` names (the record of a training in progress,
         left behind by a process that died without closing its run), if it is in this
         store and still RUNNING; return its id. Best effort: never raises."""
-        run_id = (info or {}).get("run_id")
-        if not self.enabled or not run_id or info.get("tracking_uri") != display_uri(self.uri):
+        if not self.enabled or not isinstance(info, dict) or not info.get("run_id") \
+                or info.get("tracking_uri") != display_uri(self.uri):
             return None
+        run_id = info["run_id"]
         try:
             if self.client.get_run(run_id).info.status != "RUNNING":
                 return None

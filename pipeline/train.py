@@ -25,6 +25,8 @@ import hashlib
 import io
 import itertools
 import json
+import os
+import socket
 import sys
 from pathlib import Path
 
@@ -166,10 +168,35 @@ def _rounded(values) -> str:
     return ", ".join(f"{float(v):.4f}" for v in values)
 
 
+def _still_running(record) -> bool:
+    """Whether the process that wrote a live-run record is alive on this machine (its MLflow
+    run is then not abandoned). On another machine it cannot be told: taken as dead."""
+    if not isinstance(record, dict) or record.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(record["pid"]), 0)
+    except (KeyError, TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    return True
+
+
+def check_settings(run: str, cfg: dict) -> None:
+    """DVC records ``runs/<run>/settings.json`` as the settings a train stage used: refuse
+    to train on others (params.yaml edited, then the train stage run alone)."""
+    path = paths.settings_output(run)
+    if _read_json_or_none(path) != cfg:
+        state = "does not match params.yaml" if path.exists() else "is missing"
+        raise PipelineError(f"{path} {state}: resolve the run's settings first, with "
+                            f"`dvc repro settings@{run}` (or dvc repro -s settings@{run} train@{run})")
+
+
 def train(run: str, params) -> dict:
     from cnn.train import TrainConfig, fit
 
     cfg = params.run(run)
+    check_settings(run, cfg)
     out = paths.run_dir(run)
     outputs = paths.train_outputs(run)
     best_path = out / paths.BEST_CHECKPOINT
@@ -195,21 +222,17 @@ def train(run: str, params) -> dict:
     tags = {**tracking.git_info(outputs=paths.PIPELINE_OUTPUTS), **ctx, "pipeline_run": run,
             "model_name": MODEL_TITLES[cfg["model"]], "mlflow.user": _user(),
             "mlflow.source.name": "pipeline/train.py", "mlflow.source.type": "LOCAL"}
+    stats = load_prepared_stats(paths.PREPARED)
     tracker = tracking.start_run(params.experiment, tracking.run_name_for(ctx), tags)
     # A training process that died (kill -9, a lost machine) left its MLflow run RUNNING.
     live = out / paths.LIVE_MLFLOW_RUN
-    abandoned = tracker.end_abandoned(_read_json_or_none(live))
+    earlier = _read_json_or_none(live)
+    abandoned = None if _still_running(earlier) else tracker.end_abandoned(earlier)
     if abandoned:
         print(f"train@{run}: MLflow run {abandoned}, left RUNNING by a training process that "
               "died, is now marked KILLED", file=sys.stderr)
-    if tracker.enabled:
-        write_json(live, tracker.info())
-    else:
-        remove([live])
-    stats = load_prepared_stats(paths.PREPARED)
-    tracker.log_params({"run": run, **cfg, "data": paths.PREPARED.as_posix(), "resume": resume,
-                        # which images: the official archive and an offline copy differ here
-                        **({"data_mean": _rounded(stats[0]), "data_std": _rounded(stats[1])} if stats else {})})
+    # Without MLflow the record stays as it was, for when the store is back.
+    owns_live = tracker.enabled
 
     history: list[dict] = []
     devices: list[str] = []  # the device of each epoch: one run may move between machines
@@ -226,22 +249,28 @@ def train(run: str, params) -> dict:
         # Rewritten every epoch so a long run can be watched (dvc plots show).
         write_text(out / paths.HISTORY, history_csv(history))
 
-    if resume:
-        # The epochs before the interruption go into this MLflow run too, so that it
-        # shows the whole run.
-        for m, device in zip(meta["history"], earlier_devices(out, meta)):
-            on_epoch_end({**m, "device": device})
+    try:  # from here on, a failure closes the MLflow run
+        if owns_live:
+            write_json(live, {**tracker.info(), "pid": os.getpid(), "host": socket.gethostname()})
+        tracker.log_params({"run": run, **cfg, "data": paths.PREPARED.as_posix(), "resume": resume,
+                            # which images: the official archive and an offline copy differ here
+                            **({"data_mean": _rounded(stats[0]), "data_std": _rounded(stats[1])} if stats else {})})
+        if resume:
+            # The epochs before the interruption go into this MLflow run too, so that it
+            # shows the whole run.
+            for m, device in zip(meta["history"], earlier_devices(out, meta)):
+                on_epoch_end({**m, "device": device})
 
-    # Bars only on a terminal: piped output (CI, dvc queue logs) gets the per-epoch lines only.
-    progress = bool(params.progress) and sys.stderr.isatty()
-    config = TrainConfig(**cfg, data=str(paths.PREPARED), out=str(out), resume=resume, progress=progress)
-    print(f"train@{run}: {MODEL_TITLES[cfg['model']]}, {cfg['epochs']} epochs, backend {cfg['backend']}",
-          file=sys.stderr)
-    try:
+        # Bars only on a terminal: piped output (CI, dvc queue logs) gets the per-epoch lines only.
+        progress = bool(params.progress) and sys.stderr.isatty()
+        config = TrainConfig(**cfg, data=str(paths.PREPARED), out=str(out), resume=resume, progress=progress)
+        print(f"train@{run}: {MODEL_TITLES[cfg['model']]}, {cfg['epochs']} epochs, backend {cfg['backend']}",
+              file=sys.stderr)
         result = fit(config, on_epoch_end=on_epoch_end)
     except BaseException as e:
         tracker.finish("KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
-        remove([live])
+        if owns_live:
+            remove([live])
         remove_all_but_the_resume_pair()
         raise
 
@@ -271,7 +300,8 @@ def train(run: str, params) -> dict:
         remove_all_but_the_resume_pair()
         raise
     finally:
-        remove([live])
+        if owns_live:
+            remove([live])
     print(
         f"train@{run}: best test acc {metrics['best_test_acc']:.4f} at epoch {metrics['best_epoch']}, "
         f"{metrics['epochs_run']} epochs, {metrics['seconds_per_epoch'] or 0:.1f} s/epoch on {metrics['device']}",

@@ -2,7 +2,9 @@
 
 import io
 import pickle
+import re
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -177,6 +179,34 @@ def test_corrupt_prepared_file(tmp_path, ds):
     with pytest.raises(DatasetError, match="prepared.npz: not a .npz archive") as err:
         load_cifar10(out)
     assert "pickle" not in str(err.value)
+
+
+@pytest.mark.parametrize("layout", ["archive", "folder", "prepared"])
+def test_an_unreadable_file_is_not_called_corrupt(tmp_path, archive, ds, layout, monkeypatch):
+    """A permission error, say. (Tests may run as root, who may read anything, so opening
+    the one file is made to fail.)"""
+    import builtins
+
+    if layout == "archive":
+        path = unreadable = archive
+    elif layout == "folder":
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp_path, filter="data")
+        path, unreadable = tmp_path, tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    else:
+        path = unreadable = tmp_path / "prepared.npz"
+        save_prepared(path, ds, [0.5] * 3, [0.25] * 3)
+    real_open = builtins.open
+
+    def guarded_open(file, *args, **kwargs):
+        if Path(file) == unreadable:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", guarded_open)
+    with pytest.raises(DatasetError, match=f"cannot read {re.escape(str(unreadable))} \\(Permission denied\\): "
+                                           "check its permissions"):
+        load_cifar10(path)
 
 
 def test_missing_member(tmp_path, archive):

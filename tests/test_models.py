@@ -146,6 +146,28 @@ def test_assigning_none_removes_a_parameter_or_a_layer():
     assert [n for n, _ in model.named_parameters()] == ["0.bias"] and "weight" not in vars(model[0])
 
 
+def test_an_emptied_slot_keeps_its_place_like_torch():
+    """None empties a slot; what is assigned there later takes the same place in the order
+    (a Sequential must not run its layers in another order), as in torch.nn."""
+    ours = cnn.Sequential(Linear(4, 4), cnn.ReLU(), Linear(4, 2))
+    theirs = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    for model, relu in ((ours, cnn.ReLU), (theirs, nn.ReLU)):
+        setattr(model, "1", None)
+        setattr(model, "1", relu())
+        model[0].weight, weight = None, model[0].weight
+        model[0].weight = weight
+    assert [n for n, _ in ours.named_children()] == [n for n, _ in theirs.named_children()]
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert isinstance(ours[1], cnn.ReLU)
+
+
+def test_a_buffer_set_to_none_is_left_out_like_torch():
+    bn, ref = BatchNorm2d(3), nn.BatchNorm2d(3)
+    bn.running_mean = ref.running_mean = None
+    assert list(bn.state_dict()) == list(ref.state_dict())
+    assert [n for n, _ in bn.named_buffers()] == [n for n, _ in ref.named_buffers()]
+
+
 def test_assigning_an_array_where_a_parameter_belongs_is_a_clear_error():
     lin = Linear(2, 2)
     with pytest.raises(TypeError, match="cannot assign ndarray to 'weight' of Linear: assign a "

@@ -563,12 +563,15 @@ def test_tracker_degrades_to_noop_after_one_warning(monkeypatch, capsys):
 @pytest.fixture
 def stage_dir(tmp_path, monkeypatch):
     """The working directory of a train stage whose fit is to be stood in for: the
-    project's params.yaml, a stand-in prepared file (its statistics only), MLflow off."""
+    project's params.yaml and its runs' settings.json, a stand-in prepared file (its
+    statistics only), MLflow off."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DVC_ROOT", raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # no-op tracker
     monkeypatch.setattr(tracking, "_warned", False)
     shutil.copy(REPO / "params.yaml", tmp_path)
+    for run in P.load().runs:
+        P.main(["--run", run, "--out", str(paths.settings_output(run))])
     paths.PREPARED.parent.mkdir(parents=True)
     np.savez(paths.PREPARED, mean=np.full(3, 0.5), std=np.full(3, 0.25))  # what resuming reads
     return tmp_path
@@ -657,7 +660,7 @@ def test_an_mlflow_run_left_running_by_a_dead_process_is_marked_killed(stage_dir
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     d = paths.run_dir("simple_5ep_torch")
     dead = tracking.start_run("cifar10-cnn", "train@simple_5ep_torch", root=stage_dir)
-    d.mkdir(parents=True)
+    d.mkdir(parents=True, exist_ok=True)
     (d / paths.LIVE_MLFLOW_RUN).write_text(json.dumps(dead.info()))
     seen_live = []
 
@@ -683,6 +686,48 @@ def test_an_mlflow_run_left_running_by_a_dead_process_is_marked_killed(stage_dir
     assert new.data.tags["mlflow.user"] and new.data.params["data_mean"] == "0.5000, 0.5000, 0.5000"
 
 
+@pytest.mark.parametrize("settings", ["missing", "stale"])
+def test_train_refuses_settings_that_are_not_the_resolved_ones(stage_dir, capsys, settings):
+    """DVC records settings.json as what train@<run> used: params.yaml edited and the train
+    stage run alone must not train on other settings than those."""
+    from pipeline import _util, train
+
+    path = paths.settings_output("simple_5ep_torch")
+    if settings == "missing":
+        path.unlink()
+    else:
+        path.write_text(json.dumps({**json.loads(path.read_text()), "epochs": 6}))
+    with pytest.raises(SystemExit) as e:
+        _util.run_main(train.main, ["simple_5ep_torch"])
+    state = "is missing" if settings == "missing" else "does not match params.yaml"
+    assert e.value.code == 1 and f"settings.json {state}: resolve the run's settings first, with " \
+        "`dvc repro settings@simple_5ep_torch`" in capsys.readouterr().err
+    assert not paths.run_dir("simple_5ep_torch").joinpath(paths.ENGINE_STAMP).exists()  # nothing done
+
+
+def test_a_live_run_record_is_left_alone_while_its_process_lives_or_mlflow_is_off(stage_dir, monkeypatch):
+    """A record whose process still runs here is not an abandoned run; and without MLflow
+    the record stays for when the store is back."""
+    import socket
+
+    import cnn.train
+    from pipeline import train
+
+    assert train._still_running({"pid": os.getpid(), "host": socket.gethostname()})
+    assert not train._still_running({"pid": os.getpid(), "host": "another-machine"})
+    assert not train._still_running(["not", "a", "record"])
+    assert tracking.Tracker(None, None).end_abandoned({"run_id": "r"}) is None
+    d = paths.run_dir("simple_5ep_torch")
+    (d / paths.LIVE_MLFLOW_RUN).write_text('{"run_id": "r"}')
+    def interrupted(config, on_epoch_end=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cnn.train, "fit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.train("simple_5ep_torch", P.load())
+    assert (d / paths.LIVE_MLFLOW_RUN).read_text() == '{"run_id": "r"}'
+
+
 def test_resume_without_an_engine_stamp_says_so(tmp_path, capsys):
     from pipeline import train
 
@@ -699,7 +744,7 @@ def test_evaluate_without_its_inputs_keeps_the_last_evaluation(stage_dir, capsys
     run = "simple_5ep_torch"
     paths.PREPARED.unlink()
     d = paths.run_dir(run)
-    d.mkdir(parents=True)
+    d.mkdir(parents=True, exist_ok=True)
     (d / paths.BEST_CHECKPOINT).write_bytes(b"")
     for name in (paths.CONFIG, paths.MLFLOW_RUN):
         (d / name).write_text("{}")
@@ -720,7 +765,7 @@ def test_report_lists_runs_not_trained_yet(tmp_path, monkeypatch):
     params = P.load(paths.PARAMS)
     done = "simple_5ep_numpy"
     d = paths.run_dir(done)
-    d.mkdir(parents=True)
+    d.mkdir(parents=True, exist_ok=True)
     cfg = params.run(done)
     history = [{"epoch": 1, "loss": 1.5, "train_acc": 0.45, "test_acc": 0.5779, "lr": 0.01, "seconds": 70.0}]
     (d / paths.HISTORY).write_text(train.history_csv(history))
@@ -952,8 +997,9 @@ def test_only_the_edited_run_is_stale(repro_project, archive, tmp_path):
     params = yaml.safe_load((proj / "params.yaml").read_text())
     params["runs"]["simple_5ep_torch"]["seed"] = 7
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    # `dvc status` lists the stages whose own dependencies changed (evaluate@simple_5ep_torch
-    # follows once train has run); report lists the runs, so it depends on all of `runs`.
+    # `dvc status` lists the stages whose own dependencies changed (train@simple_5ep_torch
+    # follows once settings has run, evaluate once train has); report lists the runs, so it
+    # depends on all of `runs`.
     stale = set(json.loads(dvc("status", "--json", cwd=proj, env=env).stdout))
     assert stale == {"settings@simple_5ep_torch", "report"}
 
@@ -1111,7 +1157,12 @@ def test_resume_continues_a_run_only_with_the_same_settings(repro_project, tmp_p
     params["resume"] = True
     params["runs"][name]["epochs"] = 2
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    stage("train", name, cwd=proj, env=env)
+
+    def train():  # the commands of settings@<run> and train@<run>
+        stage("params", "--run", name, "--out", str(paths.settings_output(name)), cwd=proj, env=env)
+        return stage("train", name, cwd=proj, env=env)
+
+    train()
     history = (d / paths.HISTORY).read_text().splitlines()
     assert len(history) == 3 and history[1] == first  # epoch 1 kept from last.npz, epoch 2 trained
     assert json.loads((d / paths.CONFIG).read_text())["resumed"] is True
@@ -1121,19 +1172,19 @@ def test_resume_continues_a_run_only_with_the_same_settings(repro_project, tmp_p
 
     params["runs"][name]["lr"] = 0.02  # a different run: must start over
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    p = stage("train", name, cwd=proj, env=env)
+    p = train()
     assert "not resuming" in p.stderr and "lr" in p.stderr
     assert json.loads((d / paths.CONFIG).read_text())["resumed"] is False
 
     with np.load(proj / paths.PREPARED) as z:  # same settings, other images (as their stats say)
         prepared = {k: z[k] for k in z.files}
     np.savez(proj / paths.PREPARED, **{**prepared, "mean": prepared["mean"] + 0.01})
-    p = stage("train", name, cwd=proj, env=env)
+    p = train()
     assert "not resuming" in p.stderr and "the data: its per-channel mean/std" in p.stderr
     assert json.loads((d / paths.CONFIG).read_text())["resumed"] is False
 
     with open(proj / "cnn" / "layers.py", "a") as f:  # same settings, other engine code
         f.write("\n# edited\n")
-    p = stage("train", name, cwd=proj, env=env)
+    p = train()
     assert "not resuming" in p.stderr and "engine code (cnn/) changed" in p.stderr
     assert json.loads((d / paths.CONFIG).read_text())["resumed"] is False

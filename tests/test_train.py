@@ -4,14 +4,19 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 import warnings
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import cnn
 import cnn.train as train_mod
 from cnn.checkpoint import CheckpointError, load_checkpoint, read_meta, save_checkpoint
 from cnn.data import load_cifar10, normalize
@@ -300,6 +305,20 @@ def test_resume_may_not_change_epochs_under_the_cosine_schedule(tiny_archive, tm
     assert len(fit(base_config(tiny_archive, tmp_path / "step", epochs=4, resume=True)).history) == 4
 
 
+def test_resume_ignores_knobs_without_effect_and_the_device(tiny_archive, tmp_path, monkeypatch):
+    """Milestones under the cosine schedule, Adam's betas for SGD, and the spelling of the
+    device change nothing a run computes, so they do not block resuming; milestones under
+    the step schedule do."""
+    _patch_training(monkeypatch, [0.5] * 8)
+    fit(base_config(tiny_archive, tmp_path / "cosine", epochs=2, schedule="cosine"))
+    resumed = fit(base_config(tiny_archive, tmp_path / "cosine", epochs=2, schedule="cosine", milestones=[7],
+                              betas=[0.5, 0.6], device="cpu", resume=True))
+    assert len(resumed.history) == 2
+    fit(base_config(tiny_archive, tmp_path / "step", epochs=2))
+    with pytest.raises(CheckpointError, match=r"other settings \(milestones \[1\] -> \[7\]\)"):
+        fit(base_config(tiny_archive, tmp_path / "step", epochs=2, milestones=[7], resume=True))
+
+
 def test_resume_may_not_ask_for_fewer_epochs_than_are_done(tiny_archive, tmp_path, monkeypatch, capsys):
     """A 1-epoch run cannot continue a checkpoint of epoch 2: it would report 2 epochs."""
     _patch_training(monkeypatch, [0.5] * 4)
@@ -342,6 +361,15 @@ def test_load_model_and_predict_reproduce_the_reported_accuracy(archive, full_ru
     assert float((preds == ds.test_y).mean()) == pytest.approx(result.best_test_acc, abs=1e-12)
 
 
+def test_predict_gives_the_model_its_mode_back_and_refuses_raw_pixels():
+    model = cnn.simple_cnn().train()
+    x = np.zeros((3, 3, 32, 32), np.float32)
+    assert predict(model, x).shape == (3,) and model.training and model[15].training  # Dropout too
+    assert predict(model.eval(), x[:0]).shape == (0,) and not model.training
+    with pytest.raises(ValueError, match=r"got uint8 pixels: cnn.data.normalize\(x, mean, std\) first"):
+        predict(model, np.zeros((1, 3, 32, 32), np.uint8))
+
+
 def _nan_loss(monkeypatch):
     real = train_mod.softmax_cross_entropy
 
@@ -380,9 +408,15 @@ def test_diverging_first_epoch_raises_training_error_and_leaves_no_folder(tiny_a
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_run_that_really_diverges_says_so_once_without_numpy_warnings(tiny_archive, tmp_path):
+def test_a_run_that_really_diverges_says_so_once_without_numpy_warnings(tiny_archive, tmp_path, monkeypatch):
     """lr 1e3: the weights overflow to inf, then NaN. NumPy's overflow warnings (from the
     worker threads of map_chunks too) would only precede the clear error, so none is shown."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    numpy_backend = cnn.get_backend("numpy")
+    if numpy_backend._pool is None:  # a one-core machine: give map_chunks its worker threads
+        monkeypatch.setattr(numpy_backend, "workers", 2)
+        monkeypatch.setattr(numpy_backend, "_pool", ThreadPoolExecutor(2))
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         with pytest.raises(TrainingError, match="in epoch 1: the run diverged"):
@@ -467,6 +501,23 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, fail_i
     assert ck.meta["epoch"] == 1 and int(ck.optimizer_state["steps"]) == 4
     np.testing.assert_array_equal(ck.model_state["0.weight"], _state(1.0)["0.weight"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.npz"]  # no temp file left
+
+
+def test_a_first_save_that_fails_leaves_no_folder_behind(tmp_path, monkeypatch):
+    """Interrupted while writing a run's first checkpoint: neither the temporary file nor
+    the folders made for it stay (a folder that holds something else does)."""
+    def interrupted(f, **arrays):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path / "runs" / "new" / "last.npz", _state(1.0), {"epoch": 1})
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "notes.txt").write_text("mine")
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path / "runs" / "new" / "last.npz", _state(1.0), {"epoch": 1})
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["notes.txt"]
 
 
 def test_checkpoint_round_trip(tmp_path):
@@ -562,6 +613,15 @@ def test_cli_out_that_is_a_file_returns_2(tmp_path, capsys):
     assert code == 2 and "taken is a file: choose another --out" in capsys.readouterr().err
 
 
+def test_cli_out_that_is_a_dangling_link_returns_2_before_training(tiny_archive, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train_mod, "_train_epoch", lambda *a: pytest.fail("trained before checking --out"))
+    (tmp_path / "run").symlink_to(tmp_path / "scratch" / "run")
+    code = main(["--epochs", "1", "--data", str(tiny_archive), "--out", str(tmp_path / "run"), "--no-progress"])
+    assert code == 2
+    assert f"run is a link to {tmp_path / 'scratch' / 'run'}, which does not exist: choose another --out" \
+        in capsys.readouterr().err
+
+
 def test_cli_out_that_cannot_be_made_returns_2(tiny_archive, tmp_path, capsys):
     (tmp_path / "taken").write_text("")
     code = main(["--epochs", "1", "--data", str(tiny_archive), "--out", str(tmp_path / "taken" / "run"),
@@ -580,17 +640,42 @@ def test_cli_out_that_cannot_be_written_returns_2_before_training(tiny_archive, 
 
 
 def test_cli_interrupted_returns_130_and_says_how_to_continue(tmp_path, capsys, monkeypatch):
+    """Only a last.npz of this run's settings is one that --resume continues."""
+    written_by = {}
+
     def interrupted(config):
-        if Path(config.out).is_dir():  # the second time: after an epoch had finished
-            (Path(config.out) / "last.npz").write_bytes(b"")
+        if config.out in written_by:  # an epoch had finished, with these settings
+            save_checkpoint(Path(config.out) / "last.npz", {},
+                            {"config": asdict(replace(config, **written_by[config.out])), "epoch": 1})
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train_mod, "fit", interrupted)
-    assert main(["--out", str(tmp_path / "o"), "--no-progress"]) == 130
+    out, last = str(tmp_path / "o"), tmp_path / "o" / "last.npz"
+    assert main(["--out", out, "--no-progress"]) == 130
     assert capsys.readouterr().err == "interrupted\n"
-    (tmp_path / "o").mkdir()
-    assert main(["--out", str(tmp_path / "o"), "--no-progress"]) == 130
-    assert capsys.readouterr().err == f"interrupted; --resume continues from {tmp_path / 'o' / 'last.npz'}\n"
+    written_by[out] = {}
+    assert main(["--out", out, "--no-progress"]) == 130
+    assert capsys.readouterr().err == f"interrupted; --resume continues from {last}\n"
+    written_by[out] = {"model": "resnet"}
+    assert main(["--out", out, "--no-progress"]) == 130
+    assert capsys.readouterr().err == (f"interrupted before the first epoch ended; {last} is another "
+                                       "run's (other settings), which --resume would refuse\n")
+
+
+@pytest.mark.slow
+def test_cli_sigterm_is_an_interruption_that_leaves_no_temporary_file(tiny_archive, tmp_path):
+    """`timeout`, a batch scheduler or a closing terminal sends SIGTERM, not SIGINT."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "cnn.train", "--epochs", "100000", "--batch-size", "10",
+                             "--data", str(tiny_archive), "--out", str(out), "--no-progress"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "last.npz").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and f"interrupted; --resume continues from {out / 'last.npz'}" in err
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_cli_missing_data_returns_2(tmp_path, capsys):
