@@ -18,9 +18,10 @@ Layout of ``params.yaml``::
 Only ``data.url``/``data.md5``, ``defaults`` and ``runs.<name>`` are DVC
 params dependencies; the other keys do not change results, so editing them
 does not re-run anything. ``defaults`` and ``runs.<name>`` are those of the
-``settings@<name>`` stage, which writes the run's resolved settings to
-``runs/<name>/settings.json``: the train stage depends on that file, so a
-default that the run overrides does not retrain it.
+``settings@<name>`` stage, which writes the run's resolved settings, less the
+knobs without effect, to ``runs/<name>/settings.json``: the train stage depends
+on that file, so a default that the run overrides, or that has no effect on it,
+does not retrain it.
 
 ``python -m pipeline.params`` validates the file and prints the resolved runs.
 """
@@ -37,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from cnn.config import CHECKS, boolean, combination_problems, integer, number, show
+from cnn.config import CHECKS, boolean, combination_problems, integer, number, show, unused_knobs
 
 from pipeline._util import summary, write_json
 
@@ -123,6 +124,14 @@ class Params:
             known = ", ".join(self.runs) or "(none)"
             raise ParamsError(f"{self.source}: no run named '{name}' under runs (known runs: {known})")
         return dict(self.runs[name])
+
+    def effective(self, name: str) -> dict[str, Any]:
+        """``run(name)`` without the knobs that have no effect there (the step schedule's
+        milestones under cosine, Adam's betas for SGD...; cnn.config.unused_knobs): what
+        ``settings@<name>`` writes, so that editing such a default retrains nothing."""
+        settings = self.run(name)
+        unused = unused_knobs(settings)
+        return {k: v for k, v in settings.items() if k not in unused}
 
 
 def _check_keys(where: str, mapping: dict, checkers: dict, problems: list[str]) -> None:
@@ -248,13 +257,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.params", description=summary(__doc__))
     ap.add_argument("--params", default="params.yaml", help="the params file to check")
     ap.add_argument("--run", help="print only this run's resolved settings")
-    ap.add_argument("--out", help="write them to this JSON file instead (with --run; the settings stage)")
+    ap.add_argument("--out", help="write those in effect to this JSON file instead (with --run; the "
+                                  "settings stage)")
     args = ap.parse_args(argv)
     if args.out and not args.run:
         ap.error("--out needs --run")
     params = load(args.params)
     if args.out:
-        write_json(args.out, params.run(args.run))
+        write_json(args.out, params.effective(args.run))
     elif args.run:
         print(json.dumps(params.run(args.run), indent=2))
     else:

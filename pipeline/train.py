@@ -182,11 +182,11 @@ def _still_running(record) -> bool:
     return True
 
 
-def check_settings(run: str, cfg: dict) -> None:
+def check_settings(run: str, params) -> None:
     """DVC records ``runs/<run>/settings.json`` as the settings a train stage used: refuse
     to train on others (params.yaml edited, then the train stage run alone)."""
     path = paths.settings_output(run)
-    if _read_json_or_none(path) != cfg:
+    if _read_json_or_none(path) != params.effective(run):
         state = "does not match params.yaml" if path.exists() else "is missing"
         raise PipelineError(f"{path} {state}: resolve the run's settings first, with "
                             f"`dvc repro settings@{run}` (or dvc repro -s settings@{run} train@{run})")
@@ -196,7 +196,7 @@ def train(run: str, params) -> dict:
     from cnn.train import TrainConfig, fit
 
     cfg = params.run(run)
-    check_settings(run, cfg)
+    check_settings(run, params)
     out = paths.run_dir(run)
     outputs = paths.train_outputs(run)
     best_path = out / paths.BEST_CHECKPOINT
