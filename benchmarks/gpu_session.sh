@@ -76,7 +76,11 @@ launch() {  # each run in the background: train, then evaluate; exit status in L
     for run in "$@"; do
         local params=params.yaml
         if [ -f "$CARRY/runs/$run/last.npz" ]; then  # brought back unfinished: continue it
-            rm -rf "runs/$run" && mkdir -p runs && cp -r "$CARRY/runs/$run" runs/
+            # Only the resume files: the rest (settings.json above all) is this checkout's.
+            mkdir -p "runs/$run"
+            for f in last.npz best.npz last.engine last.devices; do
+                if [ -f "$CARRY/runs/$run/$f" ]; then cp "$CARRY/runs/$run/$f" "runs/$run/"; fi
+            done
             params=$CARRY/params.resume.yaml
             python3 -c "import sys, yaml; p = yaml.safe_load(open('params.yaml')); p['resume'] = True
 yaml.safe_dump(p, open(sys.argv[1], 'w'), sort_keys=False)" "$params"

@@ -41,7 +41,7 @@ class Backend:
     def __init__(self, xp=np, device: str = "cpu"):
         self.xp = xp
         self.device = device
-        self.rng = xp.random.default_rng(0)
+        self.seed(0)  # not default_rng(0): see seed
         self.workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(self.workers) if xp is np and self.workers > 1 else None
 

@@ -12,7 +12,9 @@ from cnn.module import Module
 
 
 class Sequential(Module):
-    """Runs its layers in order; children are named ``0``, ``1``, ... as in PyTorch."""
+    """Runs its layers in order; children are named ``0``, ``1``, ... as in PyTorch. A slot
+    emptied with ``setattr(seq, "1", None)`` is skipped (PyTorch would keep it as None, in
+    ``len`` and indexing, and fail in ``forward``)."""
 
     def __init__(self, *layers: Module):
         super().__init__()

@@ -99,6 +99,10 @@ class Module:
 
     def register_buffer(self, name: str, value) -> None:
         """State that is saved and moved with the module but not trained (e.g. running means)."""
+        if name not in self._buffers and (name in self._parameters or name in self._modules
+                                          or name in self.__dict__):
+            raise KeyError(f"attribute {name!r} already exists in {type(self).__name__}: "
+                           "a buffer needs a name of its own")
         self._buffers[name] = value
 
     # -- computation ----------------------------------------------------------------

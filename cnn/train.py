@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from cnn.backend import BACKENDS, Backend, backend_of, get_backend, manual_seed
 from cnn.checkpoint import CheckpointError, load_checkpoint, read_meta, save_checkpoint
-from cnn.config import TrainConfig, data_conflicts, resume_conflicts
+from cnn.config import TrainConfig, data_conflicts, resume_conflicts, unused_knobs
 from cnn.data import DataLoader, load_cifar10, normalization_stats
 from cnn.errors import ConfigError, UserError
 from cnn.functional import softmax_cross_entropy
@@ -64,17 +64,19 @@ def make_optimizer(config: TrainConfig, model: Module) -> Optimizer:
 def predict(model: Module, x: np.ndarray, batch_size: int = EVAL_BATCH_SIZE) -> np.ndarray:
     """Class predictions (N,) int64 for normalised images x: (N, 3, 32, 32) float32, on
     the model's own backend, in eval mode (the model's own mode is put back after)."""
-    if np.asarray(x[:0]).dtype == np.uint8:
+    if str(getattr(x, "dtype", "")).removeprefix("torch.") == "uint8":
         raise ValueError("predict takes normalised float images, got uint8 pixels: "
                          "cnn.data.normalize(x, mean, std) first, with the checkpoint's "
                          "meta['mean'] and meta['std']")
     B = model_backend(model)
     was_training = model.training
     model.eval()
-    preds = [B.to_numpy(B.argmax(model(B.asarray(x[i:i + batch_size])), axis=1))
-             for i in range(0, len(x), batch_size)]
-    model.clear_caches()
-    model.train(was_training)
+    try:
+        preds = [B.to_numpy(B.argmax(model(B.asarray(x[i:i + batch_size])), axis=1))
+                 for i in range(0, len(x), batch_size)]
+    finally:
+        model.clear_caches()
+        model.train(was_training)
     return np.concatenate(preds).astype(np.int64) if preds else np.zeros(0, np.int64)
 
 
@@ -203,13 +205,14 @@ def _check_writable(out: Path) -> None:
     folder = out
     while not os.path.lexists(folder):
         folder = folder.parent  # ends at an existing folder: "." or "/" at the latest
-    if folder == out and not out.is_dir():
-        what = (f"a link to {os.readlink(out)}, which does not exist" if out.is_symlink()
+    if not folder.is_dir():
+        what = (f"a link to {os.readlink(folder)}, which does not exist" if folder.is_symlink()
                 else "a file")
-        raise ConfigError(f"the output folder {out} is {what}: choose another --out")
+        if folder == out:
+            raise ConfigError(f"the output folder {out} is {what}: choose another --out")
+        raise ConfigError(f"cannot write to the output folder {out} ({folder} is {what}): "
+                          "choose another --out")
     try:
-        if not folder.is_dir():
-            raise NotADirectoryError(0, f"{folder} is a file")
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as err:
@@ -311,12 +314,12 @@ def _interrupted_message(config: TrainConfig) -> str:
         return "interrupted"
     try:
         meta = read_meta(last)
-        mine = not resume_conflicts(meta.get("config", {}), asdict(config), meta.get("epoch", 0))
     except (CheckpointError, OSError, ValueError):
-        mine = False
-    return (f"interrupted; --resume continues from {last}" if mine else
-            f"interrupted before the first epoch ended; {last} is another run's (other settings), "
-            "which --resume would refuse")
+        return f"interrupted; {last} cannot be read, so --resume would start from epoch 1"
+    if resume_conflicts(meta.get("config", {}), asdict(config), meta.get("epoch", 0)):
+        return (f"interrupted before the first epoch ended; {last} is another run's (other "
+                "settings), which --resume would refuse")
+    return f"interrupted; --resume continues from {last}"
 
 
 def main(argv=None) -> int:
@@ -328,6 +331,10 @@ def main(argv=None) -> int:
         weight_decay=args.weight_decay, batch_size=args.batch_size, seed=args.seed,
         backend=args.backend, device=args.device, data=args.data,
         out=args.out.replace("<model>", args.model), resume=args.resume, progress=not args.no_progress)
+    defaults, settings = asdict(TrainConfig()), asdict(config)
+    for knob in sorted(k for k in unused_knobs(settings) if settings[k] != defaults[k]):
+        print(f"note: --{knob.replace('_', '-')} has no effect with --schedule {config.schedule} "
+              f"--optimizer {config.optimizer}", file=sys.stderr)
     try:
         result = fit(config)
     except (UserError, FileNotFoundError) as err:  # not every ValueError: an engine bug must show

@@ -168,18 +168,22 @@ def _rounded(values) -> str:
     return ", ".join(f"{float(v):.4f}" for v in values)
 
 
-def _still_running(record) -> bool:
-    """Whether the process that wrote a live-run record is alive on this machine (its MLflow
-    run is then not abandoned). On another machine it cannot be told: taken as dead."""
+def _still_running(record) -> int | None:
+    """The pid of the process that wrote a live-run record if it is alive on this machine
+    (its MLflow run is then not abandoned). On another machine it cannot be told: taken as
+    dead; so is this process's own pid (a container restarted with the same pid)."""
     if not isinstance(record, dict) or record.get("host") != socket.gethostname():
-        return False
+        return None
     try:
-        os.kill(int(record["pid"]), 0)
+        pid = int(record["pid"])
+        if pid <= 0 or pid == os.getpid():
+            return None
+        os.kill(pid, 0)
     except (KeyError, TypeError, ValueError, ProcessLookupError):
-        return False
+        return None
     except PermissionError:  # alive, another user's
         pass
-    return True
+    return pid
 
 
 def check_settings(run: str, params) -> None:
@@ -187,9 +191,9 @@ def check_settings(run: str, params) -> None:
     to train on others (params.yaml edited, then the train stage run alone)."""
     path = paths.settings_output(run)
     if _read_json_or_none(path) != params.effective(run):
-        state = "does not match params.yaml" if path.exists() else "is missing"
+        state = f"is not what {params.source} resolves to" if path.exists() else "is missing"
         raise PipelineError(f"{path} {state}: resolve the run's settings first, with "
-                            f"`dvc repro settings@{run}` (or dvc repro -s settings@{run} train@{run})")
+                            f"`dvc repro settings@{run}` (-f if DVC finds it up to date)")
 
 
 def train(run: str, params) -> dict:
@@ -198,6 +202,12 @@ def train(run: str, params) -> dict:
     cfg = params.run(run)
     check_settings(run, params)
     out = paths.run_dir(run)
+    live = out / paths.LIVE_MLFLOW_RUN
+    earlier = _read_json_or_none(live)
+    running = _still_running(earlier)
+    if running:  # two trainings would write into one folder
+        raise PipelineError(f"train@{run} is already running here (pid {running}, recorded in {live}): "
+                            f"wait for it or stop it; if that pid is not a training, delete {live}")
     outputs = paths.train_outputs(run)
     best_path = out / paths.BEST_CHECKPOINT
     if not paths.PREPARED.is_file():
@@ -225,9 +235,7 @@ def train(run: str, params) -> dict:
     stats = load_prepared_stats(paths.PREPARED)
     tracker = tracking.start_run(params.experiment, tracking.run_name_for(ctx), tags)
     # A training process that died (kill -9, a lost machine) left its MLflow run RUNNING.
-    live = out / paths.LIVE_MLFLOW_RUN
-    earlier = _read_json_or_none(live)
-    abandoned = None if _still_running(earlier) else tracker.end_abandoned(earlier)
+    abandoned = tracker.end_abandoned(earlier)
     if abandoned:
         print(f"train@{run}: MLflow run {abandoned}, left RUNNING by a training process that "
               "died, is now marked KILLED", file=sys.stderr)

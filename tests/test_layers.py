@@ -314,6 +314,18 @@ def test_dropout_masks_are_reproducible_and_fresh_each_call(backend):
     assert not np.array_equal(a, b)
 
 
+def test_numpy_dropout_masks_do_not_repeat_the_loaders_or_the_weights_random_bits():
+    """The weights come from default_rng(seed) and an epoch's shuffle and crops from
+    default_rng([seed, epoch]), which for epoch 0 is the same stream; the dropout masks of
+    that epoch must not be drawn from it again (on a fresh backend neither)."""
+    fresh, seeded = cnn.backend.Backend(), cnn.backend.Backend()
+    seeded.seed([7, 0])
+    for B in (fresh, seeded):
+        drawn = B.uniform((1000,), dtype="float64")
+        for reused in (np.random.default_rng(7), np.random.default_rng([7, 0]), np.random.default_rng(0)):
+            assert not np.array_equal(drawn, reused.random(1000))
+
+
 @pytest.mark.parametrize("p,train", [(0.5, False), (0.0, True), (0.0, False)])
 def test_dropout_identity_in_eval_and_for_p0(p, train, backend, dtype, rng):
     layer = Dropout(p).to(backend).train(train)

@@ -168,6 +168,15 @@ def test_a_buffer_set_to_none_is_left_out_like_torch():
     assert [n for n, _ in bn.named_buffers()] == [n for n, _ in ref.named_buffers()]
 
 
+def test_a_buffer_may_not_take_the_name_of_a_parameter_like_torch():
+    lin = Linear(2, 2)
+    with pytest.raises(KeyError, match="attribute 'weight' already exists in Linear"):
+        lin.register_buffer("weight", np.zeros(2, np.float32))
+    lin.bias = None  # an emptied slot is still the parameter's
+    with pytest.raises(KeyError, match="attribute 'bias' already exists"):
+        lin.register_buffer("bias", np.zeros(2, np.float32))
+
+
 def test_assigning_an_array_where_a_parameter_belongs_is_a_clear_error():
     lin = Linear(2, 2)
     with pytest.raises(TypeError, match="cannot assign ndarray to 'weight' of Linear: assign a "

@@ -699,33 +699,46 @@ def test_train_refuses_settings_that_are_not_the_resolved_ones(stage_dir, capsys
         path.write_text(json.dumps({**json.loads(path.read_text()), "epochs": 6}))
     with pytest.raises(SystemExit) as e:
         _util.run_main(train.main, ["simple_5ep_torch"])
-    state = "is missing" if settings == "missing" else "does not match params.yaml"
+    state = "is missing" if settings == "missing" else "is not what params.yaml resolves to"
     assert e.value.code == 1 and f"settings.json {state}: resolve the run's settings first, with " \
-        "`dvc repro settings@simple_5ep_torch`" in capsys.readouterr().err
+        "`dvc repro settings@simple_5ep_torch` (-f if DVC finds it up to date)" in capsys.readouterr().err
     assert not paths.run_dir("simple_5ep_torch").joinpath(paths.ENGINE_STAMP).exists()  # nothing done
 
 
-def test_a_live_run_record_is_left_alone_while_its_process_lives_or_mlflow_is_off(stage_dir, monkeypatch):
-    """A record whose process still runs here is not an abandoned run; and without MLflow
-    the record stays for when the store is back."""
+def test_a_live_run_record_of_a_running_training_stops_a_second_one(stage_dir, monkeypatch, capsys):
+    """A record whose process still runs here means the run is training: a second training
+    would write into the same folder, so it stops before touching anything. Without MLflow
+    the record of a dead run stays, for when the store is back."""
     import socket
 
     import cnn.train
-    from pipeline import train
+    from pipeline import _util, train
 
-    assert train._still_running({"pid": os.getpid(), "host": socket.gethostname()})
-    assert not train._still_running({"pid": os.getpid(), "host": "another-machine"})
-    assert not train._still_running(["not", "a", "record"])
+    here, alive = socket.gethostname(), os.getppid()  # pytest's parent: alive, and not this process
+    assert train._still_running({"pid": alive, "host": here}) == alive
+    for dead in ({"pid": alive, "host": "another-machine"}, {"pid": os.getpid(), "host": here},
+                 {"pid": 0, "host": here}, ["not", "a", "record"]):
+        assert train._still_running(dead) is None, dead
     assert tracking.Tracker(None, None).end_abandoned({"run_id": "r"}) is None
     d = paths.run_dir("simple_5ep_torch")
-    (d / paths.LIVE_MLFLOW_RUN).write_text('{"run_id": "r"}')
+    live = d / paths.LIVE_MLFLOW_RUN
+    live.write_text(json.dumps({"run_id": "r", "pid": alive, "host": here}))
+    (d / paths.HISTORY).write_text("the last run's")
+    with pytest.raises(SystemExit) as e:
+        _util.run_main(train.main, ["simple_5ep_torch"])
+    assert e.value.code == 1 and f"train@simple_5ep_torch is already running here (pid {alive}" \
+        in capsys.readouterr().err
+    assert (d / paths.HISTORY).read_text() == "the last run's"
+
+    live.write_text('{"run_id": "r"}')
+
     def interrupted(config, on_epoch_end=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cnn.train, "fit", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train.train("simple_5ep_torch", P.load())
-    assert (d / paths.LIVE_MLFLOW_RUN).read_text() == '{"run_id": "r"}'
+    assert live.read_text() == '{"run_id": "r"}'
 
 
 def test_resume_without_an_engine_stamp_says_so(tmp_path, capsys):

@@ -368,6 +368,9 @@ def test_predict_gives_the_model_its_mode_back_and_refuses_raw_pixels():
     assert predict(model.eval(), x[:0]).shape == (0,) and not model.training
     with pytest.raises(ValueError, match=r"got uint8 pixels: cnn.data.normalize\(x, mean, std\) first"):
         predict(model, np.zeros((1, 3, 32, 32), np.uint8))
+    with pytest.raises(ValueError):  # 16x16 images: too small for SimpleCNN's Linear
+        predict(model.train(), np.zeros((2, 3, 16, 16), np.float32))
+    assert model.training and all(m.cache is None for m in model.modules() if "cache" in vars(m))
 
 
 def _nan_loss(monkeypatch):
@@ -622,6 +625,14 @@ def test_cli_out_that_is_a_dangling_link_returns_2_before_training(tiny_archive,
         in capsys.readouterr().err
 
 
+def test_cli_out_under_a_dangling_link_returns_2(tiny_archive, tmp_path, capsys):
+    (tmp_path / "scratch").symlink_to(tmp_path / "gone")
+    code = main(["--epochs", "1", "--data", str(tiny_archive), "--out", str(tmp_path / "scratch" / "run"),
+                 "--no-progress"])
+    assert code == 2 and f"({tmp_path / 'scratch'} is a link to {tmp_path / 'gone'}, which does not exist)" \
+        in capsys.readouterr().err
+
+
 def test_cli_out_that_cannot_be_made_returns_2(tiny_archive, tmp_path, capsys):
     (tmp_path / "taken").write_text("")
     code = main(["--epochs", "1", "--data", str(tiny_archive), "--out", str(tmp_path / "taken" / "run"),
@@ -676,6 +687,17 @@ def test_cli_sigterm_is_an_interruption_that_leaves_no_temporary_file(tiny_archi
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and f"interrupted; --resume continues from {out / 'last.npz'}" in err
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_cli_notes_flags_without_effect(tmp_path, capsys, monkeypatch):
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "fit", interrupted)
+    main(["--schedule", "cosine", "--milestones", "1", "2", "--betas", "0.5", "0.6", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "note: --betas has no effect with --schedule cosine --optimizer sgd" in err
+    assert "note: --milestones has no effect" in err and "--gamma" not in err  # left at its default
 
 
 def test_cli_missing_data_returns_2(tmp_path, capsys):
