@@ -30,11 +30,11 @@
 #   run(command="bash benchmarks/gpu_session.sh start .cache/gpu $OUT resnet_50ep_step resnet_50ep_cosine", carry=[".cache/gpu"])
 #   run(command="bash benchmarks/gpu_session.sh collect .cache/gpu $OUT 450 resnet_50ep_step resnet_50ep_cosine")
 # The device image has torch, CuPy, numpy, Pillow, PyYAML, tqdm, matplotlib and pytest, but
-# neither DVC nor MLflow: each RUN executes its DVC stage commands (python3 -m pipeline.train
-# / .evaluate) without DVC, and MLflow is skipped with one warning. The train stage refuses
-# a run whose committed runs/RUN/settings.json is not what params.yaml resolves to: keep
-# settings@RUN up to date (dvc status) before a lease. Back here: tar -xf runs.tar, then
-# `dvc commit train@RUN evaluate@RUN` records them in dvc.lock (their deps are this checkout's), `dvc repro -s report` rebuilds reports/, and git takes runs/RUN, reports/
+# neither DVC nor MLflow: each RUN executes its DVC stage commands (python3 -m pipeline.params
+# --run RUN --out runs/RUN/settings.json, then pipeline.train and pipeline.evaluate) without
+# DVC, and MLflow is skipped with one warning. Back here: tar -xf runs.tar, then
+# `dvc commit settings@RUN train@RUN evaluate@RUN` records them in dvc.lock (their deps are
+# this checkout's), `dvc repro -s report` rebuilds reports/, and git takes runs/RUN, reports/
 # and dvc.lock (stage outputs are kept in git, see dvc.yaml). An unfinished run goes to
 # CARRY instead (tar -xf runs.tar -C .cache/gpu runs/RUN), for the next lease to continue.
 #
@@ -85,7 +85,8 @@ launch() {  # each run in the background: train, then evaluate; exit status in L
             python3 -c "import sys, yaml; p = yaml.safe_load(open('params.yaml')); p['resume'] = True
 yaml.safe_dump(p, open(sys.argv[1], 'w'), sort_keys=False)" "$params"
         fi
-        setsid nohup $RUN_CPUS bash -c "t0=\$SECONDS; OMP_NUM_THREADS=2 python3 -m pipeline.train $run --params $params >$LOGS/train_$run.log 2>&1 &&
+        setsid nohup $RUN_CPUS bash -c "t0=\$SECONDS; python3 -m pipeline.params --run $run --out runs/$run/settings.json >$LOGS/settings_$run.log 2>&1 &&
+            OMP_NUM_THREADS=2 python3 -m pipeline.train $run --params $params >$LOGS/train_$run.log 2>&1 &&
             python3 -m pipeline.evaluate $run >$LOGS/evaluate_$run.log 2>&1; rc=\$?
             echo \"$run: exit \$rc, \$((SECONDS - t0)) s\" >$LOGS/$run.rc" >/dev/null 2>&1 &
     done
