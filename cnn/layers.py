@@ -12,18 +12,20 @@ from cnn.backend import backend_of
 from cnn.module import Module, Parameter
 
 
+def _is_integer(v) -> bool:
+    """An int of any kind (NumPy's too), but not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def _count(v, what: str) -> int:
-    if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
+    if not _is_integer(v) or v < 1:
         raise ValueError(f"{what} must be a positive integer, got {v!r}")
     return int(v)
 
 
 def _pair(v, what: str, minimum: int) -> tuple[int, int]:
-    def integer(a):
-        return isinstance(a, numbers.Integral) and not isinstance(a, bool)
-
-    pair = (v, v) if integer(v) else tuple(v) if isinstance(v, (tuple, list)) else ()
-    if len(pair) != 2 or not all(integer(a) and a >= minimum for a in pair):
+    pair = (v, v) if _is_integer(v) else tuple(v) if isinstance(v, (tuple, list)) else ()
+    if len(pair) != 2 or not all(_is_integer(a) and a >= minimum for a in pair):
         raise ValueError(f"{what} must be an integer >= {minimum} (or a pair of them), got {v!r}")
     return int(pair[0]), int(pair[1])
 

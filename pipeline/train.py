@@ -104,10 +104,7 @@ def earlier_devices(out: Path, meta: dict) -> list[str]:
     written beside it each epoch; epochs the log lacks (the last one, after a kill between
     the two writes) ran on the device that wrote ``last.npz``."""
     n = len(meta["history"])
-    try:
-        logged = json.loads((out / paths.EPOCH_DEVICES).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        logged = []
+    logged = _read_json_or_none(out / paths.EPOCH_DEVICES)
     if not isinstance(logged, list) or len(logged) > n:
         logged = []
     return [str(d) for d in logged] + [meta.get("device", "?")] * (n - len(logged))
@@ -123,9 +120,11 @@ def engine_fingerprint() -> str:
     return h.hexdigest()
 
 
-def resumable_meta(last: Path, cfg: dict) -> dict | None:
+def resumable_meta(last: Path, cfg: dict, stats) -> dict | None:
     """``last``'s metadata if it was written by a run with the same settings (see
-    ``cnn.config.resume_conflicts``) and the same engine code, else None (after saying why)."""
+    ``cnn.config.resume_conflicts``), on the same data (``stats``: the prepared data's
+    (mean, std), or None to skip that check) and by the same engine code, else None (after
+    saying why)."""
     stamp = last.with_name(paths.ENGINE_STAMP)
     if not stamp.is_file():
         print(f"not resuming from {last}: no {stamp.name} beside it says which engine code "
@@ -141,7 +140,6 @@ def resumable_meta(last: Path, cfg: dict) -> dict | None:
         print(f"not resuming: cannot read {last} ({e})", file=sys.stderr)
         return None
     changed = resume_conflicts(meta.get("config") or {}, cfg, meta.get("epoch", 0))
-    stats = load_prepared_stats(paths.PREPARED)
     if stats is not None:
         changed += data_conflicts(meta, *stats)
     if changed:
@@ -212,10 +210,11 @@ def train(run: str, params) -> dict:
     best_path = out / paths.BEST_CHECKPOINT
     if not paths.PREPARED.is_file():
         raise PipelineError(f"{paths.PREPARED} not found; run the normalize stage first (dvc repro normalize)")
+    stats = load_prepared_stats(paths.PREPARED)  # for the resume check, and MLflow's params
     last = out / paths.LAST_CHECKPOINT
     # Resuming needs last.npz *and* the best.npz written alongside it (best.npz is a
     # persisted DVC out, so DVC leaves it in place); otherwise start from scratch.
-    meta = (resumable_meta(last, cfg)
+    meta = (resumable_meta(last, cfg, stats)
             if params.resume and last.is_file() and best_path.is_file() else None)
     resume = meta is not None
     remove([p for p in outputs if not (resume and p == best_path)])
@@ -232,7 +231,6 @@ def train(run: str, params) -> dict:
     tags = {**tracking.git_info(outputs=paths.PIPELINE_OUTPUTS), **ctx, "pipeline_run": run,
             "model_name": MODEL_TITLES[cfg["model"]], "mlflow.user": _user(),
             "mlflow.source.name": "pipeline/train.py", "mlflow.source.type": "LOCAL"}
-    stats = load_prepared_stats(paths.PREPARED)
     tracker = tracking.start_run(params.experiment, tracking.run_name_for(ctx), tags)
     # A training process that died (kill -9, a lost machine) left its MLflow run RUNNING.
     abandoned = tracker.end_abandoned(earlier)

@@ -745,7 +745,7 @@ def test_resume_without_an_engine_stamp_says_so(tmp_path, capsys):
     from pipeline import train
 
     (tmp_path / paths.LAST_CHECKPOINT).write_bytes(b"last")
-    assert train.resumable_meta(tmp_path / paths.LAST_CHECKPOINT, {}) is None
+    assert train.resumable_meta(tmp_path / paths.LAST_CHECKPOINT, {}, None) is None
     assert f"no {paths.ENGINE_STAMP} beside it" in capsys.readouterr().err
 
 
