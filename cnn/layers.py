@@ -149,10 +149,12 @@ class Conv2d(Module):
         B = backend_of(grad_out)
         g = B.transpose(grad_out, (0, 2, 3, 1)).reshape(n * ho * wo, -1)  # (N*Ho*Wo, F)
         kh, kw = self.kernel_size
-        dw = (g.T @ cols2d).reshape(-1, kh, kw, x_shape[1])  # (F, kh, kw, C)
-        self.weight.grad = B.contiguous(B.transpose(dw, (0, 3, 1, 2)))
+        self.weight.grad = None  # stays None when frozen: no product computed
+        if self.weight.requires_grad:
+            dw = (g.T @ cols2d).reshape(-1, kh, kw, x_shape[1])  # (F, kh, kw, C)
+            self.weight.grad = B.contiguous(B.transpose(dw, (0, 3, 1, 2)))
         if self.bias is not None:
-            self.bias.grad = B.column_sums(g)
+            self.bias.grad = B.column_sums(g) if self.bias.requires_grad else None
         if not self.input_grad:
             return None
         geometry = (x_shape, self.kernel_size, self.stride, self.padding)
@@ -193,9 +195,9 @@ class Linear(Module):
     def backward(self, grad_out):
         x = self._take_cache()
         B = backend_of(grad_out)
-        self.weight.grad = grad_out.T @ x
+        self.weight.grad = grad_out.T @ x if self.weight.requires_grad else None
         if self.bias is not None:
-            self.bias.grad = B.column_sums(grad_out)
+            self.bias.grad = B.column_sums(grad_out) if self.bias.requires_grad else None
         return grad_out @ self.weight.data
 
 
@@ -280,7 +282,9 @@ class BatchNorm2d(Module):
         dx = B.empty_like(g)  # first holds grad * xc, for the reduction
         B.map_chunks(lambda g, xc, dx: B.multiply(g, xc, out=dx), g, xc, dx)
         dgamma = B.column_sums(dx) * inv_std  # sum(grad * x_hat)
-        self.weight.grad, self.bias.grad = dgamma, dbeta
+        # dx needs both sums, frozen or not
+        self.weight.grad = dgamma if self.weight.requires_grad else None
+        self.bias.grad = dbeta if self.bias.requires_grad else None
         scale = self.weight.data * inv_std
         if batch_stats:
             # dx = scale * (g - mean(g) - x_hat * mean(g * x_hat)), written as a*g + b*xc + c

@@ -2,7 +2,8 @@
 
 A module computes ``forward(x)`` and, by hand, ``backward(grad_out) -> grad_in``; backward
 also fills ``p.grad`` of each of its parameters (overwriting, not accumulating: every
-parameter is used once per forward). Sub-modules assigned as attributes are registered in
+parameter is used once per forward), or sets it to None for a frozen one
+(``requires_grad = False``). Sub-modules assigned as attributes are registered in
 order, which gives ``state_dict()`` PyTorch's key names (``0.weight``, ``3.bn1.running_mean``).
 
 Unlike autograd, nothing tracks changes made in place: a layer keeps references to the
@@ -21,13 +22,33 @@ from cnn.backend import Backend, backend_of, get_backend
 
 
 class Parameter:
-    """A trainable array and its gradient (``None`` until a backward pass fills it)."""
+    """A trainable array and its gradient (``None`` until a backward pass fills it).
 
-    __slots__ = ("data", "grad")
+    ``requires_grad = False`` freezes it, as in PyTorch: backward leaves its ``grad`` None
+    (and skips computing it where it can), so optimizers, which update only parameters
+    with a gradient, leave it as it is.
+    """
 
-    def __init__(self, data):
+    __slots__ = ("data", "grad", "_requires_grad")
+
+    def __init__(self, data, requires_grad: bool = True):
         self.data = data
         self.grad = None
+        self.requires_grad = requires_grad
+
+    @property
+    def requires_grad(self) -> bool:
+        return self._requires_grad
+
+    @requires_grad.setter
+    def requires_grad(self, value: bool) -> None:
+        if not isinstance(value, bool):  # "no" or 0 would freeze or not by accident
+            raise TypeError(f"requires_grad must be True or False, got {value!r}")
+        self._requires_grad = value
+
+    def requires_grad_(self, requires_grad: bool = True) -> "Parameter":
+        self.requires_grad = requires_grad
+        return self
 
     @property
     def shape(self):
@@ -42,7 +63,8 @@ class Parameter:
         return self.size
 
     def __repr__(self) -> str:
-        return f"Parameter(shape={self.shape})"
+        frozen = "" if self.requires_grad else ", requires_grad=False"
+        return f"Parameter(shape={self.shape}{frozen})"
 
 
 # What load_state_dict returns, as in PyTorch.
@@ -193,6 +215,12 @@ class Module:
     def zero_grad(self) -> None:
         for p in self.parameters():
             p.grad = None
+
+    def requires_grad_(self, requires_grad: bool = True) -> "Module":
+        """Freeze (False) or unfreeze every parameter, as PyTorch's ``requires_grad_``."""
+        for p in self.parameters():
+            p.requires_grad = requires_grad
+        return self
 
     def train(self, mode: bool = True) -> "Module":
         if not isinstance(mode, bool):

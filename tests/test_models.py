@@ -219,6 +219,33 @@ def test_train_takes_a_boolean():
         build_model("simple").train("no")
 
 
+def test_freezing_a_feature_extractor_trains_the_head_only(rng):
+    """Fine-tuning as in PyTorch: requires_grad_(False) on the model, True on the last layer;
+    a step updates the head alone, and the frozen flags survive a move and a state load."""
+    model = build_model("simple")
+    assert model.requires_grad_(False) is model
+    model[-1].requires_grad_()
+    model.to("numpy", dtype="float64").load_state_dict(model.state_dict())
+    assert [k for k, p in model.named_parameters() if p.requires_grad] == ["16.weight", "16.bias"]
+    before = model.state_dict()
+    loss, dlogits = softmax_cross_entropy(model(images(rng, 4)), rng.integers(0, 10, 4))
+    model.backward(dlogits)
+    assert [k for k, p in model.named_parameters() if p.grad is not None] == ["16.weight", "16.bias"]
+    SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2).step()
+    changed = [k for k, v in model.state_dict().items() if not np.array_equal(v, before[k])]
+    # train mode: the batch norms' running statistics move, as in PyTorch
+    assert [k for k in changed if not k.split(".")[-1].startswith(("running_", "num_batches"))] \
+        == ["16.weight", "16.bias"]
+
+
+def test_requires_grad_takes_a_boolean_and_shows_in_the_repr():
+    p = Linear(2, 3).weight
+    with pytest.raises(TypeError, match="requires_grad must be True or False, got 0"):
+        p.requires_grad = 0
+    assert p.requires_grad and repr(p) == "Parameter(shape=(3, 2))"
+    assert repr(p.requires_grad_(False)) == "Parameter(shape=(3, 2), requires_grad=False)"
+
+
 @pytest.mark.parametrize("target, message", [
     (torch.float64, r"Module.to\(\) takes a backend name .* model.to\(dtype='float64'\)"),
     ("cuda", r"unknown backend 'cuda'.*'cuda' is a device: .*model.to\('torch', device='cuda'\)"),
@@ -244,16 +271,24 @@ def test_eval_outputs_equal_the_twin(name, backend, dtype, rng):
     assert_close(got, expected, dtype, f"{name} eval logits")
 
 
+@pytest.mark.parametrize("frozen", [False, True], ids=["all_trained", "every_third_frozen"])
 @pytest.mark.parametrize("name", MODELS)
-def test_sgd_training_steps_equal_the_twin(name, backend, rng):
+def test_sgd_training_steps_equal_the_twin(name, frozen, backend, rng):
     """Three full steps in train mode (batch statistics; SimpleCNN's dropout masks replayed
     in the twin): forward, cross-entropy, backward, SGD(lr 0.01, momentum 0.9, weight decay
     1e-4) against torch.optim.SGD. Checks the logits and loss of every step, every parameter
-    gradient of the first step, then every parameter and BN running statistic at the end."""
+    gradient of the first step, then every parameter and BN running statistic at the end.
+    ``frozen``: every third parameter (weights and biases of convolutions, batch norms and
+    linear layers among them) has requires_grad False in both."""
     steps, n = 3, 2
     manual_seed(0)
     model = randomize_batchnorms(build_model(name), rng).to(backend, dtype="float64").train()
     twin = torch_twin(name, model.state_dict()).double().train()
+    if frozen:
+        ref_params = dict(twin.named_parameters())
+        for i, (k, p) in enumerate(model.named_parameters()):
+            if i % 3 == 0:
+                p.requires_grad = ref_params[k].requires_grad = False
     if name == "simple":
         twin[DROPOUT_INDEX] = FixedMaskDropout()
     opt = SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
@@ -277,6 +312,9 @@ def test_sgd_training_steps_equal_the_twin(name, backend, rng):
         if step == 0:
             ref_params = dict(twin.named_parameters())
             for k, p in model.named_parameters():
+                if not p.requires_grad:
+                    assert p.grad is None and ref_params[k].grad is None, f"{k} is frozen"
+                    continue
                 assert p.grad is not None, f"{k}.grad not filled"
                 assert_close(p.grad, ref_params[k].grad, "float64", f"grad of {k}")
         opt.step()
