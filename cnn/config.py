@@ -4,69 +4,17 @@
 per knob; :func:`problems` applies them (plus the checks that involve two knobs) and
 returns every problem found, so that ``TrainConfig.validate`` and the pipeline's
 ``params.yaml`` validation (which adds the run's name to each message) say the same thing.
+The checkers themselves are in ``cnn.checks``.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
 
 from cnn.backend import BACKENDS, DEVICES
+from cnn.checks import Checker, boolean, choice, integer, is_int, is_number, number, show
 from cnn.errors import ConfigError
 from cnn.models import MODELS
 from cnn.optim import OPTIMIZERS, SCHEDULES
-
-#: A checker returns what is wrong with a value ("must be ...; got ...") or None.
-Checker = Callable[[Any], "str | None"]
-
-
-def is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def show(v) -> str:
-    return repr(v) if not isinstance(v, str) else f"'{v}'"
-
-
-def choice(options) -> Checker:
-    def check(v):
-        return None if v in options else f"must be one of {', '.join(options)}; got {show(v)}"
-
-    return check
-
-
-def integer(minimum: int) -> Checker:
-    def check(v):
-        if is_int(v) and v >= minimum:
-            return None
-        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        return f"must be {what}; got {show(v)}"
-
-    return check
-
-
-def number(low: float, *, low_open: bool, high: float | None = None, high_open: bool = True) -> Checker:
-    def check(v):
-        ok = is_number(v) and (v > low if low_open else v >= low)
-        if ok and high is not None:
-            ok = v < high if high_open else v <= high
-        if ok:
-            return None
-        if high is None:
-            what = "a positive number" if (low == 0 and low_open) else f"a number >= {low}"
-        else:
-            what = f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        return f"must be {what}; got {show(v)}"
-
-    return check
-
-
-def boolean(v):
-    return None if isinstance(v, bool) else f"must be true or false; got {show(v)}"
 
 
 def _milestones(v):

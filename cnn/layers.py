@@ -5,35 +5,27 @@ outputs are channels-last in memory (a transposed view); every layer accepts any
 """
 from __future__ import annotations
 
-import numbers
-
 from cnn import functional as F
 from cnn.backend import backend_of
+from cnn.checks import integer, is_int, number, require
 from cnn.module import Module, Parameter
 
 
-def _is_integer(v) -> bool:
-    """An int of any kind (NumPy's too), but not a bool."""
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
 def _count(v, what: str) -> int:
-    if not _is_integer(v) or v < 1:
-        raise ValueError(f"{what} must be a positive integer, got {v!r}")
-    return int(v)
+    return int(require(v, what, integer(1)))
 
 
 def _pair(v, what: str, minimum: int) -> tuple[int, int]:
-    pair = (v, v) if _is_integer(v) else tuple(v) if isinstance(v, (tuple, list)) else ()
-    if len(pair) != 2 or not all(_is_integer(a) and a >= minimum for a in pair):
-        raise ValueError(f"{what} must be an integer >= {minimum} (or a pair of them), got {v!r}")
+    pair = (v, v) if is_int(v) else tuple(v) if isinstance(v, (tuple, list)) else ()
+    if len(pair) != 2 or not all(is_int(a) and a >= minimum for a in pair):
+        raise ValueError(f"{what} must be an integer >= {minimum} (or a pair of them); got {v!r}")
     return int(pair[0]), int(pair[1])
 
 
 def _square(v, what: str, minimum: int) -> int:
     a, b = _pair(v, what, minimum)
     if a != b:
-        raise ValueError(f"{what} must be the same along height and width, got {v}")
+        raise ValueError(f"{what} must be the same along height and width; got {v}")
     return a
 
 
@@ -212,11 +204,9 @@ class BatchNorm2d(Module):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
         super().__init__()
         self.num_features = num_features = _count(num_features, "num_features")
-        if not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:
-            # PyTorch's momentum=None (a cumulative average) is not implemented
-            raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
-        if not isinstance(eps, numbers.Real) or not eps > 0:
-            raise ValueError(f"eps must be a positive number, got {eps!r}")
+        # PyTorch's momentum=None (a cumulative average) is not implemented
+        require(momentum, "momentum", number(0, low_open=False, high=1, high_open=False))
+        require(eps, "eps", number(0, low_open=True))
         self.eps, self.momentum = eps, momentum
         self.weight = Parameter(F.constant(num_features, 1.0))
         self.bias = Parameter(F.constant(num_features, 0.0))

@@ -6,22 +6,12 @@ multi-tensor ``Backend.foreach`` operations), so they run on every backend.
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 
 from cnn.backend import backend_of
+from cnn.checks import number, require
 from cnn.module import Parameter
-
-
-def _number(value, what: str, low: float = 0.0, below: float | None = None) -> float:
-    """``value`` as a float if it is a number in [low, below) (or [low, inf)), else a ValueError."""
-    ok = (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-          and value >= low and (below is None or value < below))
-    if not ok:
-        where = f"in [{low:g}, {below:g})" if below is not None else f">= {low:g}"
-        raise ValueError(f"{what} must be a number {where}, got {value!r}")
-    return float(value)
 
 
 class Optimizer:
@@ -32,9 +22,7 @@ class Optimizer:
         self.params: list[Parameter] = list(params)
         if not self.params:
             raise ValueError("optimizer got an empty parameter list")
-        if not (isinstance(lr, numbers.Real) and not isinstance(lr, bool) and lr > 0 and math.isfinite(lr)):
-            raise ValueError(f"learning rate must be a positive number, got {lr!r}")
-        self.lr = float(lr)
+        self.lr = float(require(lr, "learning rate", number(0, low_open=True)))
         self.state: list[dict] = [{} for _ in self.params]
         self.steps = 0
 
@@ -122,7 +110,8 @@ class SGD(Optimizer):
         # Keywords after momentum: torch.optim.SGD's next positional argument is dampening,
         # which this SGD does not have, so a positional call from torch code must fail.
         super().__init__(params, lr)
-        momentum, weight_decay = _number(momentum, "momentum"), _number(weight_decay, "weight_decay")
+        momentum = float(require(momentum, "momentum", number(0, low_open=False)))
+        weight_decay = float(require(weight_decay, "weight_decay", number(0, low_open=False)))
         if nesterov and momentum <= 0:
             raise ValueError("Nesterov momentum needs momentum > 0")
         self.momentum, self.nesterov, self.weight_decay = momentum, bool(nesterov), weight_decay
@@ -160,8 +149,10 @@ class Adam(Optimizer):
         betas = tuple(betas)
         if len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        self.betas = tuple(_number(b, f"beta{i}", 0.0, 1.0) for i, b in enumerate(betas, 1))
-        self.eps, self.weight_decay = _number(eps, "eps"), _number(weight_decay, "weight_decay")
+        self.betas = tuple(float(require(b, f"beta{i}", number(0, low_open=False, high=1)))
+                           for i, b in enumerate(betas, 1))
+        self.eps = float(require(eps, "eps", number(0, low_open=False)))
+        self.weight_decay = float(require(weight_decay, "weight_decay", number(0, low_open=False)))
 
     def _update(self, params: list[Parameter], states: list[dict]) -> None:
         for p, state in zip(params, states):

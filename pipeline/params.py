@@ -38,7 +38,8 @@ from typing import Any
 
 import yaml
 
-from cnn.config import CHECKS, boolean, combination_problems, integer, number, show, unused_knobs
+from cnn.checks import boolean, integer, number, show
+from cnn.config import CHECKS, combination_problems, unused_knobs
 
 from pipeline._util import summary, write_json
 

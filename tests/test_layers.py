@@ -602,15 +602,15 @@ def test_a_numpy_subclass_input_is_accepted():
     (lambda: Conv2d(3, 4, (3, 3, 3)), "kernel_size must be an integer >= 1 \\(or a pair of them\\)"),
     (lambda: MaxPool2d(2, stride=0), "stride must be an integer >= 1"),
     (lambda: AvgPool2d(1.5), "kernel_size must be an integer >= 1"),
-    (lambda: Conv2d(3, 0, 3), "out_channels must be a positive integer, got 0"),
-    (lambda: Conv2d("3", 4, 3), "in_channels must be a positive integer, got '3'"),
-    (lambda: Linear(0, 5), "in_features must be a positive integer, got 0"),
-    (lambda: Linear(5, 2.0), "out_features must be a positive integer, got 2.0"),
-    (lambda: BatchNorm2d(True), "num_features must be a positive integer, got True"),
+    (lambda: Conv2d(3, 0, 3), "out_channels must be a positive integer; got 0"),
+    (lambda: Conv2d("3", 4, 3), "in_channels must be a positive integer; got '3'"),
+    (lambda: Linear(0, 5), "in_features must be a positive integer; got 0"),
+    (lambda: Linear(5, 2.0), "out_features must be a positive integer; got 2.0"),
+    (lambda: BatchNorm2d(True), "num_features must be a positive integer; got True"),
     (lambda: Conv2d(3, 4, True), "kernel_size must be an integer >= 1"),
-    (lambda: BatchNorm2d(3, momentum=None), r"momentum must be a number in \[0, 1\], got None"),
+    (lambda: BatchNorm2d(3, momentum=None), r"momentum must be a number in \[0, 1\]; got None"),
     (lambda: BatchNorm2d(3, momentum=1.5), r"momentum must be a number in \[0, 1\]"),
-    (lambda: BatchNorm2d(3, eps=0), "eps must be a positive number, got 0"),
+    (lambda: BatchNorm2d(3, eps=0), "eps must be a positive number; got 0"),
 ])
 def test_bad_layer_arguments_raise_naming_the_argument(make, message):
     with pytest.raises(ValueError, match=message):

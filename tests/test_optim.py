@@ -274,9 +274,9 @@ def test_nesterov_needs_momentum():
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda p: SGD(p, 0.1, momentum=-0.9), r"momentum must be a number >= 0, got -0.9"),
-    (lambda p: SGD(p, 0.1, weight_decay=float("nan")), r"weight_decay must be a number >= 0, got nan"),
-    (lambda p: Adam(p, betas=(1.0, 0.999)), r"beta1 must be a number in \[0, 1\), got 1.0"),
+    (lambda p: SGD(p, 0.1, momentum=-0.9), r"momentum must be a number >= 0; got -0.9"),
+    (lambda p: SGD(p, 0.1, weight_decay=float("nan")), r"weight_decay must be a number >= 0; got nan"),
+    (lambda p: Adam(p, betas=(1.0, 0.999)), r"beta1 must be a number in \[0, 1\); got 1.0"),
     (lambda p: Adam(p, betas=(0.9,)), r"betas must be a pair"),
     (lambda p: Adam(p, eps=-1e-8), r"eps must be a number >= 0"),
 ])
