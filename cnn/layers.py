@@ -108,9 +108,11 @@ class Conv2d(Module):
         self.cache = None
         self.workspace = Workspace()
 
-    def extra_repr(self) -> str:
+    def extra_repr(self) -> str:  # as torch.nn.Conv2d's
+        s, p = self.stride, self.padding
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}")
+                f"stride=({s}, {s})" + (f", padding=({p}, {p})" if p else "")
+                + ("" if self.bias is not None else ", bias=False"))
 
     def _weight_matrix(self, B):
         """weight (F, C, kh, kw) -> (F, kh * kw * C), matching the channels-last patch rows."""
@@ -174,7 +176,7 @@ class Linear(Module):
         self.cache = None
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
     def forward(self, x):
         _check_input(self, x, 2, self.in_features, like=self.weight.data)
@@ -217,7 +219,9 @@ class BatchNorm2d(Module):
         self.workspace = Workspace()
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+        # as torch.nn.BatchNorm2d's: this one always has a weight and bias and running statistics
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine=True, "
+                "bias=True, track_running_stats=True")
 
     def forward(self, x):
         _check_input(self, x, 4, self.num_features, like=self.weight.data)
@@ -335,8 +339,9 @@ class _Pool2d(Module):
             raise ValueError(f"padding {self.padding} must be at most half the kernel size {self.kernel_size}")
         self.cache = None
 
-    def extra_repr(self) -> str:
-        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+    def extra_repr(self) -> str:  # as torch.nn's
+        kh, kw = self.kernel_size
+        return f"kernel_size={kh if kh == kw else (kh, kw)}, stride={self.stride}, padding={self.padding}"
 
     def _windows(self, x_shape):
         """Output size (Ho, Wo) and the (row slice, column slice) of the padded input that
@@ -373,6 +378,9 @@ class MaxPool2d(_Pool2d):
     """x: (N, C, H, W) -> (N, C, Ho, Wo); the gradient goes to the first maximum of each
     window in row-major order, exactly as in PyTorch (ties included; a window holding a NaN,
     where PyTorch picks the NaN, is the exception)."""
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", dilation=1, ceil_mode=False"
 
     def forward(self, x):
         _check_input(self, x, 4)
@@ -444,13 +452,11 @@ class Dropout(Module):
 
     def __init__(self, p: float = 0.5):
         super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-        self.p = p
+        self.p = require(p, "dropout probability", number(0, low_open=False, high=1))
         self.cache = None
 
     def extra_repr(self) -> str:
-        return f"p={self.p}"
+        return f"p={self.p}, inplace=False"
 
     def forward(self, x):
         if not self.training or self.p == 0.0:
@@ -469,6 +475,9 @@ class Dropout(Module):
 
 class Flatten(Module):
     """x: (N, C, H, W) -> (N, C * H * W) in PyTorch's (C, H, W) order."""
+
+    def extra_repr(self) -> str:
+        return "start_dim=1, end_dim=-1"
 
     def forward(self, x):
         if x.ndim < 2:

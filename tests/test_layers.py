@@ -595,6 +595,24 @@ def test_a_numpy_subclass_input_is_accepted():
     assert Conv2d(3, 4, 3)(x).shape == (1, 4, 3, 3)
 
 
+@pytest.mark.parametrize("args, kwargs", [
+    ((3, 8, 3), dict(padding=1)), ((3, 8, (3, 5)), dict(stride=2, bias=False)),
+], ids=["conv_padded", "conv_rect_stride2_no_bias"])
+def test_conv2d_prints_as_torch(args, kwargs):
+    assert repr(Conv2d(*args, **kwargs)) == repr(nn.Conv2d(*args, **kwargs))
+
+
+@pytest.mark.parametrize("ours, theirs", [
+    (lambda: MaxPool2d((2, 3), stride=1, padding=1), lambda: nn.MaxPool2d((2, 3), stride=1, padding=1)),
+    (lambda: AvgPool2d(3, stride=2, padding=1), lambda: nn.AvgPool2d(3, stride=2, padding=1)),
+    (lambda: Linear(4, 5, bias=False), lambda: nn.Linear(4, 5, bias=False)),
+    (lambda: BatchNorm2d(6, eps=1e-3, momentum=0.2), lambda: nn.BatchNorm2d(6, eps=1e-3, momentum=0.2)),
+    (lambda: Dropout(0.25), lambda: nn.Dropout(0.25)),
+], ids=["maxpool", "avgpool", "linear", "batchnorm", "dropout"])
+def test_layers_print_as_torch(ours, theirs):
+    assert repr(ours()) == repr(theirs())
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda: Conv2d(3, 4, 3, stride=0), "stride must be an integer >= 1"),
     (lambda: Conv2d(3, 4, 0), "kernel_size must be an integer >= 1"),
