@@ -124,12 +124,13 @@ start)
     launch "$@"
     # Beside the runs: whether it matches only needs the numbers, not a quiet GPU.
     step reproduce $TEST_CPUS python3 benchmarks/reproduce_epoch.py "$REPRODUCE" --device "$DEVICE"
-    # The engine's suite, CUDA and CuPy parametrisations included (the pipeline tests need
-    # DVC), beside the runs: its timing does not matter, theirs is read from their metrics.
+    # Every test file but the pipeline's (it needs DVC and MLflow, and has no device cases),
+    # CUDA and CuPy parametrisations included, beside the runs: its timing does not matter,
+    # theirs is read from their metrics.
     workers=""
     python3 -c "import xdist" 2>/dev/null && workers="-n 4"
     step tests $TEST_CPUS python3 -m pytest -q -rs -p no:cacheprovider $workers tests/test_layers.py \
-        tests/test_models.py tests/test_optim.py tests/test_data.py tests/test_train.py
+        tests/test_models.py tests/test_optim.py tests/test_data.py tests/test_train.py tests/test_bench.py
     ;;
 collect)
     WAIT_S=${1:?$usage}
