@@ -99,6 +99,24 @@ def test_parameters_without_grad_are_skipped_like_torch(kind, name, backend, rng
     assert_params_equal(ours, theirs)
 
 
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_one_optimizer_per_group_equals_torch_param_groups(kind, backend, rng):
+    """The README's stand-in for param_groups: two optimizers over two sets of parameters,
+    each with its own lr and weight decay, equal one torch optimizer with two groups."""
+    ours, theirs = make_params(backend, rng)
+    slow, fast = dict(lr=1e-3, weight_decay=1e-2), dict(lr=1e-2, weight_decay=0.0)
+    if kind == "sgd":
+        slow["momentum"] = fast["momentum"] = 0.9
+    opts = [our_optimizer(kind, ours[:2], slow), our_optimizer(kind, ours[2:], fast)]
+    ref = torch_optimizer(kind, [dict(params=theirs[:2], **slow), dict(params=theirs[2:], **fast)], {})
+    for _ in range(10):
+        set_grads(ours, theirs, backend, rng)
+        for opt in opts:
+            opt.step()
+        ref.step()
+    assert_params_equal(ours, theirs)
+
+
 @pytest.mark.parametrize("kind,name", [("sgd", "momentum_wd"), ("adam", "weight_decay")])
 def test_scalar_parameter_equals_torch(kind, name, backend, rng):
     """A 0-d parameter (e.g. a learnable temperature). With NumPy, arithmetic on 0-d arrays
