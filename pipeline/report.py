@@ -110,7 +110,7 @@ def render(data: dict[str, dict], stats: dict, pending: list[str] = ()) -> str:
         ]
 
     header = ["Run", "Epochs", "Augment", "Schedule", "Backend", "Device", "Best test accuracy",
-              "Final train accuracy", "s/epoch"]
+              "Final test accuracy", "Final train accuracy", "s/epoch"]
     by_model: dict[str, list[str]] = {}
     for run, r in data.items():
         by_model.setdefault(r["config"].get("model", "?"), []).append(run)
@@ -123,7 +123,7 @@ def render(data: dict[str, dict], stats: dict, pending: list[str] = ()) -> str:
                 f"`{run}`", _epochs(cfg, m), "yes" if cfg.get("augment") else "no", _schedule(cfg),
                 cfg.get("backend"), m.get("device", "?"),
                 f"**{_pct(m.get('best_test_acc'))}** (epoch {m.get('best_epoch')})",
-                _pct(m.get("final_train_acc")), _seconds_per_epoch(m),
+                _pct(m.get("final_test_acc")), _pct(m.get("final_train_acc")), _seconds_per_epoch(m),
             ])
         lines += [f"## {MODEL_TITLES.get(model, model)}", "", _table(header, rows), ""]
 

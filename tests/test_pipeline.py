@@ -784,7 +784,7 @@ def test_report_lists_runs_not_trained_yet(tmp_path, monkeypatch):
     (d / paths.HISTORY).write_text(train.history_csv(history))
     (d / paths.CONFIG).write_text(json.dumps(cfg))
     (d / paths.METRICS).write_text(json.dumps({"best_test_acc": 0.5779, "best_epoch": 1, "final_train_acc": 0.45,
-                                               "epochs_run": 1, "seconds_per_epoch": 70.0, "device": "numpy (cpu)"}))
+                                               "final_test_acc": 0.5612, "epochs_run": 1, "seconds_per_epoch": 70.0, "device": "numpy (cpu)"}))
     (d / paths.EVAL_METRICS).write_text(json.dumps({"test_acc": 0.5779, "per_class_acc": {"cat": 0.5}}))
     (d / paths.MLFLOW_RUN).write_text(json.dumps({"run_id": None}))
     (d / paths.CONFUSION_PNG).write_bytes(b"stand-in")  # the report only copies it
@@ -792,6 +792,7 @@ def test_report_lists_runs_not_trained_yet(tmp_path, monkeypatch):
     report.report(params)
     md = paths.RESULTS_MD.read_text()
     assert "`simple_5ep_numpy`" in md and "57.79%" in md
+    assert "| Final test accuracy |" in md and "| 56.12% |" in md
     pending = md.split("## Not run yet", 1)[1].split("\n## ", 1)[0]
     assert all(f"`{run}`" in pending for run in params.runs if run != done)
     assert "`simple_5ep_numpy`" not in pending
