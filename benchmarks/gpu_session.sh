@@ -9,7 +9,7 @@
 #          starts the named params.yaml runs in the background (setsid, so they outlive the
 #          command), and beside them re-trains epoch 1 of resnet_50ep_step to compare it with
 #          the committed row (benchmarks/reproduce_epoch.py; meaningful on the kind of GPU
-#          that produced the row, an H200) and runs the engine's test suite.
+#          that produced the row, an H200) and runs every test file but the pipeline's.
 #          Both start and runs stop at once if PyTorch sees no CUDA GPU.
 # runs:    only the mirror, the data and the runs: for a lease that continues runs.
 #          A run whose unfinished outputs an earlier lease brought back and CARRY/runs/RUN
