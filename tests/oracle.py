@@ -203,3 +203,13 @@ def check_layer(ours, theirs: torch.nn.Module, x: np.ndarray, B, dtype: str, *,
     got = run_ours(ours, x, grad_out, B, dtype, train=train, layout=layout, move=False)
     compare_runs(got, ref, dtype, check_grad_in=check_grad_in, rtol=rtol, atol=atol)
     return got, ref
+
+
+def printed_as_installed_torch(ours) -> str:
+    """repr(ours) as the installed PyTorch would print its twin: the engine prints as
+    torch 2.13 (the pinned version), whose batch norm shows a bias flag that earlier
+    versions (a GPU machine's, say) do not."""
+    text = repr(ours)
+    if "bias=" not in repr(torch.nn.BatchNorm2d(1)):
+        text = text.replace(", bias=True, track_running_stats", ", track_running_stats")
+    return text
