@@ -5,9 +5,11 @@ outputs are channels-last in memory (a transposed view); every layer accepts any
 """
 from __future__ import annotations
 
+import math
+
 from cnn import functional as F
 from cnn.backend import backend_of
-from cnn.checks import integer, is_int, number, require
+from cnn.checks import integer, is_int, number, require, show
 from cnn.module import Module, Parameter
 
 
@@ -474,17 +476,29 @@ class Dropout(Module):
 
 
 class Flatten(Module):
-    """x: (N, C, H, W) -> (N, C * H * W) in PyTorch's (C, H, W) order."""
+    """Axes ``start_dim`` to ``end_dim`` (negative: from the end) made one, as
+    ``torch.nn.Flatten``; by default x: (N, C, H, W) -> (N, C * H * W) in PyTorch's
+    (C, H, W) order."""
+
+    def __init__(self, start_dim: int = 1, end_dim: int = -1):
+        super().__init__()
+        for what, v in (("start_dim", start_dim), ("end_dim", end_dim)):
+            if not is_int(v):
+                raise ValueError(f"{what} must be an integer (negative counts from the end); got {show(v)}")
+        self.start_dim, self.end_dim = int(start_dim), int(end_dim)
+        self.cache = None
 
     def extra_repr(self) -> str:
-        return "start_dim=1, end_dim=-1"
+        return f"start_dim={self.start_dim}, end_dim={self.end_dim}"
 
     def forward(self, x):
-        if x.ndim < 2:
-            raise ValueError(f"Flatten expects a batch (N, ...), got shape {tuple(x.shape)}: "
-                             "add a batch axis for one sample, x[None]")
-        self.cache = tuple(x.shape)
-        return x.reshape(x.shape[0], -1)
+        shape = tuple(x.shape)
+        start, end = (d + len(shape) if d < 0 else d for d in (self.start_dim, self.end_dim))
+        if not 0 <= start <= end < len(shape):
+            hint = ": add a batch axis for one sample, x[None]" if len(shape) == 1 and start == 1 else ""
+            raise ValueError(f"{self!r} cannot flatten an input of shape {shape}{hint}")
+        self.cache = shape
+        return x.reshape(*shape[:start], math.prod(shape[start:end + 1]), *shape[end + 1:])
 
     def backward(self, grad_out):
         return grad_out.reshape(self._take_cache())

@@ -277,6 +277,19 @@ def test_flatten_matches_torch_flatten(layout, backend, dtype, rng):
     assert_close(got.grad_in, ref.grad_in, dtype, "flatten backward")
 
 
+@pytest.mark.parametrize("start_dim, end_dim", [(0, -1), (2, 3), (1, 2), (-3, -2), (3, 3)])
+def test_flatten_of_any_axes_matches_torch(start_dim, end_dim, backend, rng):
+    x = rng.standard_normal((2, 5, 3, 4))
+    theirs = nn.Flatten(start_dim, end_dim)
+    g = rng.standard_normal(tuple(theirs(torch.from_numpy(x)).shape))
+    got = run_ours(Flatten(start_dim, end_dim), x, g, backend, "float64", layout="channels_last")
+    ref = run_torch(theirs, x, g)
+    assert tuple(got.out.shape) == tuple(ref.out.shape)
+    assert_close(got.out, ref.out, "float64", "flatten")
+    assert_close(got.grad_in, ref.grad_in, "float64", "flatten backward")
+    assert printed_as_installed_torch(Flatten(start_dim, end_dim)) == repr(theirs)
+
+
 # ---------------------------------------------------------------------------------------
 # Dropout
 # ---------------------------------------------------------------------------------------
@@ -649,8 +662,13 @@ def test_a_list_input_is_a_clear_error():
 
 
 def test_flatten_refuses_an_input_without_a_batch_axis(backend):
-    with pytest.raises(ValueError, match=r"Flatten expects a batch \(N, ...\), got shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"Flatten\(start_dim=1, end_dim=-1\) cannot flatten an input "
+                                         r"of shape \(3,\): add a batch axis for one sample, x\[None\]"):
         Flatten()(backend.asarray(np.zeros(3, np.float32)))
+    with pytest.raises(ValueError, match=r"cannot flatten an input of shape \(2, 3\)$"):
+        Flatten(2)(backend.asarray(np.zeros((2, 3), np.float32)))
+    with pytest.raises(ValueError, match="start_dim must be an integer"):
+        Flatten(1.0)
 
 
 def test_too_small_input_raises():
