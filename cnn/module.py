@@ -182,13 +182,21 @@ class Module:
 
     def named_parameters(self) -> Iterator[tuple[str, Parameter]]:
         """Each parameter once, under its first path: a layer used twice (shared weights)
-        must not be updated twice by the optimizer."""
-        seen = set()
+        must not be updated twice by the optimizer. One Parameter in two places (tied
+        weights) is a ValueError: each backward overwrites the gradient, so it would get
+        one place's share only, where autograd adds them."""
+        first_path = {}
         for path, module in self.named_modules():
             for name, p in module._parameters.items():
-                if p is not None and id(p) not in seen:
-                    seen.add(id(p))
-                    yield (f"{path}.{name}" if path else name), p
+                if p is None:
+                    continue
+                key = f"{path}.{name}" if path else name
+                if id(p) in first_path:
+                    raise ValueError(f"{key} is the same Parameter as {first_path[id(p)]}: tied weights are "
+                                     "not supported, because backward overwrites gradients (the parameter "
+                                     "would get one layer's share only). Give each layer its own Parameter")
+                first_path[id(p)] = key
+                yield key, p
 
     def parameters(self) -> list[Parameter]:
         return [p for _, p in self.named_parameters()]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cnn.backend import backend_of
-from cnn.data import (CIFAR10_CLASSES, DataLoader, DatasetError, augment, channel_stats,
+from cnn.data import (CIFAR10_CLASSES, DataLoader, DatasetError, _draw_crops, augment, channel_stats,
                       crop_flip, load_cifar10, load_prepared_stats, normalization_stats, normalize,
                       save_prepared)
 from cnn.synthetic import write_synthetic_cifar10
@@ -321,6 +321,17 @@ def test_augment_outputs_are_padded_crops(ds):
     assert len(set(shifts)) > 10
 
 
+def test_crop_offsets_and_flips_are_uniform():
+    """Every offset 0..8 on each axis equally often, and half the images flipped, as
+    torchvision's RandomCrop(32, padding=4) and RandomHorizontalFlip()."""
+    n = 90_000
+    dy, dx, flip = _draw_crops(np.random.default_rng(0), n)
+    for offsets in (dy, dx):
+        counts = np.bincount(offsets, minlength=9)
+        assert len(counts) == 9 and np.all(np.abs(counts - n / 9) < 0.05 * n / 9), counts
+    assert abs(flip.mean() - 0.5) < 0.01
+
+
 def test_augment_pads_with_black():
     x = np.full((200, 3, 32, 32), 255, np.uint8)
     out = augment(x, np.random.default_rng(0))
@@ -397,6 +408,18 @@ def test_loader_order_is_function_of_seed_and_epoch(id_data):
     a.set_epoch(4)
     assert not np.array_equal(ids3, ids_of(a)[0])
     assert not np.array_equal(ids3, ids_of(make_loader(id_data, shuffle=True, seed=8))[0])
+
+
+def test_loader_orders_differ_for_every_seed_and_epoch(id_data):
+    """(seed, epoch) -> order is one-to-one over a grid: no two runs or epochs share a
+    shuffle (which seed + epoch, say, would make of seed 0 epoch 1 and seed 1 epoch 0)."""
+    orders = set()
+    for seed in range(4):
+        loader = make_loader(id_data, shuffle=True, seed=seed)
+        for epoch in range(4):
+            loader.set_epoch(epoch)
+            orders.add(tuple(ids_of(loader)[0]))
+    assert len(orders) == 16
 
 
 def test_loader_without_shuffle_keeps_order(id_data):

@@ -122,13 +122,23 @@ def test_linear_matches_torch(d_in, d_out, bias, n, backend, dtype, rng):
 # ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("shape", [(4, 5, 7, 9), (1, 3, 4, 5), (2, 1, 1, 3)], ids=str)
+@pytest.mark.parametrize("shape", [(4, 5, 7, 9), (1, 3, 4, 5), (2, 1, 1, 3),
+                                   (3, 2, 15, 15)],  # 675 values per channel: sums in blocks and a rest
+                         ids=str)
 def test_batchnorm2d_matches_torch(shape, train, backend, dtype, rng):
     c = shape[1]
     ours = randomize_bn(BatchNorm2d(c), rng)
     theirs = nn.BatchNorm2d(c)
     x = rng.standard_normal(shape) * 3 + 1.5
     check_layer(ours, theirs, x, backend, dtype, train=train, rng=rng)
+
+
+@pytest.mark.parametrize("rows", [1, 511, 512, 513, 1025, 2000])
+def test_column_sums_add_every_row(rows, backend, rng):
+    """NumPy sums blocks of 512 rows and then the rest: every row counts, whatever M."""
+    a = rng.standard_normal((rows, 3)) + 2.0
+    got = to_numpy(backend.column_sums(backend.asarray(a, dtype="float32")))
+    np.testing.assert_allclose(got, a.astype(np.float32).sum(axis=0, dtype=np.float64), rtol=1e-6)
 
 
 @pytest.mark.parametrize("settings", [{}, {"eps": 1e-2, "momentum": 0.3}], ids=["default", "eps1e-2_momentum0.3"])
@@ -212,8 +222,10 @@ def test_relu_matches_torch(backend, dtype, rng):
 
 # (kernel, stride, padding)
 POOL_CASES = [(2, 2, 0), (3, 2, 0), (3, 2, 1), (2, 1, 0), (3, 1, 1), (2, 2, 1), (3, 3, 0),
-              (1, 1, 0), (3, None, 1)]
-POOL_IDS = [f"k{k}_s{s}_p{p}" for k, s, p in POOL_CASES]
+              (1, 1, 0), (3, None, 1),
+              # non-square: windows overlap along one axis only
+              ((2, 3), 2, 0), ((3, 2), 2, 1)]
+POOL_IDS = [f"k{k}_s{s}_p{p}".replace(" ", "") for k, s, p in POOL_CASES]
 
 
 def _tie_inputs(rng, shape):

@@ -11,8 +11,8 @@ from torch import nn
 import cnn
 from cnn.backend import manual_seed
 from cnn.functional import softmax_cross_entropy
-from cnn.layers import BatchNorm2d, Linear
-from cnn.models import ResidualBlock, build_model
+from cnn.layers import BatchNorm2d, Conv2d, Linear, ReLU
+from cnn.models import ResidualBlock, Sequential, build_model
 from cnn.optim import SGD, Adam
 from cnn.torch_twins import Block, torch_twin
 from tests.oracle import assert_close, check_layer, printed_as_installed_torch, to_numpy
@@ -250,6 +250,55 @@ def test_layers_print_as_their_torch_twins(name):
             compared.add(type(module).__name__)
     expected = {"Conv2d", "BatchNorm2d", "ReLU", "Flatten", "Linear"}
     assert compared >= (expected | {"MaxPool2d", "Dropout"} if name == "simple" else expected)
+
+
+@pytest.mark.parametrize("make, shape", [(lambda: Conv2d(2, 3, 3), (2, 2, 5, 5)), (lambda: Linear(4, 3), (2, 4)),
+                                         (lambda: BatchNorm2d(2), (2, 2, 3, 3))], ids=["conv", "linear", "batchnorm"])
+def test_a_parameter_frozen_after_a_backward_pass_gets_no_stale_gradient(make, shape, rng):
+    """The training loop never zeroes gradients (backward overwrites them), so freezing
+    must also drop the gradient that the last backward pass left."""
+    layer = make()
+    x = rng.standard_normal(shape).astype(np.float32)
+
+    def forward_backward():
+        out = layer(x)
+        layer.backward(np.ones_like(out))
+
+    forward_backward()
+    assert all(p.grad is not None for p in layer.parameters())
+    layer.requires_grad_(False)
+    forward_backward()
+    assert all(p.grad is None for p in layer.parameters())
+    before = {k: p.data.copy() for k, p in layer.named_parameters()}
+    SGD(layer.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1).step()
+    assert all(np.array_equal(p.data, before[k]) for k, p in layer.named_parameters())
+
+
+@pytest.mark.parametrize("change", ["load_state_dict", "to torch", "to float64"])
+def test_loading_or_moving_a_model_drops_its_gradients(change, rng):
+    """A gradient of the old arrays (another backend, another dtype) must not be stepped
+    into the new ones."""
+    model = build_model("simple")
+    _, dlogits = softmax_cross_entropy(model(images(rng).astype(np.float32)), rng.integers(0, 10, 2))
+    model.backward(dlogits)
+    assert all(p.grad is not None for p in model.parameters())
+    if change == "load_state_dict":
+        model.load_state_dict(model.state_dict())
+    else:
+        model.to("torch") if change == "to torch" else model.to(dtype="float64")
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_parameter_tied_between_two_layers_is_refused():
+    """Tied weights: autograd adds the two layers' gradients; this engine's backward
+    overwrites them, so the optimizer would get one layer's share. Listing the parameters
+    (as an optimizer does) says so, rather than train a wrong model."""
+    model = Sequential(Linear(3, 3), ReLU(), Linear(3, 3))
+    model[2].weight = model[0].weight
+    with pytest.raises(ValueError, match=r"2.weight is the same Parameter as 0.weight: tied weights are not "
+                                         r"supported"):
+        SGD(model.parameters(), lr=0.1)
+    assert list(model.state_dict()) == list(nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 3)).state_dict())
 
 
 def test_requires_grad_takes_a_boolean_and_shows_in_the_repr():
@@ -513,6 +562,25 @@ def test_backend_move_round_trip_keeps_state_and_outputs(name, rng):
     assert isinstance(model.parameters()[0].data, np.ndarray)
     assert_same_state(model.state_dict(), before)
     assert_close(out_torch, out_numpy, "float32", "torch vs numpy logits", rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("move", ["to float64", "to torch"])
+def test_a_model_moved_after_training_trains_like_a_fresh_copy(move, rng):
+    """Layers reuse their scratch buffers from step to step: after a move to another dtype
+    or backend, the next training step must not write into the old ones."""
+    manual_seed(0)
+    model, fresh = build_model("simple"), build_model("simple")
+    model[DROPOUT_INDEX].p = fresh[DROPOUT_INDEX].p = 0.0  # no random masks to tell apart
+    x, y = images(rng, 4).astype(np.float32), rng.integers(0, 10, 4)
+    _, dlogits = softmax_cross_entropy(model(x), y)  # float32 NumPy buffers now exist
+    model.backward(dlogits)
+    fresh.load_state_dict(model.state_dict())
+    target = dict(dtype="float64") if move == "to float64" else dict(backend="torch")
+    model.to(**target)
+    fresh.to(**target)
+    B = cnn.backend.backend_of(model.parameters()[0].data)
+    xs = B.asarray(x.astype(np.float64) if move == "to float64" else x)
+    np.testing.assert_array_equal(to_numpy(model(xs)), to_numpy(fresh(xs)))
 
 
 def test_to_float64_and_back_casts_floats_only():

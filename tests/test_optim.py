@@ -117,6 +117,24 @@ def test_one_optimizer_per_group_equals_torch_param_groups(kind, backend, rng):
     assert_params_equal(ours, theirs)
 
 
+@pytest.mark.parametrize("kind,name", [("sgd", "momentum"), ("sgd", "nesterov"), ("sgd", "momentum_wd"),
+                                       ("adam", "default")])
+def test_steps_on_one_gradient_equal_torch_and_leave_it_alone(kind, name, backend, rng):
+    """One gradient stepped three times: a momentum buffer that shared the gradient's memory
+    would change it (and itself) in place; torch.optim leaves the gradient as it was."""
+    cfg = config(kind, name)
+    ours, theirs = make_params(backend, rng)
+    opt, ref = our_optimizer(kind, ours, cfg), torch_optimizer(kind, theirs, cfg)
+    set_grads(ours, theirs, backend, rng)
+    grads = [to_numpy(p.grad).copy() for p in ours]
+    for _ in range(3):
+        opt.step()
+        ref.step()
+    assert_params_equal(ours, theirs)
+    for p, g in zip(ours, grads):
+        np.testing.assert_array_equal(to_numpy(p.grad), g)
+
+
 @pytest.mark.parametrize("kind,name", [("sgd", "momentum_wd"), ("adam", "weight_decay")])
 def test_scalar_parameter_equals_torch(kind, name, backend, rng):
     """A 0-d parameter (e.g. a learnable temperature). With NumPy, arithmetic on 0-d arrays

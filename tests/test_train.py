@@ -19,7 +19,8 @@ import torch
 import cnn
 import cnn.train as train_mod
 from cnn.checkpoint import CheckpointError, load_checkpoint, read_meta, save_checkpoint
-from cnn.data import load_cifar10, normalize
+from cnn.data import DataLoader, load_cifar10, normalize
+from cnn.layers import Dropout
 from cnn.synthetic import write_synthetic_cifar10
 from cnn.torch_twins import torch_twin
 from cnn.train import TrainConfig, TrainingError, fit, load_model, main, predict
@@ -130,6 +131,34 @@ def test_resumed_run_ends_exactly_like_an_uninterrupted_one(archive, full_run, o
         assert {k: v for k, v in h_full.items() if k != "seconds"} == \
                {k: v for k, v in h_res.items() if k != "seconds"}
     assert (resumed.best_test_acc, resumed.best_epoch) == (full.best_test_acc, full.best_epoch)
+
+
+def test_each_epoch_draws_its_own_order_crops_and_dropout(tiny_archive, tmp_path, monkeypatch):
+    """Epoch e trains on the loader's epoch e (shuffle, crops, flips) with dropout masks of
+    its own. A loop that forgot to move either on would repeat epoch 1's, and would still
+    resume exactly, so the resume tests cannot see it."""
+    batches, masks = [], []
+    loader_iter, dropout_forward = DataLoader.__iter__, Dropout.forward
+
+    def spy_iter(self):
+        for xb, yb in loader_iter(self):
+            if self.shuffle:  # the training loader: one batch per epoch here
+                batches.append((self.epoch, np.array(xb)))
+            yield xb, yb
+
+    def spy_forward(self, x):
+        out = dropout_forward(self, x)
+        if self.training:
+            masks.append(np.array(self.cache[0]))
+        return out
+
+    monkeypatch.setattr(DataLoader, "__iter__", spy_iter)
+    monkeypatch.setattr(Dropout, "forward", spy_forward)
+    fit(base_config(tiny_archive, tmp_path / "run", epochs=3))  # 50 images, batch 50
+    assert [epoch for epoch, _ in batches] == [0, 1, 2] and len(masks) == 3
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        assert not np.array_equal(batches[a][1], batches[b][1]), (a, b)
+        assert not np.array_equal(masks[a], masks[b]), (a, b)
 
 
 def _fit_counting_recordings(config, monkeypatch, record=None):
