@@ -23,6 +23,7 @@ def test_bench_reports_time_and_ops_per_case(tmp_path, capsys):
     assert results[0]["ops_per_step"] > results[2]["ops_per_step"]
     # The CPU cannot record a step, so the replaying engine runs the same eager step.
     assert results[1]["ops_per_step"] == results[0]["ops_per_step"]
+    assert "replayed" not in results[1]["where"]
     table = capsys.readouterr().out
     assert "ops/step" in table and "x native" in table
 
@@ -51,3 +52,41 @@ def test_bench_refuses_bad_settings_before_timing_anything(args):
     with pytest.raises(SystemExit) as e:
         bench.main(args)
     assert e.value.code == 2
+
+
+def test_each_case_runs_in_its_own_process_on_the_device_asked_for(monkeypatch, capsys):
+    import subprocess
+
+    commands = []
+
+    def fake_run(cmd, **kw):
+        commands.append(cmd)
+        model, engine, bs = cmd[cmd.index("--case") + 1].split(":")
+        row = dict(model=model, engine=engine, where="cpu", batch_size=int(bs), ms_per_step=1.0,
+                   ms_blocks=[1.0], peak_rss_mb=1.0)
+        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(row) + "\n", stderr="")
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    assert bench.main(["--models", "simple", "resnet", "--engines", "torch", "native", "--device", "cpu",
+                       "--batch-sizes", "2", "8"]) == 0
+    cases = [c[c.index("--case") + 1] for c in commands]
+    assert cases == [f"{m}:{e}:{b}" for b in (2, 8) for m in ("simple", "resnet") for e in ("torch", "native")]
+    assert all(c[c.index("--device") + 1] == "cpu" for c in commands)
+
+
+def test_the_ratio_is_to_native_with_the_same_model_and_batch_size(capsys):
+    rows = [dict(model="simple", engine=engine, where="cpu", batch_size=bs, ms_per_step=ms, peak_rss_mb=1.0)
+            for engine, bs, ms in (("torch", 64, 20.0), ("torch", 512, 30.0),
+                                   ("native", 64, 10.0), ("native", 512, 60.0))]
+    for r in rows[:2]:
+        bench._print_row(r, rows)
+    first, second = capsys.readouterr().out.splitlines()
+    assert first.split()[6] == "2.00" and second.split()[6] == "0.50"
+
+
+def test_an_operator_counts_once_however_many_it_calls_inside():
+    import torch
+
+    a, b = torch.ones(3, 4), torch.ones(5, 4)
+    assert bench._count_ops(lambda: torch.add(a, a)) == 1
+    assert bench._count_ops(lambda: torch.nn.functional.linear(a, b)) == 1  # aten::linear, not its mm

@@ -422,6 +422,15 @@ def test_loader_orders_differ_for_every_seed_and_epoch(id_data):
     assert len(orders) == 16
 
 
+def test_loader_takes_labels_of_any_integer_type_and_refuses_others(id_data, backend):
+    x, y = id_data
+    loader = DataLoader(x, y.astype(np.int32), 10, mean=[0, 0, 0], std=[1 / 255] * 3, backend=backend)
+    _, yb = next(iter(loader))
+    assert backend.dtype_name(yb) == "int64"
+    with pytest.raises(DatasetError, match=r"labels out of range 0..9 \(found 0..10\)"):
+        DataLoader(x, np.where(y == y.max(), 10, y), 10, mean=[0, 0, 0], std=[1] * 3, backend=backend)
+
+
 def test_loader_without_shuffle_keeps_order(id_data):
     loader = make_loader(id_data)
     loader.set_epoch(5)

@@ -25,6 +25,7 @@ from cnn.synthetic import write_synthetic_cifar10
 from cnn.torch_twins import torch_twin
 from cnn.train import TrainConfig, TrainingError, fit, load_model, main, predict
 from tests import recording
+from tests.oracle import to_numpy
 
 HISTORY_KEYS = {"epoch", "loss", "train_acc", "test_acc", "lr", "seconds"}
 EPOCH_LINE = re.compile(r"^Epoch +(\d+)/(\d+) \| Loss: \d+\.\d{4} \| Train: [01]\.\d{4} \| "
@@ -133,7 +134,8 @@ def test_resumed_run_ends_exactly_like_an_uninterrupted_one(archive, full_run, o
     assert (resumed.best_test_acc, resumed.best_epoch) == (full.best_test_acc, full.best_epoch)
 
 
-def test_each_epoch_draws_its_own_order_crops_and_dropout(tiny_archive, tmp_path, monkeypatch):
+@pytest.mark.parametrize("backend_name", ["numpy", "torch"])
+def test_each_epoch_draws_its_own_order_crops_and_dropout(backend_name, tiny_archive, tmp_path, monkeypatch):
     """Epoch e trains on the loader's epoch e (shuffle, crops, flips) with dropout masks of
     its own. A loop that forgot to move either on would repeat epoch 1's, and would still
     resume exactly, so the resume tests cannot see it."""
@@ -143,18 +145,18 @@ def test_each_epoch_draws_its_own_order_crops_and_dropout(tiny_archive, tmp_path
     def spy_iter(self):
         for xb, yb in loader_iter(self):
             if self.shuffle:  # the training loader: one batch per epoch here
-                batches.append((self.epoch, np.array(xb)))
+                batches.append((self.epoch, to_numpy(xb).copy()))
             yield xb, yb
 
     def spy_forward(self, x):
         out = dropout_forward(self, x)
         if self.training:
-            masks.append(np.array(self.cache[0]))
+            masks.append(to_numpy(self.cache[0]).copy())
         return out
 
     monkeypatch.setattr(DataLoader, "__iter__", spy_iter)
     monkeypatch.setattr(Dropout, "forward", spy_forward)
-    fit(base_config(tiny_archive, tmp_path / "run", epochs=3))  # 50 images, batch 50
+    fit(base_config(tiny_archive, tmp_path / "run", epochs=3, backend=backend_name, device="cpu"))  # 50 images, batch 50
     assert [epoch for epoch, _ in batches] == [0, 1, 2] and len(masks) == 3
     for a, b in ((0, 1), (0, 2), (1, 2)):
         assert not np.array_equal(batches[a][1], batches[b][1]), (a, b)
@@ -207,6 +209,80 @@ def test_the_stand_in_recording_behaves_like_a_cuda_graph():
     assert len(python_runs) == 1
     with pytest.raises(RuntimeError, match="read a value back to the host"):
         recording.record(None, lambda: state["in_place"].sum().item())
+
+
+def _step_replay(monkeypatch):
+    """A StepReplay over a step that adds its batch's sum into a device total, on the torch
+    CPU backend with the stand-in recording; returns it, the total and the step's Python runs."""
+    from cnn.backend import TorchBackend
+    from cnn.replay import StepReplay
+
+    monkeypatch.setattr(TorchBackend, "can_record", True)
+    monkeypatch.setattr(TorchBackend, "record", recording.record)
+    B = cnn.get_backend("torch", "cpu")
+    total, python_runs = B.zeros((1,)), []
+
+    def step(x, y):
+        total[...] += B.sum(x)
+        python_runs.append(1)
+
+    return StepReplay(step, B), total, python_runs, B
+
+
+def test_step_replay_records_the_second_batch_and_replays_the_rest(monkeypatch):
+    run, total, python_runs, B = _step_replay(monkeypatch)
+    batches = [B.asarray(np.full(4, i, np.float32)) for i in range(1, 5)]
+    for x in batches:
+        run(x, x)
+    assert len(python_runs) == 2 and run.replays == 3  # eager, recorded (not run), 3 replays
+    assert float(total) == 4 * (1 + 2 + 3 + 4)
+    # the recording reads copies: the caller's batches are left as they were
+    assert [to_numpy(x).tolist() for x in batches] == [[i] * 4 for i in range(1, 5)]
+
+
+def test_step_replay_drops_its_recording_after_a_batch_of_another_shape(monkeypatch):
+    """The other shape's eager step reallocates the workspaces the recording uses."""
+    run, total, python_runs, B = _step_replay(monkeypatch)
+    a, b = B.asarray(np.ones(4, np.float32)), B.asarray(np.ones(2, np.float32))
+    for x in (a, a, b, a):
+        run(x, x)
+    assert len(python_runs) == 4 and run.replays == 1  # after b, a runs eagerly again
+    assert float(total) == 4 + 4 + 2 + 4
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "torch"])
+def test_the_epoch_loss_weights_each_batch_by_its_images(backend_name, tiny_archive, tmp_path, monkeypatch):
+    """50 images in batches of 20, 20 and 10: the epoch's loss is the mean over images,
+    so the last, smaller batch counts half as much as the others."""
+    losses, real = [], train_mod.softmax_cross_entropy
+
+    def spy(logits, labels):
+        loss, grad = real(logits, labels)
+        losses.append((float(loss), len(labels)))
+        return loss, grad
+
+    monkeypatch.setattr(train_mod, "softmax_cross_entropy", spy)
+    result = fit(base_config(tiny_archive, tmp_path / "run", epochs=1, batch_size=20, backend=backend_name,
+                             device="cpu"))
+    train = losses[:3]
+    assert [n for _, n in train] == [20, 20, 10]
+    assert result.history[0]["loss"] == pytest.approx(sum(loss * n for loss, n in train) / 50, rel=1e-6)
+
+
+def test_a_nan_loss_on_the_cpu_stops_at_the_next_read(tiny_archive, tmp_path, monkeypatch):
+    """On the CPU the loss is read every 50 steps, the first included (it costs nothing
+    there), so a NaN in step 1 stops training then, not at the end of the epoch."""
+    steps, real = [], train_mod.softmax_cross_entropy
+
+    def nan(logits, labels):
+        loss, grad = real(logits, labels)
+        steps.append(1)
+        return loss * float("nan"), grad
+
+    monkeypatch.setattr(train_mod, "softmax_cross_entropy", nan)
+    with pytest.raises(TrainingError):
+        fit(base_config(tiny_archive, tmp_path / "run", epochs=1, batch_size=10))
+    assert len(steps) == 1
 
 
 @pytest.mark.parametrize("model", ["simple", "resnet"])

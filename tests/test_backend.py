@@ -1,0 +1,70 @@
+"""The array-backend seam itself: views, random streams, multi-tensor operations and
+device selection, on the NumPy and torch (CPU) backends; CUDA is emulated where a test
+needs PyTorch to see one."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cnn.backend import DeviceError, get_backend, resolve_device
+from cnn.layers import Conv2d
+from tests.oracle import to_numpy
+
+
+def test_as_strided_starts_where_a_view_starts(backend):
+    """A view that does not start at its storage's first element (x[1:]) keeps its offset:
+    a padding-0 convolution takes its patches from such a view without a copy."""
+    a = backend.asarray(np.arange(10.0))[2:]
+    assert to_numpy(backend.as_strided(a, (3,), (1,))).tolist() == [2.0, 3.0, 4.0]
+    x = np.random.default_rng(0).standard_normal((3, 4, 5, 5)).astype(np.float32)
+    channels_last = backend.transpose(backend.asarray(np.ascontiguousarray(x.transpose(0, 2, 3, 1))), (0, 3, 1, 2))
+    conv = Conv2d(4, 2, 1).to(backend)
+    np.testing.assert_allclose(to_numpy(conv(channels_last[1:])), to_numpy(conv(backend.asarray(x[1:]))),
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_uniform_draws_in_the_dtype_asked_for(dtype, backend):
+    assert backend.dtype_name(backend.uniform((3,), dtype)) == dtype
+
+
+# Dropout masks of a committed run come from these draws: another stream would leave every
+# result reproducible in kind but not the committed ones (benchmarks/reproduce_epoch.py).
+PINNED_DRAWS = {
+    "numpy": [0.8467473983764648, 0.023896098136901855, 0.7159242033958435, 0.44690364599227905],
+    "torch": [0.5200659036636353, 0.15558010339736938, 0.10120326280593872, 0.008575797080993652],
+}
+
+
+@pytest.mark.parametrize("name", ["numpy", "torch"])
+def test_the_dropout_stream_of_a_seed_and_epoch_is_pinned(name):
+    B = get_backend(name, "cpu")
+    B.seed([0, 3])  # seed 0, epoch 3, as cnn.train seeds it
+    assert to_numpy(B.uniform((4,))).tolist() == PINNED_DRAWS[name]
+    B.seed([0, 4])
+    assert to_numpy(B.uniform((4,))).tolist() != PINNED_DRAWS[name]
+
+
+@pytest.mark.parametrize("op", ["add", "mul_"])
+def test_foreach_over_no_arrays_is_no_arrays(op, backend):
+    assert list(backend.foreach(op, [], 1.0)) == []
+
+
+def test_unknown_and_unavailable_devices_are_clear_errors(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceError, match="unknown device 'cudax'"):
+        resolve_device("torch", "cudax")
+    with pytest.raises(DeviceError, match=r"device 'cuda:1' was asked for, but PyTorch sees no CUDA GPU "
+                                          r"here: choose device auto or cpu"):
+        resolve_device("torch", "cuda:1")
+    with pytest.raises(DeviceError, match=r"unknown backend 'cuda:1'.*'cuda:1' is a device"):
+        get_backend("cuda:1")
+    assert resolve_device("torch", "auto") in ("cpu", "mps")
+
+
+def test_auto_picks_cuda_where_pytorch_sees_it(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("torch", "auto") == "cuda"
+    assert resolve_device("torch", "cuda:1") == "cuda:1"
+    assert resolve_device("numpy", "auto") == "cpu"
