@@ -263,6 +263,9 @@ BAD_PARAMS = [
     ("milestones", [40, 30], "'milestones' must be strictly increasing"),
     ("augment", "yes", "'augment' must be true or false"),
     ("learning_rate", 0.1, "unknown key 'learning_rate'"),
+    # two knobs, each valid alone
+    ("device", "cuda", "'device' must be auto or cpu with backend numpy"),
+    ("nesterov", True, "'nesterov' needs a momentum > 0"),
 ]
 
 
@@ -270,6 +273,10 @@ BAD_PARAMS = [
 def test_invalid_run_params_name_the_run_and_key(key, value, message):
     raw = tiny_params()
     raw["runs"]["simple_5ep_torch"][key] = value
+    if key == "device":
+        raw["runs"]["simple_5ep_torch"]["backend"] = "numpy"
+    if key == "nesterov":
+        raw["runs"]["simple_5ep_torch"]["momentum"] = 0
     with pytest.raises(P.ParamsError) as e:
         P.validate(raw)
     assert "run 'simple_5ep_torch'" in str(e.value)
@@ -294,6 +301,34 @@ def test_invalid_params_other_sections():
         P.validate(tiny_params()).run("nope")
     with pytest.raises(P.ParamsError, match="'runs' must be a non-empty mapping"):
         P.validate({**tiny_params(), "runs": {}})
+
+
+@pytest.mark.parametrize("name", ["a.b", "-x", "a/b", "a b", ""])
+def test_run_names_that_are_no_stage_or_folder_name_are_refused(name):
+    raw = tiny_params()
+    raw["runs"][name] = {}
+    with pytest.raises(P.ParamsError, match="run names may contain only letters"):
+        P.validate(raw)
+
+
+@pytest.mark.parametrize("key", ["progress", "resume"])
+def test_top_level_switches_must_be_booleans_and_default_sensibly(key):
+    with pytest.raises(P.ParamsError, match=f"'{key}' must be true or false; got 'yes'"):
+        P.validate({**tiny_params(), key: "yes"})
+    raw = tiny_params()
+    del raw["progress"], raw["resume"]
+    params = P.validate(raw)
+    assert params.progress is True and params.resume is False
+
+
+def test_an_adam_run_depends_on_no_sgd_knob():
+    from cnn.config import unused_knobs
+
+    assert unused_knobs({"optimizer": "adam", "schedule": "none"}) == {"milestones", "gamma", "momentum", "nesterov"}
+    raw = tiny_params()
+    raw["runs"]["simple_5ep_torch"]["optimizer"] = "adam"
+    effective = P.validate(raw).effective("simple_5ep_torch")
+    assert "betas" in effective and not {"momentum", "nesterov"} & set(effective)
 
 
 def test_params_yaml_reads_floats_and_booleans_like_dvc(tmp_path):
@@ -464,6 +499,27 @@ def test_download_rejects_bad_archives(case, archive, tmp_path):
     assert not (work / "data").exists()  # nothing left behind, not even an empty folder
 
 
+def test_download_takes_an_upper_case_md5_and_refuses_a_bad_gzip_checksum(archive, tmp_path):
+    """CIFAR10_MD5 as md5sum or a web page prints it, either case; and an archive whose
+    members all read but whose gzip CRC is wrong is corrupt (a bit flipped in transfer)."""
+    path, md5 = archive
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(REPO / "params.yaml", work)
+    p = stage("download", cwd=work, env=clean_env(PYTHONPATH=REPO, CIFAR10_SOURCE=path, CIFAR10_MD5=md5.upper()),
+              check=False)
+    assert p.returncode == 0, p.stderr
+    bad = tmp_path / "bad-crc.tar.gz"
+    data = bytearray(path.read_bytes())
+    data[-8] ^= 0xFF  # the gzip trailer's CRC-32
+    bad.write_bytes(bytes(data))
+    shutil.rmtree(work / "data")
+    p = stage("download", cwd=work, env=clean_env(PYTHONPATH=REPO, CIFAR10_SOURCE=bad, CIFAR10_MD5=md5_of(bad)),
+              check=False)
+    assert p.returncode == 1 and "truncated or corrupt" in p.stderr and "Traceback" not in p.stderr
+    assert not (work / "data").exists()
+
+
 def test_a_failed_download_keeps_the_archive_that_was_there(archive, tmp_path):
     """An archive with another md5 (say, a mirror, when the official one is asked for) is
     replaced only by a verified one: a download that fails leaves it as it was."""
@@ -495,15 +551,35 @@ def test_normalize_checks_what_a_training_set_needs():
 
 
 def test_normalize_rejects_bad_labels_and_leaves_nothing(archive, tmp_path):
+    """Not even the prepared pair of an earlier archive, which would pass for this one's."""
     bad = rewrite_archive(archive[0], tmp_path / "bad.tar.gz", labels={"test_batch": lambda ys: [12] + ys[1:]})
     work = tmp_path / "work"
     (work / "data" / "raw").mkdir(parents=True)
     shutil.copy(REPO / "params.yaml", work)
     shutil.copy(bad, work / paths.RAW_ARCHIVE)
+    (work / paths.PREPARED).parent.mkdir(parents=True)
+    (work / paths.PREPARED).write_bytes(b"an earlier archive's")
+    (work / paths.STATS).write_text("{}")
     p = stage("normalize", cwd=work, env=clean_env(PYTHONPATH=REPO), check=False)
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
     assert "DatasetError" in p.stderr and "test_batch" in p.stderr
-    assert not (work / "data" / "prepared").exists() or not any((work / "data" / "prepared").iterdir())
+    assert not any((work / "data" / "prepared").iterdir())
+
+
+def test_normalize_takes_its_statistics_from_the_training_set(archive, tmp_path):
+    from cnn.data import channel_stats, load_cifar10
+
+    work = tmp_path / "work"
+    (work / "data" / "raw").mkdir(parents=True)
+    shutil.copy(REPO / "params.yaml", work)
+    shutil.copy(archive[0], work / paths.RAW_ARCHIVE)
+    stage("normalize", cwd=work, env=clean_env(PYTHONPATH=REPO))
+    stats = json.loads((work / paths.STATS).read_text())
+    ds = load_cifar10(archive[0])
+    train_mean, train_std = channel_stats(ds.train_x)
+    np.testing.assert_allclose(stats["mean"], train_mean, rtol=1e-6)
+    np.testing.assert_allclose(stats["std"], train_std, rtol=1e-6)
+    assert not np.allclose(stats["mean"], channel_stats(ds.test_x)[0], rtol=1e-6)
 
 
 # ============================================================================ tracking (fast)
@@ -697,8 +773,13 @@ def test_train_refuses_settings_that_are_not_the_resolved_ones(stage_dir, capsys
         path.unlink()
     else:
         path.write_text(json.dumps({**json.loads(path.read_text()), "epochs": 6}))
+    committed = {paths.run_dir("simple_5ep_torch") / name: f"committed {name}".encode()
+                 for name in (paths.METRICS, paths.HISTORY, paths.BEST_CHECKPOINT)}
+    for f, content in committed.items():
+        f.write_bytes(content)
     with pytest.raises(SystemExit) as e:
         _util.run_main(train.main, ["simple_5ep_torch"])
+    assert all(f.read_bytes() == content for f, content in committed.items())  # results kept
     state = "is missing" if settings == "missing" else "is not what params.yaml resolves to"
     assert e.value.code == 1 and f"settings.json {state}: resolve the run's settings first, with " \
         "`dvc repro settings@simple_5ep_torch` (-f if DVC finds it up to date)" in capsys.readouterr().err
@@ -789,6 +870,10 @@ def test_report_lists_runs_not_trained_yet(tmp_path, monkeypatch):
     (d / paths.MLFLOW_RUN).write_text(json.dumps({"run_id": None}))
     (d / paths.CONFUSION_PNG).write_bytes(b"stand-in")  # the report only copies it
 
+    trained_only = paths.run_dir("simple_5ep_torch")  # trained, not evaluated yet
+    trained_only.mkdir(parents=True)
+    for name in (paths.METRICS, paths.CONFIG):
+        shutil.copy(d / name, trained_only / name)
     report.report(params)
     md = paths.RESULTS_MD.read_text()
     assert "`simple_5ep_numpy`" in md and "57.79%" in md
@@ -815,6 +900,53 @@ def test_a_run_resumed_on_another_device_reports_each_part():
     assert report._seconds_per_epoch(m) == "15.0 / 300.0"
     one = train.summarize(result, history, [cpu] * 3)  # one device: the usual two fields
     assert one["device"] == cpu and "devices" not in one and report._seconds_per_epoch(one) == "110.0"
+
+
+def test_metrics_give_the_final_epoch_beside_the_best():
+    from types import SimpleNamespace
+
+    from pipeline import train
+
+    history = [{"epoch": e, "loss": 1.0, "train_acc": t, "test_acc": a, "lr": 0.01, "seconds": 1.0}
+               for e, t, a in [(1, 0.5, 0.6), (2, 0.7, 0.4)]]
+    result = SimpleNamespace(best_test_acc=0.6, best_epoch=1, stopped_early=False, device="numpy (cpu)")
+    m = train.summarize(result, history, ["numpy (cpu)"] * 2)
+    assert (m["best_test_acc"], m["best_epoch"], m["final_test_acc"], m["final_train_acc"]) == (0.6, 1, 0.4, 0.7)
+
+
+def test_an_epoch_missing_from_the_device_log_ran_where_last_npz_was_written(tmp_path):
+    """A kill between writing last.npz and the device log leaves the log one epoch short."""
+    from pipeline import train
+
+    (tmp_path / paths.EPOCH_DEVICES).write_text(json.dumps(["gpu", "gpu"]))
+    assert train.earlier_devices(tmp_path, {"history": [{}] * 3, "device": "cpu"}) == ["gpu", "gpu", "cpu"]
+    assert train.earlier_devices(tmp_path, {"history": [{}], "device": "cpu"}) == ["cpu"]  # a log of another run
+
+
+def test_confusion_rows_are_actual_classes_and_per_class_accuracy_is_their_recall():
+    from pipeline import evaluate
+
+    cm = evaluate.confusion([0, 0, 0, 0, 1, 1], [0, 0, 0, 1, 1, 1], 2)
+    assert cm.tolist() == [[3, 1], [0, 2]]
+    result = evaluate.scores(cm, ["a", "b"])
+    assert result["per_class_acc"] == {"a": 0.75, "b": 1.0} and result["test_acc"] == pytest.approx(5 / 6)
+
+
+def test_the_report_puts_each_figure_in_its_column():
+    from pipeline import report
+
+    cfg = {"model": "simple", "epochs": 10, "augment": False, "schedule": "none", "backend": "numpy",
+           "optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 64, "seed": 0,
+           "early_stop": 2}
+    metrics = {"best_test_acc": 0.61, "best_epoch": 2, "final_test_acc": 0.55, "final_train_acc": 0.72,
+               "seconds_per_epoch": 3.0, "epochs_run": 4, "stopped_early": True, "device": "numpy (cpu)"}
+    data = {"r": {"config": cfg, "metrics": metrics, "eval": {"test_acc": 0.61, "per_class_acc": {}},
+                  "mlflow": {"run_id": None}}}
+    stats = {"train": {"images": 300}, "test": {"images": 100}, "classes": ["a"] * 10,
+             "mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}
+    md = report.render(data, stats)
+    assert "Dataset: 300 training and 100 test images" in md
+    assert "| `r` | 4 / 10 (early stop) | no | none | numpy | numpy (cpu) | **61.00%** (epoch 2) | 55.00% | 72.00% | 3.0 |" in md
 
 
 def test_a_run_moved_twice_names_the_device_of_every_epoch(stage_dir, monkeypatch, capsys):
@@ -937,6 +1069,15 @@ def test_dvc_repro_end_to_end(repro_project, archive):
         assert ev["device"] == m["device"] and ev["inference_seconds"] > 0
         cm = json.loads((d / paths.CONFUSION).read_text())
         assert len(cm["classes"]) == 10 and sum(map(sum, cm["matrix"])) == N_TEST
+        with open(d / paths.PREDICTIONS) as f:  # one row per test image: its class, then the guess
+            pairs = [(r["actual"], r["predicted"]) for r in csv.DictReader(f)]
+        from cnn.data import load_cifar10
+
+        assert [a for a, _ in pairs] == [cm["classes"][y] for y in load_cifar10(archive[0]).test_y]
+        counts = np.zeros((10, 10), int)
+        for a, p in pairs:
+            counts[cm["classes"].index(a), cm["classes"].index(p)] += 1
+        assert counts.tolist() == cm["matrix"]  # rows: actual classes
 
     # --- dvc.lock: each run's settings depend on its own params and the defaults only, and
     # its train stage on those resolved settings
@@ -979,12 +1120,19 @@ def test_dvc_repro_end_to_end(repro_project, archive):
         assert r.info.run_id == json.loads((proj / "runs" / name / paths.MLFLOW_RUN).read_text())["run_id"]
         assert r.data.params["backend"] == cfg["backend"] and r.data.params["lr"] == str(cfg["lr"])
         assert r.data.params["epochs"] == "1" and r.data.params["run"] == name
+        assert r.data.params["resume"] == "false"
+        run_dir = proj / "runs" / name
+        assert json.loads((run_dir / paths.CONFIG).read_text())["device_used"] == \
+            json.loads((run_dir / paths.METRICS).read_text())["device"]
+        assert r.data.metrics["epochs_run"] == 1 and r.data.metrics["best_epoch"] == 1  # integers too
         assert r.data.tags["mlflow.source.git.commit"] == head
         for key in ("loss", "train_acc", "test_acc", "lr", "epoch_seconds"):
             assert [m.step for m in client.get_metric_history(r.info.run_id, key)] == [1], key
         assert "eval_test_acc" in r.data.metrics and "eval_acc_cat" in r.data.metrics
         arts = {a.path for a in client.list_artifacts(r.info.run_id, "checkpoints")}
         assert arts == {"checkpoints/best.npz"}
+        assert {a.path for a in client.list_artifacts(r.info.run_id)} >= {
+            "curves.png", "history.csv", "metrics.json", "config.json"}
         assert {a.path for a in client.list_artifacts(r.info.run_id, "evaluation")} >= {"evaluation/confusion.png"}
         local = Path(r.info.artifact_uri.removeprefix("file://")) / "checkpoints" / "best.npz"
         assert local.read_bytes() == (proj / "runs" / name / "best.npz").read_bytes()
