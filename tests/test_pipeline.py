@@ -722,6 +722,56 @@ def test_a_failure_after_training_keeps_what_resume_needs(stage_dir, monkeypatch
     assert (d / paths.LAST_CHECKPOINT).read_bytes() == b"last"
 
 
+@pytest.mark.parametrize("ending, status, code", [("diverges", "FAILED", 1), ("interrupted", "KILLED", 130)])
+def test_an_mlflow_run_that_fails_or_is_interrupted_says_which(ending, status, code, stage_dir, monkeypatch):
+    import cnn.train
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import _util, train
+
+    uri = f"sqlite:///{stage_dir / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+
+    def ending_fit(config, on_epoch_end=None):
+        if ending == "interrupted":
+            raise KeyboardInterrupt
+        raise cnn.train.TrainingError("the training loss became nan in epoch 1: the run diverged")
+
+    monkeypatch.setattr(cnn.train, "fit", ending_fit)
+    with pytest.raises(SystemExit) as e:
+        _util.run_main(train.main, ["simple_5ep_torch"])
+    assert e.value.code == code
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("cifar10-cnn").experiment_id])
+    assert run.info.status == status
+
+
+def test_a_recorded_mlflow_run_that_already_ended_is_left_as_it_is(stage_dir, monkeypatch, capsys):
+    """Only a run still RUNNING was abandoned: one that ended (FAILED, say) keeps its status."""
+    import cnn.train
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import _util, train
+
+    uri = f"sqlite:///{stage_dir / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    d = paths.run_dir("simple_5ep_torch")
+    ended = tracking.start_run("cifar10-cnn", "train@simple_5ep_torch", root=stage_dir)
+    ended.finish("FAILED")
+    d.mkdir(parents=True, exist_ok=True)
+    (d / paths.LIVE_MLFLOW_RUN).write_text(json.dumps(ended.info()))
+
+    def interrupted_fit(config, on_epoch_end=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cnn.train, "fit", interrupted_fit)
+    with pytest.raises(SystemExit):
+        _util.run_main(train.main, ["simple_5ep_torch"])
+    assert "marked KILLED" not in capsys.readouterr().err
+    run = MlflowClient(uri).get_run(ended.run_id)
+    assert run.info.status == "FAILED" and not any(k.startswith("ended_by") for k in run.data.tags)
+
+
 def test_an_mlflow_run_left_running_by_a_dead_process_is_marked_killed(stage_dir, monkeypatch, capsys):
     """kill -9 leaves the training's MLflow run RUNNING; the stage's next start closes it.
     The new run also says who ran it, from where, and on which images (mean/std)."""
@@ -973,7 +1023,8 @@ def test_a_run_moved_twice_names_the_device_of_every_epoch(stage_dir, monkeypatc
                 history.append(m)
                 meta = {"model": config.model, "config": asdict(config), "device": device,
                         "history": history, "epoch": e + 1}
-                save_checkpoint(out / "best.npz", {}, meta)
+                if e == 0:  # the best epoch: the resumed parts must keep its checkpoint
+                    save_checkpoint(out / "best.npz", {}, meta)
                 save_checkpoint(out / "last.npz", {}, meta)
                 on_epoch_end({**m, "device": device})
             if len(history) < config.epochs:
@@ -988,6 +1039,7 @@ def test_a_run_moved_twice_names_the_device_of_every_epoch(stage_dir, monkeypatc
     metrics = json.loads((d / paths.METRICS).read_text())
     assert metrics["device"] == f"{gpu} (epochs 1-2) + {cpu} (epochs 3-3) + {gpu} (epochs 4-5)"
     assert json.loads((d / paths.EPOCH_DEVICES).read_text()) == [gpu, gpu, cpu, gpu, gpu]
+    assert read_meta(d / paths.BEST_CHECKPOINT)["epoch"] == 1
 
 
 def test_report_without_any_finished_run_is_a_clear_error(tmp_path, monkeypatch):
