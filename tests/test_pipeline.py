@@ -1040,6 +1040,7 @@ def test_a_run_moved_twice_names_the_device_of_every_epoch(stage_dir, monkeypatc
     assert metrics["device"] == f"{gpu} (epochs 1-2) + {cpu} (epochs 3-3) + {gpu} (epochs 4-5)"
     assert json.loads((d / paths.EPOCH_DEVICES).read_text()) == [gpu, gpu, cpu, gpu, gpu]
     assert read_meta(d / paths.BEST_CHECKPOINT)["epoch"] == 1
+    assert json.loads((d / paths.CONFIG).read_text())["device_used"] == metrics["device"]
 
 
 def test_report_without_any_finished_run_is_a_clear_error(tmp_path, monkeypatch):
