@@ -393,10 +393,12 @@ def test_dvc_yaml_matches_pipeline_paths():
 
 # ============================================================================ download (fast)
 class _FlakyHandler(http.server.BaseHTTPRequestHandler):
-    """1st request: HTTP 500; 2nd: half the body, then the connection drops; 3rd: honours Range."""
+    """1st request: HTTP 500; 2nd: half the body, then the connection drops; 3rd: honours
+    Range, unless ``honours_range`` is off (then the whole body, HTTP 200)."""
 
     body = b""
     requests: list = []
+    honours_range = True
 
     def log_message(self, *a):
         pass
@@ -417,6 +419,7 @@ class _FlakyHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
         else:
             start = int(self.headers["Range"].split("=")[1].rstrip("-")) if self.headers.get("Range") else 0
+            start = start if self.honours_range else 0
             self.send_response(206 if start else 200)
             if start:
                 self.send_header("Content-Range", f"bytes {start}-{len(self.body) - 1}/{len(self.body)}")
@@ -429,6 +432,7 @@ class _FlakyHandler(http.server.BaseHTTPRequestHandler):
 def flaky_server(archive):
     _FlakyHandler.body = archive[0].read_bytes()
     _FlakyHandler.requests = []
+    _FlakyHandler.honours_range = True
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FlakyHandler)
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
@@ -437,7 +441,11 @@ def flaky_server(archive):
     srv.server_close()
 
 
-def test_download_retries_and_resumes_over_http(flaky_server, archive, tmp_path, monkeypatch):
+@pytest.mark.parametrize("honours_range", [True, False], ids=["resumed", "server_ignores_range"])
+def test_download_retries_and_resumes_over_http(honours_range, flaky_server, archive, tmp_path, monkeypatch):
+    """A server that ignores Range sends the whole file again: it replaces the half already
+    there rather than being appended to it."""
+    _FlakyHandler.honours_range = honours_range
     monkeypatch.setattr(dl, "BACKOFF_BASE", 0.01)
     monkeypatch.setenv("CIFAR10_SOURCE", f"{flaky_server}/cifar-10-python.tar.gz")
     monkeypatch.setenv("CIFAR10_MD5", archive[1])
