@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Everything a GPU lease is for, in two commands whose results land in $OUT.
+# Everything a GPU lease is for, in two calls whose results land in $OUT: `start` (or `runs`,
+# for a lease that continues runs), then `collect`.
 #
 #   bash benchmarks/gpu_session.sh start   CARRY OUT [RUN ...]
 #   bash benchmarks/gpu_session.sh runs    CARRY OUT [RUN ...]
@@ -129,8 +130,8 @@ start)
     # theirs is read from their metrics.
     workers=""
     python3 -c "import xdist" 2>/dev/null && workers="-n 4"
-    step tests $TEST_CPUS python3 -m pytest -q -rs -p no:cacheprovider $workers tests/test_layers.py \
-        tests/test_models.py tests/test_optim.py tests/test_data.py tests/test_train.py tests/test_bench.py
+    step tests $TEST_CPUS python3 -m pytest -q -rs -p no:cacheprovider $workers tests \
+        --ignore=tests/test_pipeline.py
     ;;
 collect)
     WAIT_S=${1:?$usage}

@@ -1,51 +1,59 @@
 """Accuracy baseline: the same recipe trained by native PyTorch (torch.nn + autograd).
 
-    python benchmarks/native_reference.py --model simple --epochs 5 --data data/prepared/cifar10.npz
+    python benchmarks/native_reference.py --model resnet --epochs 50 --augment --schedule step --data data/prepared/cifar10.npz
 
-Uses the engine's own data pipeline (same normalisation, shuffling, augmentation and
-evaluation batches) and the ``torch.nn`` twin of the model with ``torch.optim.SGD`` (the
-default recipe: momentum 0.9, weight decay 1e-4, the step schedule's gamma 0.1; only what
-its flags set can differ), so that a gap between the hand-written engine and PyTorch on the
-same data shows up as a gap between the two runs' accuracies, not as a difference in recipe.
-Prints one line per epoch in the engine's format.
+Takes ``python -m cnn.train``'s flags and checks (not those of the engine's own runs:
+``--backend``, ``--out``, ``--resume``, ``--no-progress``) and uses the engine's own data
+pipeline (same normalisation, shuffling, augmentation and evaluation batches) with the
+``torch.nn`` twin of the model and ``torch.optim.SGD`` or ``Adam``, so that a gap between
+the hand-written engine and PyTorch on the same data shows up as a gap between the two
+runs' accuracies, not as a difference in recipe. Prints one line per epoch in the
+engine's format, and the best, final and train accuracy at the end.
 """
 from __future__ import annotations
 
-import argparse
+import math
+import sys
 import time
+from dataclasses import replace
 
 import torch
 
+from cnn.backend import resolve_device
 from cnn.data import DataLoader, load_cifar10, normalization_stats
+from cnn.errors import UserError
 from cnn.optim import lr_at
 from cnn.torch_twins import torch_twin
+from cnn.train import build_parser, check_settings, config_from_args
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", choices=["simple", "resnet"], default="simple")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--augment", action="store_true")
-    p.add_argument("--schedule", choices=["none", "step", "cosine"], default="none")
-    p.add_argument("--milestones", type=int, nargs="+", default=[30, 40])
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--data", default="data/prepared/cifar10.npz")
-    args = p.parse_args(argv)
+    parser = build_parser(prog="python benchmarks/native_reference.py",
+                          description=__doc__.splitlines()[0], engine=False)
+    config = replace(config_from_args(parser.parse_args(argv)), backend="torch")  # for the device checks
+    try:
+        check_settings(config)
+        device = resolve_device("torch", config.device)
+        ds = load_cifar10(config.data)
+    except (UserError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    mean, std = normalization_stats(config.data, ds)
 
-    torch.manual_seed(args.seed)
-    ds = load_cifar10(args.data)
-    mean, std = normalization_stats(args.data, ds)
-    train = DataLoader(ds.train_x, ds.train_y, args.batch_size, shuffle=True, augment=args.augment,
-                       mean=mean, std=std, seed=args.seed)
+    torch.manual_seed(config.seed)
+    train = DataLoader(ds.train_x, ds.train_y, config.batch_size, shuffle=True, augment=config.augment,
+                       mean=mean, std=std, seed=config.seed)
     test = DataLoader(ds.test_x, ds.test_y, 500, mean=mean, std=std)
-    model = torch_twin(args.model).to(args.device)
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
-    best = 0.0
-    for epoch in range(args.epochs):
-        lr = lr_at(epoch, args.lr, args.schedule, args.epochs, args.milestones)
+    model = torch_twin(config.model).to(device)
+    if config.optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=config.lr, betas=tuple(config.betas),
+                               weight_decay=config.weight_decay)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                              nesterov=config.nesterov, weight_decay=config.weight_decay)
+    best, best_epoch, bad_epochs = -1.0, 0, 0
+    for epoch in range(config.epochs):
+        lr = lr_at(epoch, config.lr, config.schedule, config.epochs, config.milestones, config.gamma)
         for group in opt.param_groups:
             group["lr"] = lr
         train.set_epoch(epoch)
@@ -53,7 +61,7 @@ def main(argv=None) -> int:
         model.train()
         loss_sum, correct = 0.0, 0
         for xb, yb in train:
-            xb, yb = torch.from_numpy(xb).to(args.device), torch.from_numpy(yb).to(args.device)
+            xb, yb = torch.from_numpy(xb).to(device), torch.from_numpy(yb).to(device)
             opt.zero_grad(set_to_none=True)
             logits = model(xb)
             loss = torch.nn.functional.cross_entropy(logits, yb)
@@ -61,17 +69,28 @@ def main(argv=None) -> int:
             opt.step()
             loss_sum += loss.item() * len(yb)
             correct += (logits.argmax(1) == yb).sum().item()
+        if not math.isfinite(loss_sum):
+            print(f"error: the training loss became {loss_sum} in epoch {epoch + 1}: the run diverged; "
+                  "lower --lr (or use --schedule)", file=sys.stderr)
+            return 1
         model.eval()
         hits = 0
         with torch.no_grad():
             for xb, yb in test:
-                hits += (model(torch.from_numpy(xb).to(args.device)).argmax(1).cpu().numpy() == yb).sum()
-        test_acc = hits / test.num_samples
-        best = max(best, test_acc)
-        print(f"Epoch {epoch + 1:3d}/{args.epochs} | Loss: {loss_sum / train.num_samples:.4f} | "
-              f"Train: {correct / train.num_samples:.4f} | Test: {test_acc:.4f} | LR: {lr:.6f} | "
+                hits += (model(torch.from_numpy(xb).to(device)).argmax(1).cpu().numpy() == yb).sum()
+        test_acc, train_acc = hits / test.num_samples, correct / train.num_samples
+        if test_acc > best:
+            best, best_epoch, bad_epochs = test_acc, epoch + 1, 0
+        else:
+            bad_epochs += 1
+        print(f"Epoch {epoch + 1:3d}/{config.epochs} | Loss: {loss_sum / train.num_samples:.4f} | "
+              f"Train: {train_acc:.4f} | Test: {test_acc:.4f} | LR: {lr:.6f} | "
               f"Time: {time.perf_counter() - start:.1f}s", flush=True)
-    print(f"native torch.nn {args.model}: best test accuracy {best:.4f}")
+        if config.early_stop and bad_epochs >= config.early_stop:
+            print(f"Early stop: no better test accuracy for {bad_epochs} epoch{'s' * (bad_epochs != 1)}")
+            break
+    print(f"native torch.nn {config.model} on {device}: best test accuracy {best:.4f} at epoch {best_epoch}; "
+          f"final test {test_acc:.4f}, train {train_acc:.4f}")
     return 0
 
 

@@ -21,9 +21,17 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     interrupted write leaves ``path`` and the file system as they were. The
     temporary file lives in ``path``'s folder because a rename is only atomic within one
     filesystem. ``suffix`` keeps an extension that a writer insists on (``np.savez`` adds
-    ``.npz`` to a name without it).
+    ``.npz`` to a name without it). A ``path`` that is a device or a pipe, such as
+    ``/dev/stdout``, is yielded itself: a stream has no old version to keep. A symbolic
+    link stays one: the file it points to is replaced.
     """
     path = Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():
+        # A stream (/dev/stdout, a named pipe): written as it is; a rename would replace it.
+        yield path
+        return
+    if path.is_symlink():  # replace the file it points to, not the link
+        path = path.resolve()
     made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # deepest first
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = None

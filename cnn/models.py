@@ -6,20 +6,29 @@ definitions (see ``cnn/torch_twins.py``), so a checkpoint loads into PyTorch wit
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from cnn.layers import (BatchNorm2d, Conv2d, Dropout, Flatten, GlobalAvgPool2d, Linear,
                         MaxPool2d, ReLU)
 from cnn.module import Module
 
 
 class Sequential(Module):
-    """Runs its layers in order; children are named ``0``, ``1``, ... as in PyTorch. A slot
-    emptied with ``setattr(seq, "1", None)`` is skipped (PyTorch would keep it as None, in
-    ``len`` and indexing, and fail in ``forward``)."""
+    """Runs its layers in order; children are named ``0``, ``1``, ... as in PyTorch, or
+    after the keys of one ``OrderedDict`` of layers. A slot emptied with
+    ``setattr(seq, "1", None)`` is skipped (PyTorch would keep it as None, in ``len`` and
+    indexing, and fail in ``forward``)."""
 
     def __init__(self, *layers: Module):
         super().__init__()
-        for i, layer in enumerate(layers):
-            setattr(self, str(i), layer)
+        named = (layers[0].items() if len(layers) == 1 and isinstance(layers[0], OrderedDict)
+                 else ((str(i), layer) for i, layer in enumerate(layers)))
+        for name, layer in named:
+            if not isinstance(layer, Module):
+                hint = " (unpack a list of layers: Sequential(*layers))" if isinstance(layer, (list, tuple)) else ""
+                raise TypeError(f"Sequential takes layers (Modules), got {type(layer).__name__} "
+                                f"as layer {name}{hint}")
+            setattr(self, name, layer)
 
     def __getitem__(self, i: int | slice) -> Module:
         """The i-th layer; a slice is a Sequential of those layers (the same objects, under
@@ -37,10 +46,23 @@ class Sequential(Module):
     def forward(self, x):
         for layer in self.children():
             x = layer.forward(x)
+        self._output_shape = tuple(x.shape)  # for backward's check, host-side only
         return x
 
     def backward(self, grad_out):
-        for layer in reversed(list(self.children())):
+        expected = self.__dict__.get("_output_shape")
+        if expected is not None and tuple(grad_out.shape) != expected:
+            raise ValueError(f"{type(self).__name__}.backward() got a gradient of shape {tuple(grad_out.shape)} "
+                             f"for an output of shape {expected}: pass the loss gradient with respect to "
+                             "the last forward pass's output")
+        layers = list(self.named_children())
+        first = {}
+        for name, layer in layers:
+            if first.setdefault(id(layer), name) != name:
+                raise ValueError(f"layers {first[id(layer)]} and {name} are the same {type(layer).__name__}: "
+                                 "a module keeps one forward pass for backward, so one used twice "
+                                 "cannot go back through both. Give each place a layer of its own")
+        for _, layer in reversed(layers):
             grad_out = layer.backward(grad_out)
         return grad_out
 

@@ -67,6 +67,9 @@ class Parameter:
         return f"Parameter(shape={self.shape}{frozen})"
 
 
+#: The dtypes a model computes in (``Module.to(dtype=...)``).
+FLOAT_DTYPES = ("float32", "float64")
+
 # What load_state_dict returns, as in PyTorch.
 IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
 
@@ -306,6 +309,10 @@ class Module:
         if dtype is not None:
             # torch.float64 is no NumPy dtype, but its name without "torch." is
             dtype = str(dtype)[6:] if str(dtype).startswith("torch.") else str(np.dtype(dtype))
+            # an integer dtype would truncate every weight, and half precision has no
+            # random draws (dropout) on NumPy nor the accuracy the layers' sums assume
+            if dtype not in FLOAT_DTYPES:
+                raise ValueError(f"Module.to() casts to float32 or float64, got dtype {dtype}")
         if isinstance(backend, str):
             backend = get_backend(backend, device)
         for _, module, name, is_param in list(self._named_state()):
@@ -332,4 +339,4 @@ class Module:
         for name, child in self.named_children():
             child_lines = repr(child).splitlines()
             lines.append(f"  ({name}): " + "\n  ".join(child_lines))
-        return "\n".join(lines) + ")" if len(lines) > 1 else lines[0] + ")"
+        return "\n".join(lines) + "\n)" if len(lines) > 1 else lines[0] + ")"

@@ -22,6 +22,10 @@ class Optimizer:
         self.params: list[Parameter] = list(params)
         if not self.params:
             raise ValueError("optimizer got an empty parameter list")
+        stray = next((p for p in self.params if not isinstance(p, Parameter)), None)
+        if stray is not None:  # a model itself iterates over its layers
+            raise TypeError(f"{type(self).__name__} takes Parameters, got a {type(stray).__name__}: "
+                            "pass model.parameters()")
         self.lr = float(require(lr, "learning rate", number(0, low_open=True)))
         self.state: list[dict] = [{} for _ in self.params]
         self.steps = 0

@@ -189,7 +189,7 @@ def fit(config: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None)
         if on_epoch_end is not None:  # with the device, which the history leaves out
             on_epoch_end({**metrics, "device": repr(B)})
         if patience_spent():
-            tqdm.write(f"Early stop: no better test accuracy for {bad_epochs} epochs "
+            tqdm.write(f"Early stop: no better test accuracy for {bad_epochs} epoch{'s' * (bad_epochs != 1)} "
                        f"(best {best_acc:.4f} at epoch {best_epoch})")
             stopped_early = True
             break
@@ -273,9 +273,12 @@ def _diverged(value: float, epoch: int, last_path: Path):
                         f"Lower --lr (or use --schedule); {kept}.")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m cnn.train", description: str = "Train a hand-written CNN on CIFAR-10.",
+                 engine: bool = True) -> argparse.ArgumentParser:
+    """The command line's flags; ``engine=False`` leaves out those of the engine's own
+    runs (backend, checkpoints, resume, progress bars), for benchmarks/native_reference.py."""
     d = TrainConfig()
-    p = argparse.ArgumentParser(prog="python -m cnn.train", description="Train a hand-written CNN on CIFAR-10.",
+    p = argparse.ArgumentParser(prog=prog, description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", choices=list(MODELS), default=d.model, help="SimpleCNN or SmallResNet")
     p.add_argument("--epochs", type=int, default=d.epochs, help="epochs to train")
@@ -294,14 +297,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 weight decay")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
     p.add_argument("--seed", type=int, default=d.seed, help="weights, shuffling, augmentation and dropout follow from it")
-    p.add_argument("--backend", choices=BACKENDS, default=d.backend, help="array library that runs the layers")
+    if engine:
+        p.add_argument("--backend", choices=BACKENDS, default=d.backend, help="array library that runs the layers")
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--data", default=d.data,
                    help="cifar-10-python.tar.gz, its extracted folder, or a prepared .npz")
-    p.add_argument("--out", default="checkpoints/<model>", help="checkpoint folder (<model>: the model's name)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/last.npz")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    if engine:
+        p.add_argument("--out", default="checkpoints/<model>", help="checkpoint folder (<model>: the model's name)")
+        p.add_argument("--resume", action="store_true", help="continue from <out>/last.npz")
+        p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The settings that ``build_parser()``'s flags give (defaults for those left out)."""
+    d = TrainConfig()
+    return TrainConfig(
+        model=args.model, epochs=args.epochs, augment=args.augment, schedule=args.schedule,
+        milestones=args.milestones, gamma=args.gamma, early_stop=args.early_stop,
+        optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, betas=args.betas, nesterov=args.nesterov,
+        weight_decay=args.weight_decay, batch_size=args.batch_size, seed=args.seed,
+        backend=getattr(args, "backend", d.backend), device=args.device, data=args.data,
+        out=getattr(args, "out", d.out).replace("<model>", args.model), resume=getattr(args, "resume", d.resume),
+        progress=not getattr(args, "no_progress", not d.progress))
+
+
+def check_settings(config: TrainConfig) -> None:
+    """Raise ConfigError for bad settings; then print a note for each flag given that has
+    no effect with them (``--milestones`` under cosine, ``--betas`` with SGD)."""
+    config.validate()  # first: a bad value is an error whether it has an effect or not
+    defaults, settings = asdict(TrainConfig()), asdict(config)
+    for knob in sorted(k for k in unused_knobs(settings) if settings[k] != defaults[k]):
+        print(f"note: --{knob.replace('_', '-')} has no effect with --schedule {config.schedule} "
+              f"--optimizer {config.optimizer}", file=sys.stderr)
 
 
 def _terminated(signum, frame):
@@ -323,19 +351,9 @@ def _interrupted_message(config: TrainConfig) -> str:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    config = TrainConfig(
-        model=args.model, epochs=args.epochs, augment=args.augment, schedule=args.schedule,
-        milestones=args.milestones, gamma=args.gamma, early_stop=args.early_stop,
-        optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, betas=args.betas, nesterov=args.nesterov,
-        weight_decay=args.weight_decay, batch_size=args.batch_size, seed=args.seed,
-        backend=args.backend, device=args.device, data=args.data,
-        out=args.out.replace("<model>", args.model), resume=args.resume, progress=not args.no_progress)
-    defaults, settings = asdict(TrainConfig()), asdict(config)
-    for knob in sorted(k for k in unused_knobs(settings) if settings[k] != defaults[k]):
-        print(f"note: --{knob.replace('_', '-')} has no effect with --schedule {config.schedule} "
-              f"--optimizer {config.optimizer}", file=sys.stderr)
+    config = config_from_args(build_parser().parse_args(argv))
     try:
+        check_settings(config)
         result = fit(config)
     except (UserError, FileNotFoundError) as err:  # not every ValueError: an engine bug must show
         print(f"error: {err}", file=sys.stderr)

@@ -270,7 +270,7 @@ def train(run: str, params) -> dict:
         # Bars only on a terminal: piped output (CI, dvc queue logs) gets the per-epoch lines only.
         progress = bool(params.progress) and sys.stderr.isatty()
         config = TrainConfig(**cfg, data=str(paths.PREPARED), out=str(out), resume=resume, progress=progress)
-        print(f"train@{run}: {MODEL_TITLES[cfg['model']]}, {cfg['epochs']} epochs, backend {cfg['backend']}",
+        print(f"train@{run}: {MODEL_TITLES[cfg['model']]}, {cfg['epochs']} epoch{'s' * (cfg['epochs'] != 1)}, backend {cfg['backend']}",
               file=sys.stderr)
         result = fit(config, on_epoch_end=on_epoch_end)
     except BaseException as e:
@@ -310,7 +310,7 @@ def train(run: str, params) -> dict:
             remove([live])
     print(
         f"train@{run}: best test acc {metrics['best_test_acc']:.4f} at epoch {metrics['best_epoch']}, "
-        f"{metrics['epochs_run']} epochs, {metrics['seconds_per_epoch'] or 0:.1f} s/epoch on {metrics['device']}",
+        f"{metrics['epochs_run']} epoch{'s' * (metrics['epochs_run'] != 1)}, {metrics['seconds_per_epoch'] or 0:.1f} s/epoch on {metrics['device']}",
         file=sys.stderr,
     )
     return metrics

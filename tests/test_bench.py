@@ -90,3 +90,43 @@ def test_an_operator_counts_once_however_many_it_calls_inside():
     a, b = torch.ones(3, 4), torch.ones(5, 4)
     assert bench._count_ops(lambda: torch.add(a, a)) == 1
     assert bench._count_ops(lambda: torch.nn.functional.linear(a, b)) == 1  # aten::linear, not its mm
+
+
+def _native_reference():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "native_reference.py"
+    spec = importlib.util.spec_from_file_location("native_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "'epochs' must be a positive integer; got 0"),
+    (["--gamma", "0"], "'gamma' must be a number in (0, 1]; got 0.0"),
+    (["--data", "/nonexistent/cifar.tar.gz"], "/nonexistent/cifar.tar.gz does not exist"),
+])
+def test_native_reference_refuses_what_cnn_train_refuses(flags, message, capsys):
+    """The baseline takes cnn.train's flags and checks: a bad one is one line, no traceback."""
+    assert _native_reference().main(flags) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_native_reference_trains_the_recipe_it_is_given(tmp_path, capsys):
+    from cnn.synthetic import write_synthetic_cifar10
+
+    data = write_synthetic_cifar10(tmp_path / "cifar-10-python.tar.gz", n_train=128, n_test=32, seed=0)
+    # 32 test images: the accuracy cannot rise 20 epochs in a row, so patience 1 stops it
+    assert _native_reference().main(["--data", str(data), "--epochs", "20", "--early-stop", "1",
+                                     "--optimizer", "adam", "--lr", "0.001", "--batch-size", "16",
+                                     "--device", "cpu"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    epochs = [line for line in out if line.startswith("Epoch")]
+    assert epochs[0].startswith("Epoch   1/20 | Loss: ") and "LR: 0.001000" in epochs[0]
+    assert len(epochs) < 20 and out[-2] == "Early stop: no better test accuracy for 1 epoch"
+    # the last line gives what the engine's report compares: best, final and train accuracy
+    assert out[-1].startswith("native torch.nn simple on cpu: best test accuracy ")
+    assert "final test " in out[-1] and ", train " in out[-1]

@@ -1,5 +1,6 @@
 """Tests for cnn.data (loading, stats, normalization, augmentation, loader) and cnn.synthetic."""
 
+import gzip
 import io
 import pickle
 import re
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from cnn.backend import backend_of
-from cnn.data import (CIFAR10_CLASSES, DataLoader, DatasetError, _draw_crops, augment, channel_stats,
+from cnn.data import (CIFAR10, CIFAR10_CLASSES, DataLoader, DatasetError, _draw_crops, augment, channel_stats,
                       crop_flip, load_cifar10, load_prepared_stats, normalization_stats, normalize,
                       save_prepared)
 from cnn.synthetic import write_synthetic_cifar10
@@ -518,3 +519,60 @@ def test_loader_rejects_bad_input(id_data):
     # A zero std would divide by zero: NaN batches instead of an error.
     with pytest.raises(DatasetError, match="std must be positive"):
         DataLoader(x, y, 10, mean=[0] * 3, std=[0, 1, 1])
+
+
+def test_loader_crops_draw_row_and_column_offsets_independently(ds):
+    """The loader's crops are real 2-D shifts: dy and dx are drawn separately (not one offset
+    used for both axes)."""
+    x = ds.train_x[:120]
+    loader = DataLoader(x, ds.train_y[:120], 40, augment=True, mean=[0] * 3, std=[1 / 255] * 3, seed=2)
+    out = np.concatenate([np.rint(xb) for xb, _ in loader]).astype(np.uint8)  # identity normalisation
+    found = [crop_offsets(x[i], out[i]) for i in range(len(x))]
+    assert all(found), "every loader image must be a crop of the padded, possibly flipped input"
+    pairs = {h[0][1:] for h in found}
+    assert any(dy != dx for dy, dx in pairs) and len(pairs) > 30, pairs
+
+
+def test_gzip_crc_is_checked_even_with_a_long_tail_after_the_tar_end(tmp_path, archive):
+    """The tar reader stops at its end-of-archive block; with more than its 1 MiB read size of
+    data after that block, only draining the stream makes GzipFile verify the CRC."""
+    padded = gzip.decompress(archive.read_bytes()) + bytes(3 << 20)
+    good = tmp_path / "tail.tar.gz"
+    good.write_bytes(gzip.compress(padded, mtime=0))
+    assert len(load_cifar10(good).train_y) == 500
+    data = bytearray(good.read_bytes())
+    data[-8] ^= 0x01  # the gzip trailer's CRC-32
+    bad = tmp_path / "tail_bad.tar.gz"
+    bad.write_bytes(data)
+    with pytest.raises(DatasetError, match="CRC check failed"):
+        load_cifar10(bad)
+
+
+def test_a_prepared_file_with_a_label_per_image_missing_is_refused(tmp_path, ds):
+    bad = CIFAR10(train_x=ds.train_x, train_y=ds.train_y[:-1], test_x=ds.test_x, test_y=ds.test_y,
+                  classes=ds.classes)
+    save_prepared(tmp_path / "p.npz", bad, [0.5] * 3, [0.25] * 3)
+    with pytest.raises(DatasetError, match=r"train_y has shape \(499,\) for 500 images"):
+        load_cifar10(tmp_path / "p.npz")
+
+
+def test_channel_stats_of_non_square_images():
+    x = np.random.default_rng(0).integers(0, 256, (7, 3, 8, 20), dtype=np.uint8)
+    mean, std = channel_stats(x, chunk=3)
+    ref = x.astype(np.float64) / 255
+    np.testing.assert_allclose(mean, ref.mean(axis=(0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(std, ref.std(axis=(0, 2, 3)), rtol=1e-12)
+
+
+def test_a_renamed_extracted_folder_with_a_member_missing_names_the_member(tmp_path, archive):
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path, filter="data")
+    folder = (tmp_path / "cifar-10-batches-py").rename(tmp_path / "cifar10")
+    (folder / "test_batch").unlink()
+    with pytest.raises(DatasetError, match="test_batch missing"):
+        load_cifar10(folder)
+
+
+def test_synthetic_labels_are_balanced(ds):
+    assert np.bincount(ds.train_y, minlength=10).tolist() == [50] * 10
+    assert np.bincount(ds.test_y, minlength=10).tolist() == [10] * 10

@@ -557,6 +557,14 @@ def test_softmax_cross_entropy_refuses_labels_that_are_not_one_index_per_row(bac
         F.softmax_cross_entropy(backend.asarray(np.zeros((2, 3), np.float32)), backend.asarray(labels))
 
 
+@pytest.mark.parametrize("labels", [torch.tensor([0, 2]), [0, 2]], ids=["torch", "list"])
+def test_softmax_cross_entropy_names_labels_on_another_backend(labels):
+    """The shape is right; what is wrong is where the labels live."""
+    with pytest.raises(TypeError, match=r"labels must be an integer array on the logits' backend, numpy "
+                                        r"\(cpu\); got a (torch \(cpu\) array|list): convert them"):
+        F.softmax_cross_entropy(np.zeros((2, 3), np.float32), labels)
+
+
 @pytest.mark.parametrize("labels, values", [([0, -1], "from -1 to 0"), ([3, 1], "from 1 to 3")])
 def test_softmax_cross_entropy_refuses_labels_outside_the_classes_on_numpy(backend, labels, values):
     """-1 would pick the last class, silently; 3 of 3 classes an IndexError. Only NumPy

@@ -129,6 +129,17 @@ def test_a_shared_layer_is_one_set_of_parameters():
     assert len(list(ours.modules())) == len(list(theirs.modules()))
 
 
+def test_zero_grad_clears_every_parameter_of_every_layer():
+    model = cnn.simple_cnn()
+    rng = np.random.default_rng(0)
+    _, grad = softmax_cross_entropy(model(rng.standard_normal((2, 3, 32, 32)).astype(np.float32)),
+                                    np.array([1, 2]))
+    model.backward(grad)
+    assert all(p.grad is not None for p in model.parameters())
+    model.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_assigning_none_removes_a_parameter_or_a_layer():
     conv = cnn.Conv2d(3, 8, 3)
     conv.bias = None
@@ -250,6 +261,13 @@ def test_layers_print_as_their_torch_twins(name):
             compared.add(type(module).__name__)
     expected = {"Conv2d", "BatchNorm2d", "ReLU", "Flatten", "Linear"}
     assert compared >= (expected | {"MaxPool2d", "Dropout"} if name == "simple" else expected)
+
+
+def test_a_model_prints_as_its_torch_twin():
+    """Containers too: children indented under their names, the closing parenthesis on a
+    line of its own. SimpleCNN's twin is built of the same classes throughout."""
+    assert printed_as_installed_torch(build_model("simple")) == repr(torch_twin("simple"))
+    assert repr(cnn.Sequential()) == repr(torch.nn.Sequential()) == "Sequential()"
 
 
 @pytest.mark.parametrize("make, shape", [(lambda: Conv2d(2, 3, 3), (2, 2, 5, 5)), (lambda: Linear(4, 3), (2, 4)),
@@ -593,6 +611,50 @@ def test_to_float64_and_back_casts_floats_only():
     # a dtype given as torch's or NumPy's own object, as a torch user would write it
     assert model.to("torch", device="cpu", dtype=torch.float64)[0].weight.data.dtype == torch.float64
     assert model.to("numpy", dtype=np.float32)[0].weight.data.dtype == np.float32
+
+
+@pytest.mark.parametrize("dtype", ["int32", "float16", torch.bfloat16])
+def test_to_refuses_a_dtype_the_layers_cannot_compute_in(dtype):
+    """int32 would truncate every weight; half precision has no dropout draws on NumPy."""
+    model = build_model("simple")
+    with pytest.raises(ValueError, match="casts to float32 or float64, got dtype"):
+        model.to(dtype=dtype)
+    assert model[0].weight.data.dtype == np.float32  # left as it was
+
+
+@pytest.mark.parametrize("layers, message", [
+    (([Linear(2, 2), cnn.ReLU()],), r"got list as layer 0 \(unpack a list of layers: Sequential\(\*layers\)\)"),
+    ((Linear(2, 2), 3), "got int as layer 1"),
+])
+def test_sequential_refuses_what_is_not_a_layer(layers, message):
+    """Stored as a plain attribute, a list of layers would make a model that returns its input."""
+    with pytest.raises(TypeError, match="Sequential takes layers \\(Modules\\), " + message):
+        Sequential(*layers)
+
+
+def test_sequential_takes_an_ordered_dict_of_named_layers_as_torch():
+    from collections import OrderedDict
+    ours = Sequential(OrderedDict(fc=Linear(2, 3), act=ReLU()))
+    theirs = nn.Sequential(OrderedDict(fc=nn.Linear(2, 3), act=nn.ReLU()))
+    assert list(ours.state_dict()) == list(theirs.state_dict()) == ["fc.weight", "fc.bias"]
+    assert repr(ours) == repr(theirs) and ours[1] is ours.act
+
+
+def test_backward_through_a_layer_used_twice_says_so():
+    """Its second forward pass replaced the first, so backward cannot go back through both."""
+    lin = Linear(4, 4)
+    model = Sequential(lin, ReLU(), lin)
+    out = model(np.ones((2, 4), np.float32))
+    with pytest.raises(ValueError, match="layers 0 and 2 are the same Linear: a module keeps one forward pass"):
+        model.backward(out)
+
+
+def test_backward_with_a_gradient_of_another_shape_says_so():
+    model = Sequential(Linear(4, 3))
+    model(np.ones((4, 4), np.float32))
+    with pytest.raises(ValueError, match=r"got a gradient of shape \(3, 3\) for an output of shape \(4, 3\)"):
+        model.backward(np.ones((3, 3), np.float32))
+    assert model.backward(np.ones((4, 3), np.float32)).shape == (4, 4)  # the forward pass is still there
 
 
 # ---------------------------------------------------------------------------------------

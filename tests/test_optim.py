@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from cnn.models import simple_cnn
 from cnn.module import Parameter
 from cnn.optim import SGD, Adam, lr_at
 from tests.oracle import to_numpy
@@ -302,6 +303,13 @@ def test_invalid_lr_raises(kind, lr):
 def test_empty_parameter_list_raises():
     with pytest.raises(ValueError, match="empty parameter list"):
         SGD([], lr=0.1)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_an_optimizer_given_the_model_says_to_pass_its_parameters(kind):
+    """A Sequential iterates over its layers, so SGD(model) would fail only at step()."""
+    with pytest.raises(TypeError, match=r"takes Parameters, got a Conv2d: pass model.parameters\(\)"):
+        (SGD if kind == "sgd" else Adam)(simple_cnn(), lr=0.1)
 
 
 def test_nesterov_needs_momentum():

@@ -1,12 +1,14 @@
 """The training loop, checkpoints and CLI on a tiny synthetic CIFAR-10 archive."""
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from dataclasses import asdict, replace
@@ -18,7 +20,9 @@ import torch
 
 import cnn
 import cnn.train as train_mod
+from cnn.atomic import atomic_path
 from cnn.checkpoint import CheckpointError, load_checkpoint, read_meta, save_checkpoint
+from cnn.config import data_conflicts, problems
 from cnn.data import DataLoader, load_cifar10, normalize
 from cnn.layers import Dropout
 from cnn.synthetic import write_synthetic_cifar10
@@ -628,6 +632,57 @@ def test_a_first_save_that_fails_leaves_no_folder_behind(tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["notes.txt"]
 
 
+def test_an_atomic_write_through_a_link_replaces_its_file_and_keeps_the_link(tmp_path):
+    target, link = tmp_path / "settings.json", tmp_path / "link.json"
+    target.write_text("old")
+    link.symlink_to(target)
+    with atomic_path(link) as tmp:
+        tmp.write_text("new")
+    assert link.is_symlink() and target.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "settings.json"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes need POSIX")
+def test_an_atomic_write_to_a_stream_writes_into_it(tmp_path):
+    """``--out /dev/stdout``: renaming a temporary file onto it would replace the device
+    (or pipe) with a file, and print nothing."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader, so the writer need not wait
+
+    def write():
+        with atomic_path(fifo) as path:
+            path.write_text("settings")
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    writer.join(timeout=10)
+    try:
+        assert os.read(reader, 100) == b"settings" and fifo.is_fifo()
+    finally:
+        os.close(reader)
+    assert [p.name for p in tmp_path.iterdir()] == ["pipe"]
+
+
+def test_an_npz_without_meta_is_not_a_checkpoint(tmp_path):
+    np.savez(tmp_path / "weights.npz", **{"0.weight": np.ones((2, 3), np.float32)})
+    with pytest.raises(CheckpointError, match="weights.npz has no 'meta' entry"):
+        load_checkpoint(tmp_path / "weights.npz")
+
+
+def test_checkpoint_data_is_flushed_to_disk_before_the_rename(tmp_path, monkeypatch):
+    path, synced = tmp_path / "last.npz", []
+    real = os.fsync
+
+    def spy(fd):
+        synced.append(path.exists())  # the new file must not be in place yet
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    save_checkpoint(path, {"w": np.ones(3)}, {"epoch": 1})
+    assert synced == [False] and path.exists()
+
+
 def test_checkpoint_round_trip(tmp_path):
     path = save_checkpoint(tmp_path / "sub" / "c.npz", _state(3.0), {"epoch": 5, "history": [{"a": 1}]},
                            {"steps": np.array(2), "0.momentum_buffer": np.ones(3)})
@@ -678,8 +733,62 @@ def test_checkpoints_that_do_not_fit_raise_clear_errors(archive, runs, full_run)
 
 
 # ---------------------------------------------------------------------------------------
+# Settings checks (cnn.config): each knob's bounds, and the checks between knobs
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("settings", [
+    {"epochs": True}, {"batch_size": True}, {"augment": 1}, {"nesterov": 0},
+    {"lr": math.inf}, {"weight_decay": math.inf}, {"momentum": 1.0}, {"milestones": [30, 30]},
+], ids=str)
+def test_settings_that_are_refused(settings):
+    assert problems(settings), settings
+
+
+@pytest.mark.parametrize("settings", [
+    {"gamma": 1.0},  # (0, 1]: no decay is allowed
+    {"optimizer": "adam", "nesterov": True, "momentum": 0},  # SGD knobs mean nothing to Adam
+], ids=str)
+def test_settings_that_are_accepted(settings):
+    assert problems(settings) == []
+
+
+def test_resume_refuses_data_whose_mean_or_std_alone_differs():
+    meta = {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}
+    assert data_conflicts(meta, [0.1, 0.2, 0.3], [0.4, 0.5, 0.6]) == []
+    assert data_conflicts(meta, [0.1, 0.2, 0.9], [0.4, 0.5, 0.6])
+    assert data_conflicts(meta, [0.1, 0.2, 0.3], [0.4, 0.5, 0.9])
+
+
+# ---------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------
+
+def _config_of(argv, monkeypatch):
+    seen = []
+
+    def capture(config):
+        seen.append(config)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "fit", capture)
+    assert train_mod.main(argv) == 130
+    return asdict(seen[0])
+
+
+def test_every_cli_flag_reaches_the_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    got = _config_of(["--model", "resnet", "--epochs", "3", "--augment", "--schedule", "step",
+                      "--milestones", "1", "2", "--gamma", "0.5", "--early-stop", "2", "--lr", "0.1",
+                      "--momentum", "0.8", "--betas", "0.8", "0.9", "--nesterov", "--weight-decay", "0.001",
+                      "--batch-size", "32", "--seed", "7", "--backend", "torch", "--device", "cpu",
+                      "--data", "d.tar.gz", "--resume", "--no-progress"], monkeypatch)
+    assert got == dict(model="resnet", epochs=3, augment=True, schedule="step", milestones=[1, 2], gamma=0.5,
+                       early_stop=2, optimizer="sgd", lr=0.1, momentum=0.8, nesterov=True, weight_decay=0.001,
+                       betas=[0.8, 0.9], batch_size=32, seed=7, backend="torch", device="cpu", data="d.tar.gz",
+                       out="checkpoints/resnet", resume=True, progress=False)
+    plain = _config_of([], monkeypatch)
+    assert plain == {**asdict(train_mod.TrainConfig()), "out": "checkpoints/simple"}
+
 
 def test_cli_prints_epoch_lines_and_returns_0(tiny_archive, tmp_path, capsys):
     out = tmp_path / "cli"
@@ -803,6 +912,14 @@ def test_cli_notes_flags_without_effect(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "note: --betas has no effect with --schedule cosine --optimizer sgd" in err
     assert "note: --milestones has no effect" in err and "--gamma" not in err  # left at its default
+
+
+def test_cli_reports_a_bad_value_without_a_note_that_it_has_no_effect(tmp_path, capsys):
+    """A gamma of 0 is refused under any schedule; a note that it does nothing beside the
+    error would contradict it."""
+    assert main(["--gamma", "0", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: invalid training settings: 'gamma' must be a number in (0, 1]; got 0.0\n"
 
 
 def test_cli_missing_data_returns_2(tmp_path, capsys):
