@@ -20,6 +20,7 @@ from dataclasses import replace
 import torch
 
 from cnn.backend import resolve_device
+from cnn.checks import counted
 from cnn.data import DataLoader, load_cifar10, normalization_stats
 from cnn.errors import UserError
 from cnn.optim import lr_at
@@ -35,10 +36,10 @@ def main(argv=None) -> int:
         check_settings(config)
         device = resolve_device("torch", config.device)
         ds = load_cifar10(config.data)
+        mean, std = normalization_stats(config.data, ds)
     except (UserError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    mean, std = normalization_stats(config.data, ds)
 
     torch.manual_seed(config.seed)
     train = DataLoader(ds.train_x, ds.train_y, config.batch_size, shuffle=True, augment=config.augment,
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
         if not math.isfinite(loss_sum):
             print(f"error: the training loss became {loss_sum} in epoch {epoch + 1}: the run diverged; "
                   "lower --lr (or use --schedule)", file=sys.stderr)
-            return 1
+            return 2  # as cnn.train's
         model.eval()
         hits = 0
         with torch.no_grad():
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
               f"Train: {train_acc:.4f} | Test: {test_acc:.4f} | LR: {lr:.6f} | "
               f"Time: {time.perf_counter() - start:.1f}s", flush=True)
         if config.early_stop and bad_epochs >= config.early_stop:
-            print(f"Early stop: no better test accuracy for {bad_epochs} epoch{'s' * (bad_epochs != 1)}")
+            print(f"Early stop: no better test accuracy for {counted(bad_epochs, 'epoch')}")
             break
     print(f"native torch.nn {config.model} on {device}: best test accuracy {best:.4f} at epoch {best_epoch}; "
           f"final test {test_acc:.4f}, train {train_acc:.4f}")

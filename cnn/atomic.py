@@ -7,6 +7,9 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+#: Paths of streams, whatever they point at: /dev/stdout, /dev/fd/1, /proc/self/fd/1.
+_STREAMS = ("/dev/stdout", "/dev/stderr", "/dev/fd/", "/proc/")
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -23,15 +26,14 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     filesystem. ``suffix`` keeps an extension that a writer insists on (``np.savez`` adds
     ``.npz`` to a name without it). A ``path`` that is a device or a pipe, such as
     ``/dev/stdout``, is yielded itself: a stream has no old version to keep. A symbolic
-    link stays one: the file it points to is replaced.
+    link is replaced, not the file it points to (which may be a DVC cache entry).
     """
     path = Path(path)
-    if path.exists() and not path.is_file() and not path.is_dir():
-        # A stream (/dev/stdout, a named pipe): written as it is; a rename would replace it.
+    if str(path).startswith(_STREAMS) or (path.exists() and not path.is_file() and not path.is_dir()):
+        # A stream (/dev/stdout, a named pipe): written as it is. A rename would replace it,
+        # and /dev/stdout of output redirected to a file would replace that file.
         yield path
         return
-    if path.is_symlink():  # replace the file it points to, not the link
-        path = path.resolve()
     made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # deepest first
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = None

@@ -28,6 +28,18 @@ def show(v) -> str:
     return repr(v) if not isinstance(v, str) else f"'{v}'"
 
 
+def type_name(v) -> str:
+    """The name of ``v``'s type, in full where it is neither the engine's nor built in:
+    ``Linear``, ``list``, ``torch.nn.modules.linear.Linear``."""
+    t = type(v)
+    return t.__name__ if t.__module__.split(".")[0] in ("cnn", "builtins") else f"{t.__module__}.{t.__qualname__}"
+
+
+def counted(n: int, noun: str) -> str:
+    """``1 epoch``, ``3 epochs``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def require(value, what: str, check: Checker):
     """``value`` if ``check`` finds nothing wrong with it, else ValueError("<what> must be ...")."""
     problem = check(value)

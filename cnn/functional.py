@@ -145,7 +145,7 @@ def softmax_cross_entropy(logits, labels):
     if not hasattr(labels, "shape") or backend_of(labels) is not B:
         got = f"a {backend_of(labels)!r} array" if hasattr(labels, "shape") else f"a {type(labels).__name__}"
         raise TypeError(f"labels must be an integer array on the logits' backend, {B!r}; got {got}: "
-                        "convert them with backend.asarray(labels)")
+                        "convert them with cnn.backend_of(logits).asarray(labels)")
     if tuple(labels.shape) != (n,) or not B.dtype_name(labels).startswith("int"):
         raise ValueError(f"labels must be {n} integer class indices, shape ({n},) like the rows of the "
                          f"({n}, K) logits; got shape {tuple(labels.shape)} of {B.dtype_name(labels)}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from cnn.checks import type_name
 from cnn.layers import (BatchNorm2d, Conv2d, Dropout, Flatten, GlobalAvgPool2d, Linear,
                         MaxPool2d, ReLU)
 from cnn.module import Module
@@ -25,9 +26,14 @@ class Sequential(Module):
                  else ((str(i), layer) for i, layer in enumerate(layers)))
         for name, layer in named:
             if not isinstance(layer, Module):
-                hint = " (unpack a list of layers: Sequential(*layers))" if isinstance(layer, (list, tuple)) else ""
-                raise TypeError(f"Sequential takes layers (Modules), got {type(layer).__name__} "
-                                f"as layer {name}{hint}")
+                hint = (" (unpack a list of layers: Sequential(*layers))" if isinstance(layer, (list, tuple))
+                        else " (torch.nn layers do not run here: use the engine's, cnn.layers)"
+                        if type(layer).__module__.startswith("torch") else "")
+                raise TypeError(f"Sequential takes layers (Modules), got {type_name(layer)} as layer {name}{hint}")
+            # as torch's add_module: a name must not hide an attribute or make state_dict keys ambiguous
+            if not isinstance(name, str) or not name or "." in name or hasattr(self, name) or name == "cache":
+                raise KeyError(f"Sequential cannot name a layer {name!r}: use a non-empty string without "
+                               "'.' that is not already an attribute")
             setattr(self, name, layer)
 
     def __getitem__(self, i: int | slice) -> Module:
@@ -44,18 +50,22 @@ class Sequential(Module):
         return len(list(self.children()))
 
     def forward(self, x):
-        for layer in self.children():
-            x = layer.forward(x)
-        self._output_shape = tuple(x.shape)  # for backward's check, host-side only
+        last = None
+        for last in self.children():
+            x = last.forward(x)
+        if last is not None:
+            # Kept on the last layer, for backward's check: a slice of this model that ends
+            # with it (model[2:]) then checks against the same, latest forward pass.
+            last._output_shape = tuple(x.shape)
         return x
 
     def backward(self, grad_out):
-        expected = self.__dict__.get("_output_shape")
+        layers = list(self.named_children())
+        expected = layers[-1][1].__dict__.get("_output_shape") if layers else None
         if expected is not None and tuple(grad_out.shape) != expected:
             raise ValueError(f"{type(self).__name__}.backward() got a gradient of shape {tuple(grad_out.shape)} "
                              f"for an output of shape {expected}: pass the loss gradient with respect to "
                              "the last forward pass's output")
-        layers = list(self.named_children())
         first = {}
         for name, layer in layers:
             if first.setdefault(id(layer), name) != name:

@@ -146,7 +146,8 @@ class Module:
         cache = self.__dict__.get("cache")
         if cache is None:
             raise RuntimeError(f"{type(self).__name__}.backward() has no forward pass to go back "
-                               "through: call the model on a batch first (one backward per forward)")
+                               "through: call the model on a batch first (one backward per forward; "
+                               "a module used twice in a model keeps its last forward pass only)")
         self.cache = None
         return cache
 

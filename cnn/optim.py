@@ -10,8 +10,8 @@ import math
 import numpy as np
 
 from cnn.backend import backend_of
-from cnn.checks import number, require
-from cnn.module import Parameter
+from cnn.checks import number, require, type_name
+from cnn.module import Module, Parameter
 
 
 class Optimizer:
@@ -19,13 +19,17 @@ class Optimizer:
     state_keys: tuple[str, ...] = ()
 
     def __init__(self, params, lr: float):
+        if isinstance(params, Module):
+            raise TypeError(f"{type(self).__name__} takes Parameters, got a {type(params).__name__}: "
+                            "pass model.parameters()")
         self.params: list[Parameter] = list(params)
         if not self.params:
             raise ValueError("optimizer got an empty parameter list")
         stray = next((p for p in self.params if not isinstance(p, Parameter)), None)
-        if stray is not None:  # a model itself iterates over its layers
-            raise TypeError(f"{type(self).__name__} takes Parameters, got a {type(stray).__name__}: "
-                            "pass model.parameters()")
+        if stray is not None:
+            hint = ("parameter groups are not supported: step one optimizer per group" if isinstance(stray, dict)
+                    else "pass model.parameters() of a cnn model")
+            raise TypeError(f"{type(self).__name__} takes Parameters, got a {type_name(stray)}: {hint}")
         self.lr = float(require(lr, "learning rate", number(0, low_open=True)))
         self.state: list[dict] = [{} for _ in self.params]
         self.steps = 0

@@ -25,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cnn.backend import BACKENDS, Backend, backend_of, get_backend, manual_seed
+from cnn.checks import counted
 from cnn.checkpoint import CheckpointError, load_checkpoint, read_meta, save_checkpoint
 from cnn.config import TrainConfig, data_conflicts, resume_conflicts, unused_knobs
 from cnn.data import DataLoader, load_cifar10, normalization_stats
@@ -160,8 +161,8 @@ def fit(config: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None)
     # A resumed run that had stopped early stays stopped (unless early_stop grew).
     stopped_early = patience_spent()
     if stopped_early:
-        tqdm.write(f"{last_path} had stopped early (no better test accuracy for {bad_epochs} "
-                   f"epochs): nothing to train")
+        tqdm.write(f"{last_path} had stopped early (no better test accuracy for "
+                   f"{counted(bad_epochs, 'epoch')}): nothing to train")
     for epoch in range(start, start if stopped_early else config.epochs):
         optimizer.lr = lr_at(epoch, config.lr, config.schedule, config.epochs,
                              config.milestones, config.gamma)
@@ -189,7 +190,7 @@ def fit(config: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None)
         if on_epoch_end is not None:  # with the device, which the history leaves out
             on_epoch_end({**metrics, "device": repr(B)})
         if patience_spent():
-            tqdm.write(f"Early stop: no better test accuracy for {bad_epochs} epoch{'s' * (bad_epochs != 1)} "
+            tqdm.write(f"Early stop: no better test accuracy for {counted(bad_epochs, 'epoch')} "
                        f"(best {best_acc:.4f} at epoch {best_epoch})")
             stopped_early = True
             break

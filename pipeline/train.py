@@ -32,6 +32,7 @@ from pathlib import Path
 
 import cnn
 from cnn.checkpoint import read_meta
+from cnn.checks import counted
 from cnn.config import data_conflicts, resume_conflicts
 from cnn.data import load_prepared_stats
 
@@ -270,7 +271,7 @@ def train(run: str, params) -> dict:
         # Bars only on a terminal: piped output (CI, dvc queue logs) gets the per-epoch lines only.
         progress = bool(params.progress) and sys.stderr.isatty()
         config = TrainConfig(**cfg, data=str(paths.PREPARED), out=str(out), resume=resume, progress=progress)
-        print(f"train@{run}: {MODEL_TITLES[cfg['model']]}, {cfg['epochs']} epoch{'s' * (cfg['epochs'] != 1)}, backend {cfg['backend']}",
+        print(f"train@{run}: {MODEL_TITLES[cfg['model']]}, {counted(cfg['epochs'], 'epoch')}, backend {cfg['backend']}",
               file=sys.stderr)
         result = fit(config, on_epoch_end=on_epoch_end)
     except BaseException as e:
@@ -310,7 +311,7 @@ def train(run: str, params) -> dict:
             remove([live])
     print(
         f"train@{run}: best test acc {metrics['best_test_acc']:.4f} at epoch {metrics['best_epoch']}, "
-        f"{metrics['epochs_run']} epoch{'s' * (metrics['epochs_run'] != 1)}, {metrics['seconds_per_epoch'] or 0:.1f} s/epoch on {metrics['device']}",
+        f"{counted(metrics['epochs_run'], 'epoch')}, {metrics['seconds_per_epoch'] or 0:.1f} s/epoch on {metrics['device']}",
         file=sys.stderr,
     )
     return metrics

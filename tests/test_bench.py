@@ -130,3 +130,34 @@ def test_native_reference_trains_the_recipe_it_is_given(tmp_path, capsys):
     # the last line gives what the engine's report compares: best, final and train accuracy
     assert out[-1].startswith("native torch.nn simple on cpu: best test accuracy ")
     assert "final test " in out[-1] and ", train " in out[-1]
+
+
+@pytest.mark.parametrize("flags, optimizer, settings", [
+    (["--optimizer", "adam", "--lr", "0.002", "--betas", "0.8", "0.95", "--weight-decay", "0.001"],
+     "Adam", dict(lr=0.002, betas=(0.8, 0.95), weight_decay=0.001)),
+    (["--momentum", "0.5", "--nesterov", "--weight-decay", "0"],
+     "SGD", dict(lr=0.01, momentum=0.5, nesterov=True, weight_decay=0.0)),
+], ids=["adam", "sgd"])
+def test_native_reference_builds_the_optimizer_the_flags_ask_for(flags, optimizer, settings, tmp_path,
+                                                                  monkeypatch, capsys):
+    import torch
+
+    from cnn.synthetic import write_synthetic_cifar10
+
+    made = []
+    real = getattr(torch.optim, optimizer)
+
+    def recording(params, **kwargs):
+        made.append(kwargs)
+        return real(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, optimizer, recording)
+    data = write_synthetic_cifar10(tmp_path / "cifar-10-python.tar.gz", n_train=32, n_test=16, seed=0)
+    assert _native_reference().main(["--data", str(data), "--epochs", "2", "--batch-size", "16",
+                                     "--schedule", "step", "--milestones", "1", "--gamma", "0.5",
+                                     "--device", "cpu", *flags]) == 0
+    assert made == [settings]
+    rates = [line.split("LR: ")[1].split(" ")[0] for line in capsys.readouterr().out.splitlines()
+             if line.startswith("Epoch")]
+    base = settings["lr"]
+    assert rates == [f"{base:.6f}", f"{base * 0.5:.6f}"]  # the step schedule's gamma at epoch 1

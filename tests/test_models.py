@@ -625,6 +625,7 @@ def test_to_refuses_a_dtype_the_layers_cannot_compute_in(dtype):
 @pytest.mark.parametrize("layers, message", [
     (([Linear(2, 2), cnn.ReLU()],), r"got list as layer 0 \(unpack a list of layers: Sequential\(\*layers\)\)"),
     ((Linear(2, 2), 3), "got int as layer 1"),
+    ((nn.Linear(2, 2),), r"got torch.nn.modules.linear.Linear as layer 0 \(torch.nn layers do not run here"),
 ])
 def test_sequential_refuses_what_is_not_a_layer(layers, message):
     """Stored as a plain attribute, a list of layers would make a model that returns its input."""
@@ -640,12 +641,26 @@ def test_sequential_takes_an_ordered_dict_of_named_layers_as_torch():
     assert repr(ours) == repr(theirs) and ours[1] is ours.act
 
 
+@pytest.mark.parametrize("name", ["cache", "training", "forward", "a.b", ""])
+def test_sequential_refuses_a_layer_name_that_would_hide_an_attribute_or_blur_a_key(name):
+    """As torch's add_module: a layer named "cache" would be deleted by clear_caches(),
+    "training" would replace the mode flag, "a.b" or "" would make state_dict keys ambiguous."""
+    from collections import OrderedDict
+    with pytest.raises(KeyError, match="Sequential cannot name a layer"):
+        Sequential(OrderedDict([(name, Linear(2, 2))]))
+
+
 def test_backward_through_a_layer_used_twice_says_so():
     """Its second forward pass replaced the first, so backward cannot go back through both."""
     lin = Linear(4, 4)
     model = Sequential(lin, ReLU(), lin)
     out = model(np.ones((2, 4), np.float32))
     with pytest.raises(ValueError, match="layers 0 and 2 are the same Linear: a module keeps one forward pass"):
+        model.backward(out)
+    # deeper down, the layer's own error says it
+    model = Sequential(Sequential(lin, ReLU()), lin)
+    out = model(np.ones((2, 4), np.float32))
+    with pytest.raises(RuntimeError, match="a module used twice in a model keeps its last forward pass only"):
         model.backward(out)
 
 
@@ -655,6 +670,15 @@ def test_backward_with_a_gradient_of_another_shape_says_so():
     with pytest.raises(ValueError, match=r"got a gradient of shape \(3, 3\) for an output of shape \(4, 3\)"):
         model.backward(np.ones((3, 3), np.float32))
     assert model.backward(np.ones((4, 3), np.float32)).shape == (4, 4)  # the forward pass is still there
+
+
+def test_backward_checks_the_latest_forward_pass_also_when_it_ran_through_slices(rng):
+    """The output shape is kept on the last layer, so a batch run through model[:1] and
+    model[1:] is what model.backward checks against, not an earlier batch of the model's."""
+    model = Sequential(Linear(4, 5), ReLU(), Linear(5, 3))
+    model(np.ones((8, 4), np.float32))
+    model[1:](model[:1](rng.standard_normal((2, 4)).astype(np.float32)))
+    assert model.backward(np.ones((2, 3), np.float32)).shape == (2, 4)
 
 
 # ---------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cnn.models import simple_cnn
+from cnn.models import ResidualBlock, simple_cnn
 from cnn.module import Parameter
 from cnn.optim import SGD, Adam, lr_at
 from tests.oracle import to_numpy
@@ -306,10 +306,17 @@ def test_empty_parameter_list_raises():
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
-def test_an_optimizer_given_the_model_says_to_pass_its_parameters(kind):
-    """A Sequential iterates over its layers, so SGD(model) would fail only at step()."""
-    with pytest.raises(TypeError, match=r"takes Parameters, got a Conv2d: pass model.parameters\(\)"):
-        (SGD if kind == "sgd" else Adam)(simple_cnn(), lr=0.1)
+@pytest.mark.parametrize("params, message", [
+    (lambda: simple_cnn(), r"got a Sequential: pass model.parameters\(\)"),  # iterable: fails at step()
+    (lambda: ResidualBlock(2, 2), r"got a ResidualBlock: pass model.parameters\(\)"),  # not iterable
+    (lambda: torch.nn.Linear(2, 2).parameters(),
+     r"got a torch.nn.parameter.Parameter: pass model.parameters\(\) of a cnn model"),
+    (lambda: [{"params": simple_cnn().parameters(), "lr": 0.1}],
+     "got a dict: parameter groups are not supported: step one optimizer per group"),
+], ids=["model", "block", "torch parameters", "param groups"])
+def test_an_optimizer_given_something_else_than_parameters_says_what_to_pass(kind, params, message):
+    with pytest.raises(TypeError, match=f"{'SGD' if kind == 'sgd' else 'Adam'} takes Parameters, " + message):
+        (SGD if kind == "sgd" else Adam)(params(), lr=0.1)
 
 
 def test_nesterov_needs_momentum():
