@@ -149,9 +149,9 @@ def softmax_cross_entropy(logits, labels):
     if tuple(labels.shape) != (n,) or not B.dtype_name(labels).startswith("int"):
         raise ValueError(f"labels must be {n} integer class indices, shape ({n},) like the rows of the "
                          f"({n}, K) logits; got shape {tuple(labels.shape)} of {B.dtype_name(labels)}")
-    # Checked on NumPy only: a torch or CuPy step is device work alone (a GPU would wait for
-    # the read, and a recorded step cannot read values back; see cnn.replay).
-    if B.name == "numpy" and n:
+    # Checked on the CPU only: a GPU step is device work alone (the GPU would wait for the
+    # read, and a recorded step cannot read values back; see cnn.replay).
+    if B.device == "cpu" and not B.can_record and n:
         low, high, k = int(labels.min()), int(labels.max()), logits.shape[1]
         if low < 0 or high >= k:
             raise ValueError(f"labels must be class indices from 0 to {k - 1} for {k} logits per "

@@ -9,7 +9,7 @@ import math
 
 from cnn import functional as F
 from cnn.backend import backend_of
-from cnn.checks import integer, is_int, number, require, show
+from cnn.checks import boolean, integer, is_int, number, require, show
 from cnn.module import Module, Parameter
 
 
@@ -309,7 +309,17 @@ def _channels_last_2d(x):
 
 class ReLU(Module):
     """max(x, 0) elementwise, any shape; keeps its output for backward (the gradient passes
-    where the output is positive, as in PyTorch: none at exactly 0)."""
+    where the output is positive, as in PyTorch: none at exactly 0). ``inplace`` is taken
+    for torch.nn code, and printed as torch does, but the output is always a new array:
+    overwriting the input would change what the layer before keeps for its backward."""
+
+    def __init__(self, inplace: bool = False):
+        super().__init__()
+        self.inplace = require(inplace, "inplace", boolean)
+        self.cache = None
+
+    def extra_repr(self) -> str:
+        return "inplace=True" if self.inplace else ""
 
     def forward(self, x):
         B = backend_of(x)

@@ -14,6 +14,15 @@ from cnn.layers import (BatchNorm2d, Conv2d, Dropout, Flatten, GlobalAvgPool2d, 
 from cnn.module import Module
 
 
+def _check_layer(layer, name: str) -> Module:
+    if not isinstance(layer, Module):
+        hint = (" (unpack a list of layers: Sequential(*layers))" if isinstance(layer, (list, tuple))
+                else " (torch.nn layers do not run here: use the engine's, cnn.layers)"
+                if type(layer).__module__.startswith("torch") else "")
+        raise TypeError(f"Sequential takes layers (Modules), got {type_name(layer)} as layer {name}{hint}")
+    return layer
+
+
 class Sequential(Module):
     """Runs its layers in order; children are named ``0``, ``1``, ... as in PyTorch, or
     after the keys of one ``OrderedDict`` of layers. A slot emptied with
@@ -25,11 +34,7 @@ class Sequential(Module):
         named = (layers[0].items() if len(layers) == 1 and isinstance(layers[0], OrderedDict)
                  else ((str(i), layer) for i, layer in enumerate(layers)))
         for name, layer in named:
-            if not isinstance(layer, Module):
-                hint = (" (unpack a list of layers: Sequential(*layers))" if isinstance(layer, (list, tuple))
-                        else " (torch.nn layers do not run here: use the engine's, cnn.layers)"
-                        if type(layer).__module__.startswith("torch") else "")
-                raise TypeError(f"Sequential takes layers (Modules), got {type_name(layer)} as layer {name}{hint}")
+            _check_layer(layer, name)
             # as torch's add_module: a name must not hide an attribute or make state_dict keys ambiguous
             if not isinstance(name, str) or not name or "." in name or hasattr(self, name) or name == "cache":
                 raise KeyError(f"Sequential cannot name a layer {name!r}: use a non-empty string without "
@@ -45,6 +50,17 @@ class Sequential(Module):
         for name, layer in list(self.named_children())[i]:
             setattr(part, name, layer)
         return part
+
+    def __setitem__(self, i: int, layer: Module) -> None:
+        """Replace the i-th layer, under its name (``model[-1] = Linear(256, 5)`` for a new head)."""
+        name = [name for name, _ in self.named_children()][i]
+        setattr(self, name, _check_layer(layer, name))
+
+    def append(self, layer: Module) -> "Sequential":
+        """Add a layer at the end, named after its position, as PyTorch."""
+        name = str(len(self._modules))
+        setattr(self, name, _check_layer(layer, name))
+        return self
 
     def __len__(self) -> int:
         return len(list(self.children()))

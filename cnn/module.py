@@ -138,6 +138,11 @@ class Module:
         raise NotImplementedError
 
     def __call__(self, x):
+        if getattr(x, "requires_grad", False):
+            # A torch tensor that autograd tracks: the layers' in-place operations would fail
+            # on it, or record the weights into an ever-growing graph. Gradients here are
+            # computed by backward(), so autograd has nothing to track.
+            x = x.detach()
         return self.forward(x)
 
     def _take_cache(self):
@@ -224,9 +229,13 @@ class Module:
     def num_parameters(self) -> int:
         return sum(p.size for p in self.parameters())
 
-    def zero_grad(self) -> None:
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop every gradient (``set_to_none=False``: fill them with zeros), as PyTorch."""
         for p in self.parameters():
-            p.grad = None
+            if set_to_none or p.grad is None:
+                p.grad = None
+            else:
+                p.grad[...] = 0
 
     def requires_grad_(self, requires_grad: bool = True) -> "Module":
         """Freeze (False) or unfreeze every parameter, as PyTorch's ``requires_grad_``."""
@@ -257,16 +266,20 @@ class Module:
                 if value is not None:
                     yield prefix + name, module, name, False
 
-    def state_dict(self) -> "OrderedDict[str, np.ndarray]":
-        """Host (NumPy) copies of every parameter and buffer, under PyTorch's key names."""
-        state = OrderedDict()
+    def _named_values(self):
+        """(key, array) of every parameter and buffer, in state_dict order."""
         for key, module, name, is_param in self._named_state():
-            value = module._parameters[name].data if is_param else module._buffers[name]
-            state[key] = np.array(backend_of(value).to_numpy(value), copy=True)
-        return state
+            yield key, (module._parameters[name].data if is_param else module._buffers[name])
+
+    def state_dict(self) -> "OrderedDict[str, np.ndarray]":
+        """Host (NumPy) copies of every parameter and buffer, under PyTorch's key names
+        (copies, unlike PyTorch's views: changing one leaves the model as it is)."""
+        return OrderedDict((key, np.array(backend_of(value).to_numpy(value), copy=True))
+                           for key, value in self._named_values())
 
     def load_state_dict(self, state: dict, strict: bool = True) -> IncompatibleKeys:
-        """Copy arrays (NumPy, torch or cupy) into this module, on its own backend and dtype.
+        """Copy arrays (NumPy, torch or cupy) into this module's arrays, in place, on its
+        own backend and dtype.
 
         All or nothing: every key and shape is checked first, and a ValueError lists every
         mismatch, so a failed load leaves the module as it was. ``strict=False`` skips
@@ -294,15 +307,23 @@ class Module:
             raise ValueError(f"state_dict does not match {type(self).__name__}: " + "; ".join(problems))
         for module, name, is_param, current, value in loads:
             B = backend_of(current)
-            # A copy: training updates in place and must not write into the caller's arrays.
-            module._assign(name, is_param, B.asarray(np.array(value, order="C"),
-                                                     dtype=B.dtype_name(current)))
+            # Into the model's own arrays, as PyTorch copies: references to them (a recorded
+            # step's, the caller's p.data) stay valid, and the caller's arrays stay apart.
+            current[...] = B.asarray(np.asarray(value), dtype=B.dtype_name(current))
+            if is_param:
+                module._parameters[name].grad = None  # a gradient of other weights
         return IncompatibleKeys(missing, unexpected)
 
-    def to(self, backend: Backend | str = "numpy", device: str = "auto",
+    def to(self, backend: Backend | str | None = None, device: str | None = None,
            dtype: str | None = None) -> "Module":
-        """Move every parameter and buffer to ``backend`` (and cast floats to ``dtype``: a
-        name, a NumPy dtype or a torch dtype)."""
+        """Move every parameter and buffer to ``backend`` on ``device`` (``auto`` when not
+        given), and cast floats to ``dtype`` (a name, a NumPy dtype or a torch dtype). With
+        no backend, the model's own: ``to(dtype=...)`` keeps it where it is, and
+        ``to(device=...)`` moves it on its own backend, as in PyTorch."""
+        if backend is None:
+            values = [value for _, value in self._named_values()]
+            own = backend_of(values[0]) if values else get_backend("numpy")
+            backend = own if device is None else own.name
         if not isinstance(backend, (Backend, str)):
             raise TypeError(f"Module.to() takes a backend name ('numpy', 'torch', 'cupy') or a "
                             f"Backend, then device= and dtype=, got {backend!r}: for example "
@@ -315,9 +336,8 @@ class Module:
             if dtype not in FLOAT_DTYPES:
                 raise ValueError(f"Module.to() casts to float32 or float64, got dtype {dtype}")
         if isinstance(backend, str):
-            backend = get_backend(backend, device)
-        for _, module, name, is_param in list(self._named_state()):
-            value = module._parameters[name].data if is_param else module._buffers[name]
+            backend = get_backend(backend, device or "auto")
+        for (_, module, name, is_param), (_, value) in zip(list(self._named_state()), list(self._named_values())):
             host = backend_of(value).to_numpy(value)
             if dtype is not None and host.dtype.kind == "f":
                 host = host.astype(dtype)

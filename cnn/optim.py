@@ -34,9 +34,13 @@ class Optimizer:
         self.state: list[dict] = [{} for _ in self.params]
         self.steps = 0
 
-    def zero_grad(self) -> None:
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop every gradient (``set_to_none=False``: fill them with zeros), as PyTorch."""
         for p in self.params:
-            p.grad = None
+            if set_to_none or p.grad is None:
+                p.grad = None
+            else:
+                p.grad[...] = 0
 
     #: Whether :meth:`update` is device work only, with no value that changes from step to
     #: step computed on the host, so that a recorded training step can replay it (cnn.replay).
@@ -71,8 +75,10 @@ class Optimizer:
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Flat host arrays: ``steps`` and ``<param index>.<buffer>``, for npz checkpoints."""
-        out = {"steps": np.array(self.steps)}
+        """Flat host arrays for npz checkpoints: ``name`` (the optimizer's class), ``lr``
+        (which the caller may have changed, as a schedule does), ``steps`` and
+        ``<param index>.<buffer>``."""
+        out = {"name": np.array(type(self).__name__), "lr": np.array(self.lr), "steps": np.array(self.steps)}
         for i, state in enumerate(self.state):
             for key, value in state.items():
                 out[f"{i}.{key}"] = np.array(value if isinstance(value, int)
@@ -85,9 +91,11 @@ class Optimizer:
         if "steps" not in flat:
             raise ValueError("optimizer state has no 'steps' entry: not an optimizer state_dict "
                              "(a best.npz checkpoint holds the model only; resume from last.npz)")
+        if "name" in flat and str(flat["name"]) != type(self).__name__:
+            raise ValueError(f"optimizer state is {flat['name']}'s, not {type(self).__name__}'s")
         state: list[dict] = [{} for _ in self.params]
         for name, value in flat.items():
-            if name == "steps":
+            if name in ("name", "lr", "steps"):
                 continue
             index, _, key = name.partition(".")
             if not (index.isdigit() and int(index) < len(self.params)) or key not in self.state_keys:
@@ -104,6 +112,8 @@ class Optimizer:
             # A copy: the buffers are updated in place (see Module.load_state_dict).
             state[int(index)][key] = B.asarray(np.array(value, order="C"), dtype=B.dtype_name(p))
         self.steps, self.state = int(flat["steps"]), state
+        if "lr" in flat:  # states written before it was saved keep the optimizer's own
+            self.lr = float(flat["lr"])
 
 
 class SGD(Optimizer):

@@ -750,3 +750,64 @@ def test_evaluation_does_not_keep_a_batch_of_activations():
     model = build_model("simple")
     predict(model, np.zeros((3, 3, 32, 32), np.float32))
     assert all(getattr(m, "cache", None) is None for _, m in model.named_modules())
+
+
+# ---------------------------------------------------------------------------------------
+# PyTorch habits (from an audit of the API by a PyTorch user)
+# ---------------------------------------------------------------------------------------
+
+def test_a_torch_input_that_requires_grad_is_taken_as_data(rng):
+    """Autograd must not track the engine: before, BatchNorm's out= operations failed on
+    such an input, and a model without them recorded its weights into a growing graph."""
+    model = build_model("simple").to("torch", device="cpu")
+    x = torch.from_numpy(rng.standard_normal((2, 3, 32, 32)).astype(np.float32)).requires_grad_()
+    logits = model(x)
+    assert not logits.requires_grad
+    B = cnn.backend_of(logits)
+    _, grad = softmax_cross_entropy(logits, B.asarray(np.array([1, 2])))
+    model.backward(grad)
+    assert all(p.grad is not None and not p.grad.requires_grad for p in model.parameters())
+
+
+def test_to_with_a_dtype_or_a_device_only_keeps_the_backend():
+    """As torch: model.to(dtype=...) casts where the model is (it went back to NumPy)."""
+    model = build_model("simple").to("torch", device="cpu").to(dtype="float64")
+    assert isinstance(model[0].weight.data, torch.Tensor) and model[0].weight.data.dtype == torch.float64
+    assert isinstance(model.to(device="cpu")[0].weight.data, torch.Tensor)
+    assert isinstance(build_model("simple").to(dtype="float64")[0].weight.data, np.ndarray)
+
+
+def test_load_state_dict_copies_into_the_model_arrays(rng):
+    """As torch's copy_: a reference to p.data sees the loaded values, and a model loaded
+    under torch.inference_mode still trains (replaced arrays would be inference tensors)."""
+    from cnn.optim import SGD
+
+    model = build_model("simple").to("torch", device="cpu")
+    weight = model[0].weight.data
+    state = build_model("simple").state_dict()
+    with torch.inference_mode():
+        model.load_state_dict(state)
+    assert model[0].weight.data is weight and np.array_equal(weight.numpy(), state["0.weight"])
+    B = cnn.backend_of(weight)
+    _, grad = softmax_cross_entropy(model(B.asarray(rng.standard_normal((2, 3, 32, 32)).astype(np.float32))),
+                                    B.asarray(np.array([1, 2])))
+    model.backward(grad)
+    SGD(model.parameters(), lr=0.1).step()
+    assert not np.array_equal(weight.numpy(), state["0.weight"])
+
+
+def test_a_new_head_as_torch_users_fit_one():
+    """model[-1] = Linear(...), append, ReLU(inplace=True), zero_grad(set_to_none=False)."""
+    ours, theirs = build_model("simple"), torch_twin("simple")
+    ours[-1], theirs[-1] = Linear(256, 5), nn.Linear(256, 5)
+    ours.append(ReLU(inplace=True))
+    theirs.append(nn.ReLU(inplace=True))
+    assert printed_as_installed_torch(ours) == repr(theirs)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    out = ours(np.ones((2, 3, 32, 32), np.float32))
+    assert out.shape == (2, 5)
+    ours.backward(np.ones_like(out))
+    ours.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in ours.parameters())
+    with pytest.raises(TypeError, match="got torch.nn.modules.linear.Linear as layer 16"):
+        ours[-2] = nn.Linear(256, 5)

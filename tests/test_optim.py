@@ -377,3 +377,16 @@ def test_a_model_moved_after_the_optimizer_stepped_is_a_clear_error():
     opt.load_state_dict(opt.state_dict())
     opt.step()
     np.testing.assert_allclose(to_numpy(p.data), 1 - 0.1 - 0.1 * 1.9)
+
+
+def test_an_optimizer_state_keeps_the_learning_rate_and_its_kind():
+    """A hand-set lr (a schedule's) comes back with the state, as in torch.optim; the state
+    of another optimizer is refused rather than loaded as an empty one."""
+    params = [Parameter(np.zeros(3, np.float32))]
+    opt = SGD(params, lr=0.1, momentum=0.9)
+    opt.lr = 0.001
+    fresh = SGD(params, lr=0.1, momentum=0.9)
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.lr == pytest.approx(0.001)
+    with pytest.raises(ValueError, match="optimizer state is SGD's, not Adam's"):
+        Adam(params, lr=0.1).load_state_dict(opt.state_dict())
