@@ -113,6 +113,7 @@ def fit(config: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None)
     """Train ``config.model`` on CIFAR-10 at ``config.data``; see the module docstring.
     ``on_epoch_end(metrics)`` after each epoch: its history entry and ``device``."""
     config.validate()
+    _pending_stop.clear()  # one a finished run left
     out = Path(config.out)
     _check_writable(out)
     B = get_backend(config.backend, config.device)
@@ -254,6 +255,8 @@ def _train_epoch(model, optimizer, loader, B, epoch, config, last_path) -> tuple
     # before the one clear error that the check below raises.
     with np.errstate(over="ignore", invalid="ignore"):
         for step, (xb, yb) in enumerate(bar):
+            if _pending_stop:
+                raise _pending_stop.pop()
             run_step(B.asarray(xb), B.asarray(yb))
             optimizer.steps += 1  # the host-side half of optimizer.step()
             if live and step % 50 == 0:
@@ -333,8 +336,23 @@ def check_settings(config: TrainConfig) -> None:
               f"--optimizer {config.optimizer}", file=sys.stderr)
 
 
+#: The stop that a signal asked for, until training raises it. A signal handler's exception
+#: can be lost: raised while a __del__ or weakref callback runs (SQLAlchemy's, under MLflow),
+#: Python only prints "Exception ignored" and goes on. So the loop also raises it between
+#: batches.
+_pending_stop: list[BaseException] = []
+
+
+def request_stop(exc: BaseException):
+    """For signal handlers: stop training with ``exc``, now and, should that exception be
+    lost, at the next batch."""
+    _pending_stop[:] = [exc]
+    raise exc
+
+
 def _terminated(signum, frame):
-    raise KeyboardInterrupt  # as Ctrl-C: checkpoint writes clean up, and the message says how to go on
+    # as Ctrl-C: checkpoint writes clean up, and the message says how to go on
+    request_stop(KeyboardInterrupt())
 
 
 def _interrupted_message(config: TrainConfig) -> str:
@@ -369,4 +387,5 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGINT, _terminated)
     sys.exit(main())

@@ -13,6 +13,7 @@ from typing import Callable
 
 from cnn.atomic import atomic_path
 from cnn.errors import UserError
+from cnn.train import request_stop
 
 
 class PipelineError(Exception):
@@ -50,7 +51,11 @@ def remove(paths) -> None:
 
 
 def _sigterm(signum, frame):  # pragma: no cover - exercised by signals only
-    raise SystemExit(128 + signum)
+    request_stop(SystemExit(128 + signum))
+
+
+def _sigint(signum, frame):  # pragma: no cover - exercised by signals only
+    request_stop(KeyboardInterrupt())
 
 
 def summary(doc: str) -> str:
@@ -68,6 +73,7 @@ def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | N
     from pipeline.params import ParamsError
 
     signal.signal(signal.SIGTERM, _sigterm)
+    signal.signal(signal.SIGINT, _sigint)
     try:
         rc = main(argv)
     except ParamsError as e:

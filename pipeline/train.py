@@ -218,6 +218,10 @@ def train(run: str, params) -> dict:
     meta = (resumable_meta(last, cfg, stats)
             if params.resume and last.is_file() and best_path.is_file() else None)
     resume = meta is not None
+    if params.resume and not (last.is_file() and best_path.is_file()):
+        print(f"train@{run}: resume: true, but there is no {last} (with its best.npz) to continue "
+              "here (the copies of `dvc exp run --temp` and `--queue` have none): training from "
+              "epoch 1", file=sys.stderr)
     remove([p for p in outputs if not (resume and p == best_path)])
     if not resume:
         remove([last, out / paths.EPOCH_DEVICES])
@@ -275,10 +279,15 @@ def train(run: str, params) -> dict:
               file=sys.stderr)
         result = fit(config, on_epoch_end=on_epoch_end)
     except BaseException as e:
-        tracker.finish("KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
+        stopped = isinstance(e, (KeyboardInterrupt, SystemExit))
+        tracker.finish("KILLED" if stopped else "FAILED")
         if owns_live:
             remove([live])
         remove_all_but_the_resume_pair()
+        if stopped:
+            print(f"train@{run}: interrupted; " + (
+                f"with `resume: true` in params.yaml, dvc repro continues from {last}" if last.is_file()
+                else "no epoch had finished, so there is nothing to resume"), file=sys.stderr)
         raise
 
     try:  # a failure from here on keeps the resume pair too: the training itself is done

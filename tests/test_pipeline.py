@@ -695,11 +695,44 @@ def test_interrupted_run_keeps_what_resume_needs(stage_dir, monkeypatch, capsys)
     monkeypatch.setattr(cnn.train, "fit", interrupted_fit)
     with pytest.raises(SystemExit) as e:
         _util.run_main(train.main, ["simple_5ep_torch"])
-    assert e.value.code == 130 and "interrupted" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and (f"train@simple_5ep_torch: interrupted; with `resume: true` in params.yaml, "
+                                    f"dvc repro continues from {d / paths.LAST_CHECKPOINT}") in err
     assert (d / paths.BEST_CHECKPOINT).read_bytes() == b"best"
     assert (d / paths.LAST_CHECKPOINT).read_bytes() == b"last"
     assert (d / paths.ENGINE_STAMP).read_text().strip() == train.engine_fingerprint()
     assert not any(p.exists() for p in paths.train_outputs("simple_5ep_torch") if p.name != paths.BEST_CHECKPOINT)
+
+
+def test_an_interruption_in_the_first_epoch_says_there_is_nothing_to_resume(stage_dir, monkeypatch, capsys):
+    import cnn.train
+    from pipeline import _util, train
+
+    def interrupted_fit(config, on_epoch_end=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cnn.train, "fit", interrupted_fit)
+    with pytest.raises(SystemExit):
+        _util.run_main(train.main, ["simple_5ep_torch"])
+    assert ("train@simple_5ep_torch: interrupted; no epoch had finished, so there is nothing to resume"
+            in capsys.readouterr().err)
+
+
+def test_resume_with_nothing_to_resume_says_it_starts_over(stage_dir, monkeypatch, capsys):
+    """As in the copies that `dvc exp run --temp` and `--queue` train in: no last.npz."""
+    import cnn.train
+    from pipeline import _util, train
+
+    text = (stage_dir / "params.yaml").read_text()
+    (stage_dir / "params.yaml").write_text(text.replace("resume: false", "resume: true", 1))
+    def interrupted_fit(config, on_epoch_end=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cnn.train, "fit", interrupted_fit)
+    with pytest.raises(SystemExit):
+        _util.run_main(train.main, ["simple_5ep_torch"])
+    assert ("train@simple_5ep_torch: resume: true, but there is no runs/simple_5ep_torch/last.npz (with its "
+            "best.npz) to continue here" in capsys.readouterr().err)
 
 
 def test_a_failure_after_training_keeps_what_resume_needs(stage_dir, monkeypatch):
