@@ -704,35 +704,25 @@ def test_interrupted_run_keeps_what_resume_needs(stage_dir, monkeypatch, capsys)
     assert not any(p.exists() for p in paths.train_outputs("simple_5ep_torch") if p.name != paths.BEST_CHECKPOINT)
 
 
-def test_an_interruption_in_the_first_epoch_says_there_is_nothing_to_resume(stage_dir, monkeypatch, capsys):
-    import cnn.train
-    from pipeline import _util, train
-
-    def interrupted_fit(config, on_epoch_end=None):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(cnn.train, "fit", interrupted_fit)
-    with pytest.raises(SystemExit):
-        _util.run_main(train.main, ["simple_5ep_torch"])
-    assert ("train@simple_5ep_torch: interrupted; no epoch had finished, so there is nothing to resume"
-            in capsys.readouterr().err)
-
-
-def test_resume_with_nothing_to_resume_says_it_starts_over(stage_dir, monkeypatch, capsys):
-    """As in the copies that `dvc exp run --temp` and `--queue` train in: no last.npz."""
+@pytest.mark.parametrize("resume, message", [
+    ("false", "interrupted; no epoch had finished, so there is nothing to resume"),
+    # as in the copies that `dvc exp run --temp` and `--queue` train in: no last.npz
+    ("true", "resume: true, but there is no runs/simple_5ep_torch/last.npz (with its best.npz) to continue here"),
+])
+def test_a_stage_without_an_epoch_to_resume_says_so(resume, message, stage_dir, monkeypatch, capsys):
     import cnn.train
     from pipeline import _util, train
 
     text = (stage_dir / "params.yaml").read_text()
-    (stage_dir / "params.yaml").write_text(text.replace("resume: false", "resume: true", 1))
+    (stage_dir / "params.yaml").write_text(text.replace("resume: false", f"resume: {resume}", 1))
+
     def interrupted_fit(config, on_epoch_end=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cnn.train, "fit", interrupted_fit)
     with pytest.raises(SystemExit):
         _util.run_main(train.main, ["simple_5ep_torch"])
-    assert ("train@simple_5ep_torch: resume: true, but there is no runs/simple_5ep_torch/last.npz (with its "
-            "best.npz) to continue here" in capsys.readouterr().err)
+    assert f"train@simple_5ep_torch: {message}" in capsys.readouterr().err
 
 
 def test_a_failure_after_training_keeps_what_resume_needs(stage_dir, monkeypatch):
