@@ -67,6 +67,16 @@ class Parameter:
         return f"Parameter(shape={self.shape}{frozen})"
 
 
+def zero_grads(params, set_to_none: bool = True) -> None:
+    """Drop every gradient of ``params`` (``set_to_none=False``: fill them with zeros), as
+    PyTorch's ``zero_grad`` of a module or an optimizer."""
+    for p in params:
+        if set_to_none or p.grad is None:
+            p.grad = None
+        else:
+            p.grad[...] = 0
+
+
 #: The dtypes a model computes in (``Module.to(dtype=...)``).
 FLOAT_DTYPES = ("float32", "float64")
 
@@ -230,12 +240,7 @@ class Module:
         return sum(p.size for p in self.parameters())
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Drop every gradient (``set_to_none=False``: fill them with zeros), as PyTorch."""
-        for p in self.parameters():
-            if set_to_none or p.grad is None:
-                p.grad = None
-            else:
-                p.grad[...] = 0
+        zero_grads(self.parameters(), set_to_none)
 
     def requires_grad_(self, requires_grad: bool = True) -> "Module":
         """Freeze (False) or unfreeze every parameter, as PyTorch's ``requires_grad_``."""
@@ -255,27 +260,22 @@ class Module:
 
     # -- state ----------------------------------------------------------------------
     def _named_state(self):
-        """(key, owner module, attribute name, is_parameter) in PyTorch's state_dict order:
-        a module used twice has its state under both paths, as in PyTorch."""
+        """(key, owner module, attribute name, is_parameter, array) in PyTorch's state_dict
+        order: a module used twice has its state under both paths, as in PyTorch."""
         for path, module in self.named_modules(remove_duplicate=False):
             prefix = f"{path}." if path else ""
             for name, p in module._parameters.items():
                 if p is not None:
-                    yield prefix + name, module, name, True
+                    yield prefix + name, module, name, True, p.data
             for name, value in module._buffers.items():
                 if value is not None:
-                    yield prefix + name, module, name, False
-
-    def _named_values(self):
-        """(key, array) of every parameter and buffer, in state_dict order."""
-        for key, module, name, is_param in self._named_state():
-            yield key, (module._parameters[name].data if is_param else module._buffers[name])
+                    yield prefix + name, module, name, False, value
 
     def state_dict(self) -> "OrderedDict[str, np.ndarray]":
         """Host (NumPy) copies of every parameter and buffer, under PyTorch's key names
         (copies, unlike PyTorch's views: changing one leaves the model as it is)."""
         return OrderedDict((key, np.array(backend_of(value).to_numpy(value), copy=True))
-                           for key, value in self._named_values())
+                           for key, _, _, _, value in self._named_state())
 
     def load_state_dict(self, state: dict, strict: bool = True) -> IncompatibleKeys:
         """Copy arrays (NumPy, torch or cupy) into this module's arrays, in place, on its
@@ -285,7 +285,7 @@ class Module:
         mismatch, so a failed load leaves the module as it was. ``strict=False`` skips
         missing and unexpected keys (shapes must still match) and returns them, as PyTorch
         does: ``(missing_keys, unexpected_keys)``."""
-        own = {key: (module, name, is_param) for key, module, name, is_param in self._named_state()}
+        own = {key: rest for key, *rest in self._named_state()}
         problems = []
         missing = [key for key in own if key not in state]  # in state_dict order, as PyTorch
         unexpected = [key for key in state if key not in own]
@@ -295,8 +295,7 @@ class Module:
         for key, value in state.items():
             if key not in own:
                 continue
-            module, name, is_param = own[key]
-            current = module._parameters[name].data if is_param else module._buffers[name]
+            module, name, is_param, current = own[key]
             value = np.asarray(value) if isinstance(value, (np.ndarray, list, float, int)) else \
                 backend_of(value).to_numpy(value)
             if tuple(value.shape) != tuple(current.shape):
@@ -321,8 +320,8 @@ class Module:
         no backend, the model's own: ``to(dtype=...)`` keeps it where it is, and
         ``to(device=...)`` moves it on its own backend, as in PyTorch."""
         if backend is None:
-            values = [value for _, value in self._named_values()]
-            own = backend_of(values[0]) if values else get_backend("numpy")
+            first = next(self._named_state(), None)
+            own = backend_of(first[-1]) if first else get_backend("numpy")
             backend = own if device is None else own.name
         if not isinstance(backend, (Backend, str)):
             raise TypeError(f"Module.to() takes a backend name ('numpy', 'torch', 'cupy') or a "
@@ -337,7 +336,7 @@ class Module:
                 raise ValueError(f"Module.to() casts to float32 or float64, got dtype {dtype}")
         if isinstance(backend, str):
             backend = get_backend(backend, device or "auto")
-        for (_, module, name, is_param), (_, value) in zip(list(self._named_state()), list(self._named_values())):
+        for _, module, name, is_param, value in list(self._named_state()):
             host = backend_of(value).to_numpy(value)
             if dtype is not None and host.dtype.kind == "f":
                 host = host.astype(dtype)

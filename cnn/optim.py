@@ -11,7 +11,7 @@ import numpy as np
 
 from cnn.backend import backend_of
 from cnn.checks import number, require, type_name
-from cnn.module import Module, Parameter
+from cnn.module import Module, Parameter, zero_grads
 
 
 class Optimizer:
@@ -35,12 +35,7 @@ class Optimizer:
         self.steps = 0
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Drop every gradient (``set_to_none=False``: fill them with zeros), as PyTorch."""
-        for p in self.params:
-            if set_to_none or p.grad is None:
-                p.grad = None
-            else:
-                p.grad[...] = 0
+        zero_grads(self.params, set_to_none)
 
     #: Whether :meth:`update` is device work only, with no value that changes from step to
     #: step computed on the host, so that a recorded training step can replay it (cnn.replay).

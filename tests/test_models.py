@@ -491,8 +491,7 @@ def test_a_training_step_updates_every_state_array_in_place(name, backend, rng):
     _sgd_step(model, opt, rng)
 
     def arrays():
-        state = [(k, m._parameters[a].data if is_param else m._buffers[a])
-                 for k, m, a, is_param in model._named_state()]
+        state = [(k, value) for k, _, _, _, value in model._named_state()]
         return state + [(f"momentum {i}", s["momentum_buffer"]) for i, s in enumerate(opt.state)]
 
     before = arrays()
