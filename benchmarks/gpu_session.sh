@@ -17,14 +17,14 @@
 #          holds (last.npz, best.npz, last.engine, last.devices) continues from there:
 #          `resume: true`, same settings and the same cnn/ code, or it starts over (the
 #          train stage says why). Both start and runs do that.
-# collect: waits up to WAIT_S seconds for those runs, then brings back their logs and
-#          runs.tar (with the resume pair if a run is unfinished). Call it right after
-#          `start` or `runs`, while the machine is still warm, with WAIT_S about 90 s less
-#          than the device time left (status: budget_left_s) so that it returns in time; a
-#          SIGTERM (the call's time limit) also ends the wait and collects.
+# collect: waits up to WAIT_S seconds for those runs, then brings back their logs (all in
+#          run_logs.txt) and runs.tar (with the resume pair if a run is unfinished). Call
+#          it right after `start` or `runs`, while the machine is still warm, with WAIT_S
+#          about 90 s less than the device time left (status: budget_left_s) so that it
+#          returns in time; a SIGTERM (the call's time limit) also ends the wait and collects.
 # CARRY:   a git-ignored folder holding ../shared/cifar10/{cifar-10-jpeg.tar.xz,make-mirror}
-#          (the device machine cannot download the official archive); logs of the background
-#          runs are kept in CARRY/logs between the two commands.
+#          (the device machine cannot download the official archive). The runs train in
+#          a copy, CARRY/work, and log to CARRY/logs, which last between the two calls.
 # OUT:     $OUT of a device run.
 #
 # With the device tool (mkdir -p .cache/gpu && cp ../shared/cifar10/{cifar-10-jpeg.tar.xz,make-mirror} .cache/gpu/):
@@ -51,7 +51,9 @@ shift 3
 DEVICE=${GPU_SESSION_DEVICE:-cuda}
 BENCH=${GPU_SESSION_BENCH:---batch-sizes 64 512}
 REPRODUCE=${GPU_SESSION_REPRODUCE:-resnet_50ep_step}
-LOGS=$CARRY/logs
+ROOT=$PWD
+LOGS=$ROOT/$CARRY/logs
+WORK=$ROOT/$CARRY/work  # where the runs train (see launch)
 # The device machine has a copy of the working tree, not this package installed: the repo
 # root on the path lets benchmarks/*.py import it as `python -m` does for cnn and pipeline.
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -73,23 +75,27 @@ if command -v taskset >/dev/null && [ "$(nproc)" -ge 8 ]; then
     RUN_CPUS="taskset -c 0-3" TEST_CPUS="taskset -c 4-$(($(nproc) - 1))"
 fi
 
-launch() {  # each run in the background: train, then evaluate; exit status in LOGS/RUN.rc
+launch() {  # each run in the background, in WORK: train, then evaluate; exit status in LOGS/RUN.rc
+    # The device tool re-sends this checkout's tracked files at each call, runs/RUN/* among
+    # them, over whatever a run has written there: so the runs train in a copy of their own.
+    rm -rf "$WORK" && mkdir -p "$WORK/runs" && cp -r cnn pipeline params.yaml "$WORK/" && ln -s "$ROOT/data" "$WORK/data"
     for run in "$@"; do
         local params=params.yaml
+        rm -f "$LOGS/$run.rc"  # an earlier launch's: collect waits for this one's
         if [ -f "$CARRY/runs/$run/last.npz" ]; then  # brought back unfinished: continue it
             # Only the resume files: the rest (settings.json above all) is this checkout's.
-            mkdir -p "runs/$run"
+            mkdir -p "$WORK/runs/$run"
             for f in last.npz best.npz last.engine last.devices; do
-                if [ -f "$CARRY/runs/$run/$f" ]; then cp "$CARRY/runs/$run/$f" "runs/$run/"; fi
+                if [ -f "$CARRY/runs/$run/$f" ]; then cp "$CARRY/runs/$run/$f" "$WORK/runs/$run/"; fi
             done
-            params=$CARRY/params.resume.yaml
+            params=params.resume.yaml
             python3 -c "import sys, yaml; p = yaml.safe_load(open('params.yaml')); p['resume'] = True
-yaml.safe_dump(p, open(sys.argv[1], 'w'), sort_keys=False)" "$params"
+yaml.safe_dump(p, open(sys.argv[1], 'w'), sort_keys=False)" "$WORK/$params"
         fi
-        setsid nohup $RUN_CPUS bash -c "t0=\$SECONDS; python3 -m pipeline.params --run $run --out runs/$run/settings.json >$LOGS/settings_$run.log 2>&1 &&
+        (cd "$WORK" && setsid nohup $RUN_CPUS bash -c "t0=\$SECONDS; python3 -m pipeline.params --run $run --out runs/$run/settings.json >$LOGS/settings_$run.log 2>&1 &&
             OMP_NUM_THREADS=2 python3 -m pipeline.train $run --params $params >$LOGS/train_$run.log 2>&1 &&
             python3 -m pipeline.evaluate $run >$LOGS/evaluate_$run.log 2>&1; rc=\$?
-            echo \"$run: exit \$rc, \$((SECONDS - t0)) s\" >$LOGS/$run.rc" >/dev/null 2>&1 &
+            echo \"$run: exit \$rc, \$((SECONDS - t0)) s\" >$LOGS/$run.rc" >/dev/null 2>&1 &)
     done
 }
 
@@ -142,10 +148,14 @@ collect)
         while [ ! -f "$LOGS/$run.rc" ] && [ $((SECONDS - t0)) -lt "$WAIT_S" ]; do sleep 5; done
         cat "$LOGS/$run.rc" 2>/dev/null | tee -a "$OUT/summary.txt" || echo "$run: unfinished" | tee -a "$OUT/summary.txt"
     done
-    # Without tqdm's progress-bar updates (carriage returns), which make the raw logs large.
-    for log in "$LOGS"/*.log; do tr '\r' '\n' <"$log" | grep -v -e '^ *$' -e '%|' >"$OUT/$(basename "$log")"; done
+    # One file for all the logs (a device call brings back 8 files at most), without tqdm's
+    # progress-bar updates (carriage returns), which make the raw logs large.
+    for log in "$LOGS"/*.log; do
+        echo "==> $(basename "$log") <=="
+        tr '\r' '\n' <"$log" | grep -v -e '^ *$' -e '%|'
+    done >"$OUT/run_logs.txt"
     nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
-    [ $# -gt 0 ] && tar -cf "$OUT/runs.tar" $(printf 'runs/%s ' "$@")
+    [ $# -gt 0 ] && tar -cf "$OUT/runs.tar" -C "$WORK" $(printf 'runs/%s ' "$@")
     ;;
 *)
     echo "$usage" >&2

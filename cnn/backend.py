@@ -363,9 +363,18 @@ class TorchBackend(Backend):
         # The outer stream context puts back the stream that was current: when a capture
         # fails, torch.cuda.graph raises before it restores it, and every later eager
         # kernel would run on its capture stream.
-        with (torch.cuda.device(self.device), torch.cuda.stream(torch.cuda.current_stream(self.device)),
-              torch.cuda.graph(graph)):
-            fn()
+        try:
+            with (torch.cuda.device(self.device), torch.cuda.stream(torch.cuda.current_stream(self.device)),
+                  torch.cuda.graph(graph)):
+                fn()
+        except BaseException:
+            # A failed capture can leave the generators it registered marked as capturing
+            # (pytorch/pytorch#171263), and every later draw from them fails. A new generator
+            # with the state from before the capture draws on as if none had been tried.
+            fresh = torch.Generator(self.device)
+            fresh.set_state(self.rng.get_state())
+            self.rng = fresh
+            raise
         return graph
 
     def synchronize(self) -> None:

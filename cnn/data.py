@@ -45,7 +45,6 @@ __all__ = [
     "CIFAR10_CLASSES",
     "DataLoader",
     "DatasetError",
-    "augment",
     "channel_stats",
     "crop_flip",
     "load_cifar10",
@@ -448,21 +447,6 @@ def _scale_shift(mean, std) -> tuple[np.ndarray, np.ndarray]:
 PAD = 4
 
 
-def augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Random crop with 4-pixel zero padding, then random horizontal flip (p=0.5).
-
-    x: (N, 3, H, W) uint8. Returns (N, 3, H, W) uint8.
-    Each image gets its own offset (dy, dx) in 0..8 and flip, like torchvision's
-    ``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip()`` before Normalize:
-    the padding is black (0) in raw pixel space. Draw order from ``rng``:
-    dy (N,), dx (N,), flip (N,), so a seeded rng gives the same result.
-    """
-    _check_images(x)
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-    return crop_flip(x, *_draw_crops(rng, len(x)))
-
-
 def _draw_crops(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Crop offsets and flips of ``n`` images, drawn in this order: dy, dx, flip (each (n,))."""
     return (rng.integers(0, 2 * PAD + 1, size=n), rng.integers(0, 2 * PAD + 1, size=n),
@@ -470,7 +454,7 @@ def _draw_crops(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarra
 
 
 def crop_flip(x, dy, dx, flip):
-    """The crops of :func:`augment` for given offsets, on whatever backend owns ``x``.
+    """Random-crop-and-flip augmentation for given offsets, on whatever backend owns ``x``.
 
     x: (N, C, H, W); dy, dx: (N,) integer offsets in 0..2*PAD into the zero-padded image;
     flip: (N,) bool or 0/1. All on x's backend. Returns (N, C, H, W) of x's dtype.

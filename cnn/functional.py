@@ -85,23 +85,20 @@ def patch_offsets(cols, input_shape, kernel_size: tuple[int, int], stride: int, 
     return [cols[:, :, :, i, j, :] for i in range(kh) for j in range(kw)]
 
 
-def col2im(cols, input_shape, kernel_size: tuple[int, int], stride: int, padding: int,
-           offsets: list | None = None):
+def col2im(offsets: list, input_shape, kernel_size: tuple[int, int], stride: int, padding: int):
     """Adjoint of :func:`im2col`: sum every patch gradient back onto the input grid.
 
-    cols: (N * Ho * Wo, kh * kw * C) -> (N, C, H, W) (a channels-last view). Overlapping
-    patches are summed by one strided add per kernel offset, not by a scatter-add.
-    ``offsets`` replaces ``cols``: the kh * kw arrays (N, Ho, Wo, C) of each kernel offset's
-    patch gradients, in (i, j) row-major order. Either ``patch_offsets(cols, ...)`` made
-    once for a reused ``cols`` buffer (on PyTorch every view is an operator call, which on a
-    GPU costs host time whatever its size), or contiguous blocks computed offset by offset.
+    offsets: the kh * kw arrays (N, Ho, Wo, C) of each kernel offset's patch gradients, in
+    (i, j) row-major order -> (N, C, H, W) (a channels-last view). Overlapping patches are
+    summed by one strided add per kernel offset, not by a scatter-add. Either
+    ``patch_offsets(cols, ...)`` of a (N * Ho * Wo, kh * kw * C) ``cols`` (made once for a
+    reused buffer: on PyTorch every view is an operator call, which on a GPU costs host time
+    whatever its size), or contiguous blocks computed offset by offset.
     """
     n, c, h, w = input_shape
     kh, kw = kernel_size
     ho = conv_output_size(h, kh, stride, padding)
     wo = conv_output_size(w, kw, stride, padding)
-    if offsets is None:
-        offsets = patch_offsets(cols, input_shape, kernel_size, stride, padding)
     B = backend_of(offsets[0])
     grad = B.zeros((n, h + 2 * padding, w + 2 * padding, c), dtype=B.dtype_name(offsets[0]))
     windows = [(window(i, ho, stride), window(j, wo, stride)) for i in range(kh) for j in range(kw)]

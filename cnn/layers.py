@@ -159,11 +159,11 @@ class Conv2d(Module):
             dcols = self.workspace.get("dcols by offset", (kh * kw, g.shape[0], c), B, dtype)
             for k in range(kh * kw):
                 B.matmul(g, w2d[:, k * c:(k + 1) * c], out=dcols[k])
-            return F.col2im(None, *geometry, offsets=[part.reshape(n, ho, wo, c) for part in dcols])
+            return F.col2im([part.reshape(n, ho, wo, c) for part in dcols], *geometry)
         dcols = self.workspace.get("dcols", (g.shape[0], w2d.shape[1]), B, dtype)  # (N*Ho*Wo, kh*kw*C)
         B.matmul(g, w2d, out=dcols)
         offsets = self.workspace.views("dcols offsets", F.patch_offsets, dcols, *geometry)
-        return F.col2im(dcols, *geometry, offsets=offsets)
+        return F.col2im(offsets, *geometry)
 
 
 class Linear(Module):

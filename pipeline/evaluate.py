@@ -56,7 +56,7 @@ def load_test_set(path=paths.PREPARED):
         raise PipelineError(f"{path} not found; run the normalize stage first (dvc repro normalize)")
     ds = load_cifar10(path)
     mean, std = normalization_stats(path, ds)
-    return normalize(ds.test_x, mean, std), np.asarray(ds.test_y), [str(c) for c in ds.classes]
+    return normalize(ds.test_x, mean, std), ds.test_y, ds.classes
 
 
 def evaluate(run: str) -> dict:
@@ -74,7 +74,7 @@ def evaluate(run: str) -> dict:
     remove(outputs)
     model = load_model(str(ckpt), backend=config["backend"], device=config["device"])
     t0 = time.perf_counter()
-    pred = np.asarray(predict(model, x))  # back on the host: the device's work is done
+    pred = predict(model, x)  # on the host: the device's work is done
     seconds = time.perf_counter() - t0
     cm = confusion(y, pred, len(classes))
     result = scores(cm, classes)

@@ -58,10 +58,8 @@ def normalize(archive: Path = paths.RAW_ARCHIVE, out: Path = paths.PREPARED, sta
     ds = load_cifar10(archive)
     counts = check_dataset(ds, str(archive))
     mean, std = channel_stats(ds.train_x)
-    mean, std = np.asarray(mean, dtype=np.float64), np.asarray(std, dtype=np.float64)
     if not np.all(std > 0):  # normalising would divide by zero
         raise PipelineError(f"{archive}: a channel of the training images is constant (std {std})")
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
     try:
         save_prepared(out, ds, mean, std)
         stats = {

@@ -170,7 +170,6 @@ def report(params) -> Path:
     data = collect(runs)
     stats = read_json(paths.STATS) if paths.STATS.is_file() else {}
     try:
-        paths.REPORT_CONFUSION_DIR.mkdir(parents=True, exist_ok=True)
         for run, r in data.items():
             if not r["confusion_png"].is_file():
                 raise PipelineError(f"{r['confusion_png']} is missing; run dvc repro evaluate@{run}")

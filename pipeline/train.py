@@ -291,10 +291,7 @@ def train(run: str, params) -> dict:
         raise
 
     try:  # a failure from here on keeps the resume pair too: the training itself is done
-        hist = [dict(r) for r in (result.history or history)]
-        best = Path(result.best_checkpoint)
-        if best.resolve() != best_path.resolve() or not best.is_file():
-            raise PipelineError(f"fit did not write its best checkpoint to {best_path} (got {best})")
+        hist = result.history
         if len(devices) != len(hist):
             raise PipelineError(f"fit reported {len(devices)} epochs but returned {len(hist)}")
         metrics = summarize(result, hist, devices)
@@ -306,7 +303,7 @@ def train(run: str, params) -> dict:
 
         tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         tracker.set_tags({"device": metrics["device"], "stopped_early": metrics["stopped_early"]})
-        tracker.log_artifact(best, "checkpoints")
+        tracker.log_artifact(best_path, "checkpoints")
         for name in (paths.CURVES, paths.HISTORY, paths.METRICS, paths.CONFIG):
             tracker.log_artifact(out / name)
         tracker.finish("FINISHED")

@@ -355,7 +355,9 @@ def test_cuda_graph_replays_train_exactly_like_eager_steps(model, archive, tmp_p
 def test_a_cuda_step_that_cannot_be_recorded_runs_eagerly_on_the_stream_it_had():
     """A step that reads a value back to the host cannot be captured in a CUDA graph: the
     warning says so, every step runs eagerly once, and later kernels stay on the stream that
-    was current (a failed capture must not leave its capture stream behind)."""
+    was current (a failed capture must not leave its capture stream behind), and draw from
+    the engine's generator as if no capture had been tried (a failed capture can leave the
+    generator it registered unable to draw, pytorch/pytorch#171263)."""
     from cnn.backend import get_backend
     from cnn.replay import StepReplay
 
@@ -367,12 +369,15 @@ def test_a_cuda_step_that_cannot_be_recorded_runs_eagerly_on_the_stream_it_had()
         B.item(total)  # a host read: refused while a stream is capturing
 
     run, x = StepReplay(step, B), B.asarray(np.ones(4, np.float32))
-    stream = torch.cuda.current_stream()
+    stream, rng_state = torch.cuda.current_stream(), B.rng.get_state()
     with pytest.warns(RuntimeWarning, match="runs eagerly"):
         for _ in range(3):
             run(x, x)
     assert torch.cuda.current_stream() == stream
     assert run.replays == 0 and B.item(total) == 12.0  # 3 steps of 4: none lost or doubled
+    untouched = torch.Generator(B.device)
+    untouched.set_state(rng_state)
+    assert torch.equal(B.uniform((5,)), torch.rand(5, generator=untouched, device=B.device))
 
 
 @pytest.mark.parametrize("change, message", [
