@@ -218,10 +218,13 @@ def train(run: str, params) -> dict:
     meta = (resumable_meta(last, cfg, stats)
             if params.resume and last.is_file() and best_path.is_file() else None)
     resume = meta is not None
-    if params.resume and not (last.is_file() and best_path.is_file()):
+    if params.resume and not last.is_file():
         print(f"train@{run}: resume: true, but there is no {last} (with its best.npz) to continue "
               "here (the copies of `dvc exp run --temp` and `--queue` have none): training from "
               "epoch 1", file=sys.stderr)
+    elif params.resume and not best_path.is_file():
+        print(f"train@{run}: resume: true, but {best_path}, written with {last}, is missing: "
+              "training from epoch 1", file=sys.stderr)
     remove([p for p in outputs if not (resume and p == best_path)])
     if not resume:
         remove([last, out / paths.EPOCH_DEVICES])

@@ -1,5 +1,6 @@
 """The benchmark CLI: every case runs in its own process and reports what the README quotes."""
 import json
+import re
 
 import pytest
 
@@ -161,3 +162,114 @@ def test_native_reference_builds_the_optimizer_the_flags_ask_for(flags, optimize
              if line.startswith("Epoch")]
     base = settings["lr"]
     assert rates == [f"{base:.6f}", f"{base * 0.5:.6f}"]  # the step schedule's gamma at epoch 1
+
+
+def test_native_reference_reports_a_diverged_run_as_cnn_train_does(tmp_path, capsys):
+    from cnn.synthetic import write_synthetic_cifar10
+
+    data = write_synthetic_cifar10(tmp_path / "cifar-10-python.tar.gz", n_train=32, n_test=16, seed=0)
+    assert _native_reference().main(["--data", str(data), "--epochs", "3", "--batch-size", "16",
+                                     "--lr", "1e10", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the training loss became nan in epoch ") and "the run diverged" in err
+
+
+def _epoch_values(line):
+    """{'Loss': ..., 'Train': ..., 'Test': ...} of one epoch line."""
+    fields = dict(part.strip().split(": ") for part in line.split(" | ")[1:])
+    return {k: float(fields[k].rstrip("s")) for k in ("Loss", "Train", "Test")}
+
+
+def test_native_reference_train_accuracy_is_a_fraction_of_the_training_images(tmp_path, capsys):
+    from cnn.synthetic import write_synthetic_cifar10
+
+    data = write_synthetic_cifar10(tmp_path / "cifar-10-python.tar.gz", n_train=128, n_test=16, seed=0)
+    assert _native_reference().main(["--data", str(data), "--epochs", "4", "--optimizer", "adam",
+                                     "--lr", "0.001", "--batch-size", "16", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    epochs = [_epoch_values(line) for line in out if line.startswith("Epoch")]
+    assert all(0 <= e["Train"] <= 1 for e in epochs)
+    assert out[-1].endswith(f", train {epochs[-1]['Train']:.4f}")
+
+
+def test_native_reference_final_test_accuracy_is_the_last_epochs_not_the_best(tmp_path, monkeypatch, capsys):
+    """The report compares best and final accuracy with the engine's: a model that gets
+    the first test image right in epoch 1 and nothing in epoch 2 ends below its best."""
+    import torch
+
+    from cnn.data import load_cifar10
+    from cnn.synthetic import write_synthetic_cifar10
+
+    data = write_synthetic_cifar10(tmp_path / "cifar-10-python.tar.gz", n_train=16, n_test=16, seed=0)
+    first_label = int(load_cifar10(data).test_y[0])
+
+    class Scripted(torch.nn.Module):  # evaluation predicts first_label, then an 11th class no image has
+        def __init__(self):
+            super().__init__()
+            self.fc, self.evaluations = torch.nn.Linear(3 * 32 * 32, 11), 0
+
+        def forward(self, x):
+            if self.training:
+                return self.fc(x.flatten(1))
+            self.evaluations += 1
+            pick = first_label if self.evaluations == 1 else 10
+            return torch.nn.functional.one_hot(torch.full((len(x),), pick), 11).float()
+
+    module = _native_reference()
+    monkeypatch.setattr(module, "torch_twin", lambda name: Scripted())
+    assert module.main(["--data", str(data), "--epochs", "2", "--batch-size", "16", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    first, last = (_epoch_values(line) for line in out if line.startswith("Epoch"))
+    assert first["Test"] > 0 and last["Test"] == 0
+    assert f"best test accuracy {first['Test']:.4f} at epoch 1; final test 0.0000, train " in out[-1]
+
+
+def test_native_reference_counts_an_all_wrong_first_epoch_as_the_best_so_far(tmp_path, monkeypatch, capsys):
+    """Accuracy 0 is a result too: the best epoch is 1, not 0 (no epoch)."""
+    import torch
+
+    from cnn.synthetic import write_synthetic_cifar10
+
+    def always_wrong(name):  # an 11th class that no image has wins every prediction
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 11))
+        with torch.no_grad():
+            model[1].weight.zero_()
+            model[1].bias.copy_(torch.arange(11.0) * 100)
+        return model
+
+    data = write_synthetic_cifar10(tmp_path / "cifar-10-python.tar.gz", n_train=16, n_test=16, seed=0)
+    module = _native_reference()
+    monkeypatch.setattr(module, "torch_twin", always_wrong)
+    assert module.main(["--data", str(data), "--epochs", "1", "--batch-size", "16", "--lr", "1e-9",
+                        "--device", "cpu"]) == 0
+    assert "best test accuracy 0.0000 at epoch 1;" in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_native_reference_seeds_the_torch_weights_with_its_seed(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from cnn.synthetic import write_synthetic_cifar10
+
+    data = write_synthetic_cifar10(tmp_path / "cifar-10-python.tar.gz", n_train=16, n_test=16, seed=0)
+    module = _native_reference()
+    seeds, real = [], module.torch_twin
+    monkeypatch.setattr(module, "torch_twin", lambda name: seeds.append(torch.initial_seed()) or real(name))
+    assert module.main(["--data", str(data), "--epochs", "1", "--batch-size", "16", "--seed", "7",
+                        "--device", "cpu"]) == 0
+    assert seeds == [7]
+
+
+def test_native_reference_runs_on_the_automatic_device_by_default(tmp_path, capsys):
+    from cnn.synthetic import write_synthetic_cifar10
+
+    data = write_synthetic_cifar10(tmp_path / "cifar-10-python.tar.gz", n_train=16, n_test=16, seed=0)
+    assert _native_reference().main(["--data", str(data), "--epochs", "1", "--batch-size", "16"]) == 0
+    assert re.search(r"^native torch.nn simple on (cpu|cuda(:\d+)?|mps): ", capsys.readouterr().out.splitlines()[-1])
+
+
+def test_native_reference_checks_the_device_for_torch_and_names_no_engine_flag(capsys):
+    """Its settings are checked as a torch run's: with the engine's default backend, NumPy,
+    --device cuda would be refused with advice to pass --backend, which it does not take."""
+    assert _native_reference().main(["--device", "cuda", "--data", "/nonexistent/cifar.tar.gz"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "backend" not in err

@@ -7,6 +7,7 @@ and float32 (loose).
 from __future__ import annotations
 
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -214,6 +215,13 @@ def test_relu_matches_torch(backend, dtype, rng):
     x[0, 0, :2] = 0.0  # the gradient at exactly 0 is 0, as in torch
     check_layer(ReLU(), nn.ReLU(), x, backend, dtype, rng=rng)
     check_layer(ReLU(), nn.ReLU(), rng.integers(-2, 3, (4, 6)).astype(float), backend, dtype, rng=rng)
+
+
+@pytest.mark.parametrize("inplace", [1, "True", None])
+def test_relu_inplace_must_be_a_bool(inplace):
+    """A truthy non-bool would be printed as torch's inplace=True, yet mean nothing."""
+    with pytest.raises(ValueError, match="inplace must be true or false; got"):
+        ReLU(inplace=inplace)
 
 
 # ---------------------------------------------------------------------------------------
@@ -563,6 +571,16 @@ def test_softmax_cross_entropy_names_labels_on_another_backend(labels):
     with pytest.raises(TypeError, match=r"labels must be an integer array on the logits' backend, numpy "
                                         r"\(cpu\); got a (torch \(cpu\) array|list): convert them"):
         F.softmax_cross_entropy(np.zeros((2, 3), np.float32), labels)
+
+
+def test_softmax_cross_entropy_of_no_rows_checks_no_label_range(backend):
+    """An empty batch has no smallest label to read (min() of nothing raises): the range
+    check is skipped, and the gradient is empty too."""
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # NumPy's mean of nothing
+        _, grad = F.softmax_cross_entropy(backend.asarray(np.zeros((0, 3), np.float32)),
+                                          backend.asarray(np.zeros(0, np.int64)))
+    assert tuple(grad.shape) == (0, 3)
 
 
 @pytest.mark.parametrize("labels, values", [([0, -1], "from -1 to 0"), ([3, 1], "from 1 to 3")])

@@ -611,6 +611,9 @@ def test_to_refuses_a_dtype_the_layers_cannot_compute_in(dtype):
     (([Linear(2, 2), cnn.ReLU()],), r"got list as layer 0 \(unpack a list of layers: Sequential\(\*layers\)\)"),
     ((Linear(2, 2), 3), "got int as layer 1"),
     ((nn.Linear(2, 2),), r"got torch.nn.modules.linear.Linear as layer 0 \(torch.nn layers do not run here"),
+    (((Linear(2, 2), cnn.ReLU()),), r"got tuple as layer 0 \(unpack a list of layers: Sequential\(\*layers\)\)"),
+    (({"fc": Linear(2, 2)},), "got dict as layer 0"),  # torch takes an OrderedDict only
+    ((cnn.module.Parameter(np.zeros(2, np.float32)),), "got Parameter as layer 0$"),  # the engine's: short
 ])
 def test_sequential_refuses_what_is_not_a_layer(layers, message):
     """Stored as a plain attribute, a list of layers would make a model that returns its input."""
@@ -626,7 +629,7 @@ def test_sequential_takes_an_ordered_dict_of_named_layers_as_torch():
     assert repr(ours) == repr(theirs) and ours[1] is ours.act
 
 
-@pytest.mark.parametrize("name", ["cache", "training", "forward", "a.b", ""])
+@pytest.mark.parametrize("name", ["cache", "training", "forward", "a.b", "", 1])
 def test_sequential_refuses_a_layer_name_that_would_hide_an_attribute_or_blur_a_key(name):
     """As torch's add_module: a layer named "cache" would be deleted by clear_caches(),
     "training" would replace the mode flag, "a.b" or "" would make state_dict keys ambiguous."""
@@ -647,6 +650,12 @@ def test_backward_through_a_layer_used_twice_says_so():
     out = model(np.ones((2, 4), np.float32))
     with pytest.raises(RuntimeError, match="a module used twice in a model keeps its last forward pass only"):
         model.backward(out)
+    # a layer without parameters too: its second pass also replaced its first
+    relu = ReLU()
+    model = Sequential(Linear(4, 4), relu, Linear(4, 4), relu)
+    out = model(np.ones((2, 4), np.float32))
+    with pytest.raises(ValueError, match="layers 1 and 3 are the same ReLU"):
+        model.backward(out)
 
 
 def test_backward_with_a_gradient_of_another_shape_says_so():
@@ -664,6 +673,26 @@ def test_backward_checks_the_latest_forward_pass_also_when_it_ran_through_slices
     model(np.ones((8, 4), np.float32))
     model[1:](model[:1](rng.standard_normal((2, 4)).astype(np.float32)))
     assert model.backward(np.ones((2, 3), np.float32)).shape == (2, 4)
+
+
+def test_an_empty_sequential_returns_its_input_as_torch():
+    x = np.ones((2, 3), np.float32)
+    assert Sequential()(x) is x and Sequential().backward(x) is x
+    assert torch.equal(nn.Sequential()(torch.ones(2, 3)), torch.ones(2, 3))
+
+
+def test_append_after_an_emptied_slot_takes_a_new_name_as_torch():
+    """The name is the count of slots, emptied ones included: counting the layers left
+    would reuse the name of the last one and replace it."""
+    ours = Sequential(Linear(4, 4), ReLU(), Linear(4, 2))
+    theirs = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    setattr(ours, "1", None)
+    setattr(theirs, "1", None)
+    last = ours[-1]
+    assert ours.append(ReLU()) is ours  # chainable, as torch's
+    theirs.append(nn.ReLU())
+    assert [n for n, _ in ours.named_children()] == [n for n, _ in theirs.named_children()] == ["0", "2", "3"]
+    assert ours[1] is last and isinstance(ours[2], ReLU)
 
 
 # ---------------------------------------------------------------------------------------
@@ -796,3 +825,42 @@ def test_a_new_head_as_torch_users_fit_one():
     assert all(p.grad is not None and not p.grad.any() for p in ours.parameters())
     with pytest.raises(TypeError, match="got torch.nn.modules.linear.Linear as layer 16"):
         ours[-2] = nn.Linear(256, 5)
+
+
+def test_zero_grad_without_set_to_none_fills_the_gradients_in_place_as_torch():
+    """The arrays stay the same objects (a recorded step, or the caller, may hold them); a
+    parameter that has no gradient yet keeps none, as torch's."""
+    model = Sequential(Linear(4, 3), ReLU(), Linear(3, 2))
+    model[2].zero_grad(set_to_none=False)  # no backward yet: nothing to fill
+    assert all(p.grad is None for p in model.parameters())
+    out = model(np.ones((2, 4), np.float32))
+    model.backward(np.ones_like(out))
+    grads = [p.grad for p in model.parameters()]
+    model.zero_grad(set_to_none=False)
+    assert all(p.grad is g and not g.any() for p, g in zip(model.parameters(), grads))
+
+
+def test_to_a_device_alone_keeps_the_backend_and_checks_the_device():
+    """As torch's model.to("cuda"): a NumPy model cannot go to a GPU, and says so, rather
+    than staying on the CPU unnoticed."""
+    from cnn.backend import DeviceError
+
+    with pytest.raises(DeviceError, match="the numpy backend runs on the CPU only, not 'cuda'"):
+        build_model("simple").to(device="cuda")
+
+
+def test_to_a_backend_without_a_device_picks_one_as_documented(monkeypatch):
+    """``auto`` when no device is given: the GPU when there is one."""
+    import cnn.module
+
+    asked, real = [], cnn.module.get_backend
+    monkeypatch.setattr(cnn.module, "get_backend", lambda *a: asked.append(a) or real(*a))
+    build_model("simple").to("torch")
+    assert asked == [("torch", "auto")]
+
+
+def test_a_2d_torch_input_that_requires_grad_is_taken_as_data(rng):
+    model = Sequential(Linear(4, 3), ReLU(), Linear(3, 2)).to("torch", device="cpu")
+    x = torch.from_numpy(rng.standard_normal((5, 4)).astype(np.float32)).requires_grad_()
+    out = model(x)
+    assert not out.requires_grad and out.grad_fn is None

@@ -313,10 +313,23 @@ def test_empty_parameter_list_raises():
      r"got a torch.nn.parameter.Parameter: pass model.parameters\(\) of a cnn model"),
     (lambda: [{"params": simple_cnn().parameters(), "lr": 0.1}],
      "got a dict: parameter groups are not supported: step one optimizer per group"),
-], ids=["model", "block", "torch parameters", "param groups"])
+    (lambda: [simple_cnn()], r"got a Sequential: pass model.parameters\(\) of a cnn model$"),
+    (lambda: [Parameter(np.zeros(2)), *torch.nn.Linear(2, 2).parameters()],
+     r"got a torch.nn.parameter.Parameter: pass model.parameters\(\) of a cnn model"),
+], ids=["model", "block", "torch parameters", "param groups", "list of models", "mixed"])
 def test_an_optimizer_given_something_else_than_parameters_says_what_to_pass(kind, params, message):
     with pytest.raises(TypeError, match=f"{'SGD' if kind == 'sgd' else 'Adam'} takes Parameters, " + message):
         (SGD if kind == "sgd" else Adam)(params(), lr=0.1)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_zero_grad_drops_the_gradients_by_default_as_torch(kind):
+    params = [Parameter(np.ones(3, np.float32)), Parameter(np.ones(2, np.float32))]
+    opt = (SGD if kind == "sgd" else Adam)(params, lr=0.1)
+    for p in params:
+        p.grad = np.ones_like(p.data)
+    opt.zero_grad()
+    assert all(p.grad is None for p in params)
 
 
 def test_nesterov_needs_momentum():

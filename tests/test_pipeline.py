@@ -725,6 +725,45 @@ def test_a_stage_without_an_epoch_to_resume_says_so(resume, message, stage_dir, 
     assert f"train@simple_5ep_torch: {message}" in capsys.readouterr().err
 
 
+def test_resume_with_a_last_checkpoint_but_no_best_one_says_it_trains_from_the_start(
+        stage_dir, monkeypatch, capsys):
+    """Resuming needs the pair: last.npz alone (its best.npz lost) is not enough either."""
+    import cnn.train
+    from pipeline import _util, train
+
+    text = (stage_dir / "params.yaml").read_text()
+    (stage_dir / "params.yaml").write_text(text.replace("resume: false", "resume: true", 1))
+    (paths.run_dir("simple_5ep_torch") / paths.LAST_CHECKPOINT).write_bytes(b"last")
+
+    def interrupted_fit(config, on_epoch_end=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cnn.train, "fit", interrupted_fit)
+    with pytest.raises(SystemExit):
+        _util.run_main(train.main, ["simple_5ep_torch"])
+    assert ("train@simple_5ep_torch: resume: true, but runs/simple_5ep_torch/best.npz, written with "
+            "runs/simple_5ep_torch/last.npz, is missing: training from epoch 1") in capsys.readouterr().err
+
+
+def test_a_stage_signal_asks_training_to_stop_also_at_its_next_batch(monkeypatch):
+    """run_main's SIGTERM and SIGINT handlers go through cnn.train.request_stop, so a stop
+    whose exception is lost in a __del__ (MLflow's SQLAlchemy) still ends the training."""
+    import cnn.train
+    from pipeline import _util
+
+    installed = {}
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: installed.__setitem__(signum, handler))
+    monkeypatch.setattr(cnn.train, "_pending_stop", [])
+    with pytest.raises(SystemExit):
+        _util.run_main(lambda argv: 0, [])
+    with pytest.raises(SystemExit) as term:
+        installed[signal.SIGTERM](signal.SIGTERM, None)
+    assert term.value.code == 128 + signal.SIGTERM and cnn.train._pending_stop == [term.value]
+    with pytest.raises(KeyboardInterrupt) as interrupt:
+        installed[signal.SIGINT](signal.SIGINT, None)
+    assert cnn.train._pending_stop == [interrupt.value]
+
+
 def test_a_failure_after_training_keeps_what_resume_needs(stage_dir, monkeypatch):
     """Writing the metrics or the plot can fail (a full disk) once all epochs are trained:
     the resume pair stays, so `resume: true` continues instead of training all over."""
@@ -753,7 +792,8 @@ def test_a_failure_after_training_keeps_what_resume_needs(stage_dir, monkeypatch
     assert (d / paths.LAST_CHECKPOINT).read_bytes() == b"last"
 
 
-@pytest.mark.parametrize("ending, status, code", [("diverges", "FAILED", 1), ("interrupted", "KILLED", 130)])
+@pytest.mark.parametrize("ending, status, code", [("diverges", "FAILED", 1), ("interrupted", "KILLED", 130),
+                                                  ("terminated", "KILLED", 128 + signal.SIGTERM)])
 def test_an_mlflow_run_that_fails_or_is_interrupted_says_which(ending, status, code, stage_dir, monkeypatch):
     import cnn.train
     from mlflow.tracking import MlflowClient
@@ -766,6 +806,8 @@ def test_an_mlflow_run_that_fails_or_is_interrupted_says_which(ending, status, c
     def ending_fit(config, on_epoch_end=None):
         if ending == "interrupted":
             raise KeyboardInterrupt
+        if ending == "terminated":  # SIGTERM, as pipeline._util's handler raises it
+            raise SystemExit(128 + signal.SIGTERM)
         raise cnn.train.TrainingError("the training loss became nan in epoch 1: the run diverged")
 
     monkeypatch.setattr(cnn.train, "fit", ending_fit)

@@ -569,6 +569,12 @@ def test_early_stopping_after_patience_epochs_without_improvement(
     assert "Early stop" in capsys.readouterr().out
 
 
+def test_messages_count_epochs_in_the_singular_for_one_only():
+    from cnn.checks import counted
+
+    assert [counted(n, "epoch") for n in (0, 1, 2)] == ["0 epochs", "1 epoch", "2 epochs"]
+
+
 def test_a_run_that_stopped_early_stays_stopped_when_resumed(tiny_archive, tmp_path, monkeypatch, capsys):
     _patch_training(monkeypatch, [0.5] * 10)
     fit(base_config(tiny_archive, tmp_path, epochs=10, early_stop=2))  # stops after epoch 3
@@ -577,6 +583,14 @@ def test_a_run_that_stopped_early_stays_stopped_when_resumed(tiny_archive, tmp_p
     assert "had stopped early" in capsys.readouterr().out
     more_patience = fit(base_config(tiny_archive, tmp_path, epochs=10, early_stop=4, resume=True))
     assert more_patience.stopped_early and len(more_patience.history) == 5
+
+
+def test_early_stop_messages_count_the_epochs_without_improvement(tiny_archive, tmp_path, monkeypatch, capsys):
+    _patch_training(monkeypatch, [0.5] * 10)
+    fit(base_config(tiny_archive, tmp_path, epochs=10, early_stop=1))  # stops after epoch 2
+    assert "Early stop: no better test accuracy for 1 epoch (best 0.5000 at epoch 1)" in capsys.readouterr().out
+    fit(base_config(tiny_archive, tmp_path, epochs=10, early_stop=1, resume=True))
+    assert "had stopped early (no better test accuracy for 1 epoch): nothing to train" in capsys.readouterr().out
 
 
 def test_no_early_stop_when_off(tiny_archive, tmp_path, monkeypatch):
@@ -648,7 +662,7 @@ def test_an_atomic_write_to_a_link_replaces_the_link_not_the_file_it_points_to(t
     assert not link.is_symlink() and link.read_text() == "new" and cached.read_text() == "old"
 
 
-@pytest.mark.parametrize("stream", ["/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"])
+@pytest.mark.parametrize("stream", ["/dev/stdout", "/dev/stderr", "/dev/fd/1", "/proc/self/fd/1"])
 def test_an_atomic_write_to_stdout_never_renames_onto_it(stream, monkeypatch):
     """Redirected to a file, /dev/stdout resolves to a regular file; a temporary file renamed
     onto it would replace the device link itself (as root, for every later process) and
@@ -947,6 +961,36 @@ def test_a_stop_signal_whose_exception_was_lost_still_stops_training(tiny_archiv
         fit(base_config(tiny_archive, tmp_path / "run", epochs=1, batch_size=10))
     assert len(steps) == 2  # not one batch more
     assert not train_mod._pending_stop  # raised once
+
+
+def test_a_stop_request_raises_at_once_and_is_kept_for_the_next_batch(monkeypatch):
+    """Raised in the signal handler: a signal during evaluation or a checkpoint write stops
+    there, not only at the next training batch."""
+    monkeypatch.setattr(train_mod, "_pending_stop", [])
+    stop = KeyboardInterrupt()
+    with pytest.raises(KeyboardInterrupt) as info:
+        train_mod.request_stop(stop)
+    assert info.value is stop and train_mod._pending_stop == [stop]
+
+
+def test_a_stop_left_over_from_an_earlier_run_does_not_stop_the_next(tiny_archive, tmp_path, monkeypatch):
+    """A stop that was raised by the handler and never reached a batch (it landed during the
+    last epoch's evaluation, say) must not end the next fit() in the same process."""
+    class LeftOver(Exception):
+        pass
+
+    monkeypatch.setattr(train_mod, "_pending_stop", [LeftOver()])
+    result = fit(base_config(tiny_archive, tmp_path / "run", epochs=1, batch_size=10))
+    assert len(result.history) == 1 and not train_mod._pending_stop
+
+
+def test_the_parser_without_the_engine_flags_gives_the_default_config():
+    """benchmarks/native_reference.py's parser has no --backend, --out, --resume nor
+    --no-progress: those settings are TrainConfig's defaults, not other values."""
+    parser = train_mod.build_parser(engine=False)
+    for flag in ("--backend", "--out", "--resume", "--no-progress"):
+        assert flag not in parser.format_help()
+    assert train_mod.config_from_args(parser.parse_args([])) == TrainConfig()
 
 
 def test_cli_notes_flags_without_effect(tmp_path, capsys, monkeypatch):
