@@ -725,6 +725,25 @@ def test_a_stage_without_an_epoch_to_resume_says_so(resume, message, stage_dir, 
     assert f"train@simple_5ep_torch: {message}" in capsys.readouterr().err
 
 
+def test_the_stage_names_one_epoch_in_the_singular(stage_dir, monkeypatch, capsys):
+    import cnn.train
+    from pipeline import _util, train
+
+    text = (stage_dir / "params.yaml").read_text()
+    old = "  simple_5ep_torch:\n    model: simple\n    epochs: 5\n"
+    assert old in text
+    (stage_dir / "params.yaml").write_text(text.replace(old, old.replace("epochs: 5", "epochs: 1")))
+    P.main(["--run", "simple_5ep_torch", "--out", str(paths.settings_output("simple_5ep_torch"))])
+
+    def interrupted_fit(config, on_epoch_end=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cnn.train, "fit", interrupted_fit)
+    with pytest.raises(SystemExit):
+        _util.run_main(train.main, ["simple_5ep_torch"])
+    assert "train@simple_5ep_torch: SimpleCNN, 1 epoch, backend torch\n" in capsys.readouterr().err
+
+
 def test_resume_with_a_last_checkpoint_but_no_best_one_says_it_trains_from_the_start(
         stage_dir, monkeypatch, capsys):
     """Resuming needs the pair: last.npz alone (its best.npz lost) is not enough either."""
