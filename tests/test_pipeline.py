@@ -1328,6 +1328,43 @@ def test_defaults_that_every_run_overrides_or_ignores_retrain_nothing(repro_proj
 
 
 @pytest.mark.slow
+def test_a_forgotten_run_leaves_no_stage_behind(repro_project, tmp_path):
+    """DVC keeps the lock entries of a run deleted from params.yaml; pipeline.forget drops
+    them and the run's folder (resume files included), and DVC reads the lock it wrote."""
+    proj, env, _ = repro_project
+    proj = clone_project(proj, tmp_path / "project")
+    (proj / "runs" / "simple_5ep_torch" / "last.npz").write_bytes(b"resume file")
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    del params["runs"]["simple_5ep_torch"]
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    kept = {k: v for k, v in yaml.safe_load((proj / "dvc.lock").read_text())["stages"].items()
+            if not k.endswith("@simple_5ep_torch") and k != "report"}
+    out = stage("forget", "simple_5ep_torch", cwd=proj, env=env).stdout
+    assert out.startswith("removed settings@simple_5ep_torch, train@simple_5ep_torch, evaluate@simple_5ep_torch, "
+                          "runs/simple_5ep_torch/; next: dvc repro -s report")
+    assert not (proj / "runs" / "simple_5ep_torch").exists()
+    dvc("repro", "-s", "report", cwd=proj, env=env)
+    assert "up to date" in dvc("status", cwd=proj, env=env).stdout
+    lock = (proj / "dvc.lock").read_text()
+    assert "simple_5ep_torch" not in lock
+    assert {k: v for k, v in yaml.safe_load(lock)["stages"].items() if k != "report"} == kept
+
+
+@pytest.mark.parametrize("runs, message", [
+    (["simple_5ep_torch"], "simple_5ep_torch is still listed under `runs` in params.yaml: delete the entry there first"),
+    (["gone"], "nothing to forget: dvc.lock has no stage of gone and there is no runs/gone"),
+])
+def test_forget_refuses_a_listed_run_and_one_with_nothing_left(runs, message, stage_dir, capsys):
+    from pipeline import _util, forget
+
+    (stage_dir / "dvc.lock").write_text("schema: '2.0'\nstages:\n  train@simple_5ep_torch:\n    cmd: x\n")
+    with pytest.raises(SystemExit) as e:
+        _util.run_main(forget.main, runs)
+    assert e.value.code == 1 and capsys.readouterr().err == f"error: {message}\n"
+    assert (stage_dir / "runs" / "simple_5ep_torch").is_dir() and "train@" in (stage_dir / "dvc.lock").read_text()
+
+
+@pytest.mark.slow
 def test_a_typo_in_params_leaves_the_trained_run_in_place(repro_project, tmp_path):
     """DVC deletes a stage's outputs before running it unless they persist: the train stage
     persists them and removes them itself only after params.yaml passed its checks."""
