@@ -23,6 +23,7 @@ RUN_STAGES = ("settings", "train", "evaluate")
 
 def forget(runs: list[str], params: P.Params) -> list[str]:
     """Remove each run's lock entries and folder; returns what went, for the message."""
+    runs = list(dict.fromkeys(runs))  # a run named twice is forgotten once
     listed = [r for r in runs if r in params.runs]
     if listed:
         raise PipelineError(f"{', '.join(listed)} {'is' if len(listed) == 1 else 'are'} still listed under "

@@ -1339,7 +1339,7 @@ def test_a_forgotten_run_leaves_no_stage_behind(repro_project, tmp_path):
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     kept = {k: v for k, v in yaml.safe_load((proj / "dvc.lock").read_text())["stages"].items()
             if not k.endswith("@simple_5ep_torch") and k != "report"}
-    out = stage("forget", "simple_5ep_torch", cwd=proj, env=env).stdout
+    out = stage("forget", "simple_5ep_torch", "simple_5ep_torch", cwd=proj, env=env).stdout
     assert out.startswith("removed settings@simple_5ep_torch, train@simple_5ep_torch, evaluate@simple_5ep_torch, "
                           "runs/simple_5ep_torch/; next: dvc repro -s report")
     assert not (proj / "runs" / "simple_5ep_torch").exists()
