@@ -24,7 +24,9 @@
 #          returns in time; a SIGTERM (the call's time limit) also ends the wait and collects.
 # CARRY:   a git-ignored folder holding ../shared/cifar10/{cifar-10-jpeg.tar.xz,make-mirror}
 #          (the device machine cannot download the official archive). The runs train in
-#          a copy, CARRY/work, and log to CARRY/logs, which last between the two calls.
+#          a copy, CARRY/work, and log to CARRY/logs, which last between the two calls: so
+#          call start (or runs) once per lease, and collect without carry, which would
+#          replace CARRY there, runs and all.
 # OUT:     $OUT of a device run.
 #
 # With the device tool (mkdir -p .cache/gpu && cp ../shared/cifar10/{cifar-10-jpeg.tar.xz,make-mirror} .cache/gpu/):
@@ -52,12 +54,15 @@ DEVICE=${GPU_SESSION_DEVICE:-cuda}
 BENCH=${GPU_SESSION_BENCH:---batch-sizes 64 512}
 REPRODUCE=${GPU_SESSION_REPRODUCE:-resnet_50ep_step}
 ROOT=$PWD
-LOGS=$ROOT/$CARRY/logs
-WORK=$ROOT/$CARRY/work  # where the runs train (see launch)
+CARRY=$(cd "$CARRY" && pwd) || exit 2
+LOGS=$CARRY/logs
+WORK=$CARRY/work  # where the runs train (see launch)
 # The device machine has a copy of the working tree, not this package installed: the repo
 # root on the path lets benchmarks/*.py import it as `python -m` does for cnn and pipeline.
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$OUT" "$LOGS"
+# A device call brings back 8 files of $OUT at most: start writes exactly 8 (device.txt,
+# summary.txt, bench.json and five step logs), collect 4.
 step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, note the time and exit status
     local name=$1 t0=$SECONDS
     shift
@@ -92,15 +97,16 @@ launch() {  # each run in the background, in WORK: train, then evaluate; exit st
             python3 -c "import sys, yaml; p = yaml.safe_load(open('params.yaml')); p['resume'] = True
 yaml.safe_dump(p, open(sys.argv[1], 'w'), sort_keys=False)" "$WORK/$params"
         fi
-        (cd "$WORK" && setsid nohup $RUN_CPUS bash -c "t0=\$SECONDS; python3 -m pipeline.params --run $run --out runs/$run/settings.json >$LOGS/settings_$run.log 2>&1 &&
-            OMP_NUM_THREADS=2 python3 -m pipeline.train $run --params $params >$LOGS/train_$run.log 2>&1 &&
-            python3 -m pipeline.evaluate $run >$LOGS/evaluate_$run.log 2>&1; rc=\$?
-            echo \"$run: exit \$rc, \$((SECONDS - t0)) s\" >$LOGS/$run.rc" >/dev/null 2>&1 &)
+        (cd "$WORK" && setsid nohup $RUN_CPUS bash -c 't0=$SECONDS run=$1 logs=$2 params=$3
+            python3 -m pipeline.params --run "$run" --out "runs/$run/settings.json" >"$logs/settings_$run.log" 2>&1 &&
+            OMP_NUM_THREADS=2 python3 -m pipeline.train "$run" --params "$params" >"$logs/train_$run.log" 2>&1 &&
+            python3 -m pipeline.evaluate "$run" >"$logs/evaluate_$run.log" 2>&1; rc=$?
+            echo "$run: exit $rc, $((SECONDS - t0)) s" >"$logs/$run.rc"' _ "$run" "$LOGS" "$params" >/dev/null 2>&1 &)
     done
 }
 
 prepare() {  # the mirror and the prepared data (CPU work), in the background: PID in $data
-    ( export CIFAR10_SOURCE=$PWD/$CARRY/mirror/cifar-10-python.tar.gz CIFAR10_MD5=cdf7501182ebb3f902c966eaf0e06177
+    ( export CIFAR10_SOURCE=$CARRY/mirror/cifar-10-python.tar.gz CIFAR10_MD5=cdf7501182ebb3f902c966eaf0e06177
       step mirror python3 "$CARRY/make-mirror" "$CARRY/mirror" &&
       step data bash -c "python3 -m pipeline.download && python3 -m pipeline.normalize" ) &
     data=$!

@@ -363,6 +363,7 @@ class TorchBackend(Backend):
         # The outer stream context puts back the stream that was current: when a capture
         # fails, torch.cuda.graph raises before it restores it, and every later eager
         # kernel would run on its capture stream.
+        rng_state = self.rng.get_state()
         try:
             with (torch.cuda.device(self.device), torch.cuda.stream(torch.cuda.current_stream(self.device)),
                   torch.cuda.graph(graph)):
@@ -371,9 +372,8 @@ class TorchBackend(Backend):
             # A failed capture can leave the generators it registered marked as capturing
             # (pytorch/pytorch#171263), and every later draw from them fails. A new generator
             # with the state from before the capture draws on as if none had been tried.
-            fresh = torch.Generator(self.device)
-            fresh.set_state(self.rng.get_state())
-            self.rng = fresh
+            self.rng = torch.Generator(self.device)
+            self.rng.set_state(rng_state)
             raise
         return graph
 

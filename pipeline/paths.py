@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 PARAMS = Path("params.yaml")
+LOCK = Path("dvc.lock")  # written by DVC; pipeline.forget drops a removed run's entries
 
 # download / normalize
 RAW_ARCHIVE = Path("data/raw/cifar-10-python.tar.gz")
@@ -41,7 +42,7 @@ REPORT_CONFUSION_DIR = REPORTS / "confusion"
 
 
 # Everything the stages write (dvc.lock by DVC): changes there do not make a run's code dirty.
-PIPELINE_OUTPUTS = ("dvc.lock", "data", str(RUNS), str(REPORTS))
+PIPELINE_OUTPUTS = (str(LOCK), "data", str(RUNS), str(REPORTS))
 
 
 def run_dir(run: str) -> Path:

@@ -249,6 +249,22 @@ def test_freezing_a_feature_extractor_trains_the_head_only(rng):
         == ["16.weight", "16.bias"]
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_layers_print_as_their_torch_twins(name):
+    """Each layer of the model as built (SmallResNet's stride-2 and 1x1 shortcut convolutions
+    included), where its twin's layer has the same class."""
+    ours = dict(build_model(name).named_modules())
+    theirs = dict(torch_twin(name).named_modules())
+    compared = set()
+    for path, module in ours.items():
+        twin = theirs.get(path)
+        if twin is not None and type(twin).__name__ == type(module).__name__ and not list(module.children()):
+            assert printed_as_installed_torch(module) == repr(twin), path
+            compared.add(type(module).__name__)
+    expected = {"Conv2d", "BatchNorm2d", "ReLU", "Flatten", "Linear"}
+    assert compared >= (expected | {"MaxPool2d", "Dropout"} if name == "simple" else expected)
+
+
 def test_a_model_prints_as_its_torch_twin():
     """Containers too: children indented under their names, the closing parenthesis on a
     line of its own. SimpleCNN's twin is built of the same classes throughout."""

@@ -1350,18 +1350,44 @@ def test_a_forgotten_run_leaves_no_stage_behind(repro_project, tmp_path):
     assert {k: v for k, v in yaml.safe_load(lock)["stages"].items() if k != "report"} == kept
 
 
+NOT_A_RUN_NAME = ": not a run name (letters, digits, '_' and '-')"
+
+
 @pytest.mark.parametrize("runs, message", [
     (["simple_5ep_torch"], "simple_5ep_torch is still listed under `runs` in params.yaml: delete the entry there first"),
-    (["gone"], "nothing to forget: dvc.lock has no stage of gone and there is no runs/gone"),
+    (["old", "odl"], "nothing to forget of odl: dvc.lock has no stage of it and there is no runs/odl"),
+    # names that would make runs/<name> another folder than a run's
+    ([".."], "'..'" + NOT_A_RUN_NAME), (["old", "."], "'.'" + NOT_A_RUN_NAME), ([""], "''" + NOT_A_RUN_NAME),
+    (["/tmp"], "'/tmp'" + NOT_A_RUN_NAME), (["old/"], "'old/'" + NOT_A_RUN_NAME),
 ])
-def test_forget_refuses_a_listed_run_and_one_with_nothing_left(runs, message, stage_dir, capsys):
+def test_forget_removes_nothing_unless_every_run_named_has_something_to_remove(runs, message, stage_dir,
+                                                                               monkeypatch, capsys):
     from pipeline import _util, forget
 
-    (stage_dir / "dvc.lock").write_text("schema: '2.0'\nstages:\n  train@simple_5ep_torch:\n    cmd: x\n")
+    def refuse(folders):  # were the name check to go, "/tmp" must still not be deleted
+        raise AssertionError(f"forget would remove {folders}")
+
+    monkeypatch.setattr(forget, "remove", refuse)
+    (stage_dir / "dvc.lock").write_text("schema: '2.0'\nstages:\n  train@old:\n    cmd: x\n")
+    (stage_dir / "runs" / "old").mkdir()
     with pytest.raises(SystemExit) as e:
         _util.run_main(forget.main, runs)
     assert e.value.code == 1 and capsys.readouterr().err == f"error: {message}\n"
-    assert (stage_dir / "runs" / "simple_5ep_torch").is_dir() and "train@" in (stage_dir / "dvc.lock").read_text()
+    assert (stage_dir / "runs" / "old").is_dir() and (stage_dir / "runs" / "simple_5ep_torch").is_dir()
+    assert "train@old" in (stage_dir / "dvc.lock").read_text()
+
+
+@pytest.mark.parametrize("lock", ["stages: [train@old\n", "stages: [train@old]\n", "- train@old\n"])
+def test_forget_refuses_a_lock_file_it_cannot_read(lock, stage_dir, capsys):
+    from pipeline import _util, forget
+
+    (stage_dir / "dvc.lock").write_text(lock)
+    (stage_dir / "runs" / "old").mkdir()
+    with pytest.raises(SystemExit) as e:
+        _util.run_main(forget.main, ["old"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith("error: dvc.lock is not ") and "git checkout dvc.lock" in err
+    assert (stage_dir / "runs" / "old").is_dir() and (stage_dir / "dvc.lock").read_text() == lock
 
 
 @pytest.mark.slow
