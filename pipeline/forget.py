@@ -50,7 +50,8 @@ def forget(runs: list[str], params: P.Params) -> list[str]:
     lock = _read_lock()
     stages = lock.get("stages") or {}
     entries = {r: [f"{s}@{r}" for s in RUN_STAGES if f"{s}@{r}" in stages] for r in runs}
-    unknown = [r for r in runs if not entries[r] and not paths.run_dir(r).exists()]
+    folders = [paths.run_dir(r) for r in runs if paths.run_dir(r).exists()]
+    unknown = [r for r in runs if not entries[r] and paths.run_dir(r) not in folders]
     if unknown:
         raise PipelineError(f"nothing to forget of {', '.join(unknown)}: {paths.LOCK} has no stage of "
                             f"{'it' if len(unknown) == 1 else 'them'} and there is no "
@@ -61,7 +62,6 @@ def forget(runs: list[str], params: P.Params) -> list[str]:
             del stages[name]
         # DVC reads any YAML; it writes the file in its own layout again at its next change.
         write_text(paths.LOCK, yaml.safe_dump(lock, sort_keys=False, width=1 << 16))
-    folders = [paths.run_dir(r) for r in runs if paths.run_dir(r).exists()]
     remove(folders)
     return gone + [f"{d}/" for d in folders]
 
