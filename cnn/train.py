@@ -350,8 +350,9 @@ def request_stop(exc: BaseException):
     raise exc
 
 
-def _terminated(signum, frame):
-    # as Ctrl-C: checkpoint writes clean up, and the message says how to go on
+def stop_as_interrupted(signum, frame):
+    """A signal handler: stop training as Ctrl-C does (checkpoint writes clean up, and the
+    message says how to go on)."""
     request_stop(KeyboardInterrupt())
 
 
@@ -386,6 +387,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _terminated)
-    signal.signal(signal.SIGINT, _terminated)
+    signal.signal(signal.SIGTERM, stop_as_interrupted)
+    signal.signal(signal.SIGINT, stop_as_interrupted)
     sys.exit(main())

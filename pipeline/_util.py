@@ -13,7 +13,7 @@ from typing import Callable
 
 from cnn.atomic import atomic_path
 from cnn.errors import UserError
-from cnn.train import request_stop
+from cnn.train import request_stop, stop_as_interrupted
 
 
 class PipelineError(Exception):
@@ -54,10 +54,6 @@ def _sigterm(signum, frame):  # pragma: no cover - exercised by signals only
     request_stop(SystemExit(128 + signum))
 
 
-def _sigint(signum, frame):  # pragma: no cover - exercised by signals only
-    request_stop(KeyboardInterrupt())
-
-
 def summary(doc: str) -> str:
     """A module docstring's first paragraph as plain text, for ``--help``."""
     return " ".join(doc.strip().split("\n\n")[0].split()).replace("``", "")
@@ -73,7 +69,7 @@ def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | N
     from pipeline.params import ParamsError
 
     signal.signal(signal.SIGTERM, _sigterm)
-    signal.signal(signal.SIGINT, _sigint)
+    signal.signal(signal.SIGINT, stop_as_interrupted)
     try:
         rc = main(argv)
     except ParamsError as e:
