@@ -69,20 +69,35 @@ def test_each_case_runs_in_its_own_process_on_the_device_asked_for(monkeypatch, 
 
     monkeypatch.setattr(bench.subprocess, "run", fake_run)
     assert bench.main(["--models", "simple", "resnet", "--engines", "torch", "native", "--device", "cpu",
-                       "--batch-sizes", "2", "8"]) == 0
+                       "--batch-sizes", "2", "8", "--steps", "7", "--repeats", "4", "--warmup", "5"]) == 0
     cases = [c[c.index("--case") + 1] for c in commands]
     assert cases == [f"{m}:{e}:{b}" for b in (2, 8) for m in ("simple", "resnet") for e in ("torch", "native")]
-    assert all(c[c.index("--device") + 1] == "cpu" for c in commands)
+    for flag, value in (("--device", "cpu"), ("--steps", "7"), ("--repeats", "4"), ("--warmup", "5")):
+        assert all(c[c.index(flag) + 1] == value for c in commands), flag
+
+
+def test_a_case_reports_its_fastest_block_per_step(monkeypatch):
+    """Each timed block is its time over its steps; ms/step is the fastest block's."""
+    from types import SimpleNamespace
+
+    clock = iter([0.0, 0.08, 1.0, 1.04, 2.0, 2.12])  # blocks of 4 steps: 20, 10 and 30 ms a step
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    r = bench._time_case("simple", "numpy", "cpu", 2, steps=4, repeats=3, warmup=0)
+    assert r["ms_blocks"] == pytest.approx([20.0, 10.0, 30.0]) and r["ms_per_step"] == pytest.approx(10.0)
 
 
 def test_the_ratio_is_to_native_with_the_same_model_and_batch_size(capsys):
-    rows = [dict(model="simple", engine=engine, where="cpu", batch_size=bs, ms_per_step=ms, peak_rss_mb=1.0)
-            for engine, bs, ms in (("torch", 64, 20.0), ("torch", 512, 30.0),
-                                   ("native", 64, 10.0), ("native", 512, 60.0))]
+    rows = [dict(model=model, engine=engine, where="cpu", batch_size=bs, ms_per_step=ms, peak_rss_mb=1.0)
+            for model, engine, bs, ms in (("simple", "torch", 64, 20.0), ("simple", "torch", 512, 30.0),
+                                          ("resnet", "native", 64, 40.0), ("resnet", "native", 512, 40.0),
+                                          ("simple", "native", 64, 10.0), ("simple", "native", 512, 60.0))]
     for r in rows[:2]:
         bench._print_row(r, rows)
-    first, second = capsys.readouterr().out.splitlines()
-    assert first.split()[6] == "2.00" and second.split()[6] == "0.50"
+    first, second = (line.split() for line in capsys.readouterr().out.splitlines())
+    assert first[:3] == ["simple", "64", "torch:"] and second[:3] == ["simple", "512", "torch:"]
+    assert first[6] == "2.00" and second[6] == "0.50"
+    # s/epoch: ms/step over the 50,000 training images in batches of that size
+    assert first[5] == f"{20.0 / 1000 * 50_000 / 64:.1f}" and second[5] == f"{30.0 / 1000 * 50_000 / 512:.1f}"
 
 
 def test_an_operator_counts_once_however_many_it_calls_inside():

@@ -1377,6 +1377,37 @@ def test_forget_removes_nothing_unless_every_run_named_has_something_to_remove(r
     assert "train@old" in (stage_dir / "dvc.lock").read_text()
 
 
+LOCK_WITH_OLD = ("schema: '2.0'\nstages:\n  settings@old:\n    cmd: a\n  train@old:\n    cmd: b\n"
+                 "  train@oldest:\n    cmd: c\n")
+
+
+@pytest.mark.parametrize("lock, folder, removed", [
+    (LOCK_WITH_OLD, True, "settings@old, train@old, runs/old/"),
+    (LOCK_WITH_OLD, False, "settings@old, train@old"),  # its folder already deleted by hand
+    ("schema: '2.0'\nstages:\n  train@oldest:\n    cmd: c\n", True, "runs/old/"),
+    (None, True, "runs/old/"),  # no dvc.lock: nothing was ever recorded
+])
+def test_forget_removes_what_there_is_of_a_run_and_nothing_else(lock, folder, removed, stage_dir, capsys):
+    from pipeline import _util, forget
+
+    if lock is not None:
+        (stage_dir / "dvc.lock").write_text(lock)
+    if folder:
+        (stage_dir / "runs" / "old").mkdir()
+        (stage_dir / "runs" / "old" / "last.npz").write_bytes(b"resume file")
+    (stage_dir / "runs" / "oldest").mkdir()
+    with pytest.raises(SystemExit) as e:
+        _util.run_main(forget.main, ["old", "old"])  # named twice, forgotten once
+    assert e.value.code == 0
+    assert capsys.readouterr().out == f"removed {removed}; next: dvc repro -s report, then commit the deletions\n"
+    assert not (stage_dir / "runs" / "old").exists() and (stage_dir / "runs" / "oldest").is_dir()
+    if lock is None:
+        assert not (stage_dir / "dvc.lock").exists()
+    else:
+        assert yaml.safe_load((stage_dir / "dvc.lock").read_text()) == {
+            "schema": "2.0", "stages": {"train@oldest": {"cmd": "c"}}}
+
+
 @pytest.mark.parametrize("lock", ["stages: [train@old\n", "stages: [train@old]\n", "- train@old\n"])
 def test_forget_refuses_a_lock_file_it_cannot_read(lock, stage_dir, capsys):
     from pipeline import _util, forget
