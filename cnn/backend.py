@@ -389,7 +389,13 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 def resolve_device(backend: str, device: str = "auto") -> str:
-    """Turn ``auto`` into the best device the backend can use here."""
+    """Turn ``auto`` into the best device the backend can use here (``device``: a name,
+    or a ``torch.device``)."""
+    if type(device).__module__ == "torch" and type(device).__name__ == "device":
+        device = str(device)  # torch.device("cuda", 1) -> "cuda:1"
+    if not isinstance(device, str):
+        raise DeviceError(f"a device is a name ({', '.join(DEVICES)}, cuda:N) or a torch.device, "
+                          f"got {type(device).__name__} {device!r}")
     if device not in DEVICES and not device.startswith("cuda:"):
         raise DeviceError(f"unknown device {device!r}: choose one of {', '.join(DEVICES)}")
     if backend == "numpy":

@@ -31,6 +31,16 @@ def _square(v, what: str, minimum: int) -> int:
     return a
 
 
+def _at_default(layer: str, **args) -> None:
+    """torch.nn arguments that this engine implements at their default value only, each
+    given as (value, default): taken there, since torch.nn code and the layers' printed
+    form pass them, and refused elsewhere."""
+    for name, (value, default) in args.items():
+        if value != default or type(value) is not type(default):
+            raise ValueError(f"{layer}({name}={value!r}) is not implemented here: only {name}={default!r}, "
+                             "torch.nn's default")
+
+
 class Workspace:
     """Buffers a layer reuses from one training step to the next.
 
@@ -95,8 +105,10 @@ class Conv2d(Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
-                 bias: bool = True):
+                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros"):
         super().__init__()
+        _at_default("Conv2d", dilation=(_pair(dilation, "dilation", 1), (1, 1)), groups=(groups, 1),
+                    padding_mode=(padding_mode, "zeros"))
         self.in_channels = _count(in_channels, "in_channels")
         self.out_channels = _count(out_channels, "out_channels")
         self.kernel_size = _pair(kernel_size, "kernel_size", 1)
@@ -205,8 +217,11 @@ class BatchNorm2d(Module):
     eval mode uses the running statistics.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, *, bias: bool = True):
         super().__init__()
+        _at_default("BatchNorm2d", affine=(affine, True), track_running_stats=(track_running_stats, True),
+                    bias=(bias, True))
         self.num_features = num_features = _count(num_features, "num_features")
         # PyTorch's momentum=None (a cumulative average) is not implemented
         require(momentum, "momentum", number(0, low_open=False, high=1, high_open=False))
@@ -391,6 +406,12 @@ class MaxPool2d(_Pool2d):
     window in row-major order, exactly as in PyTorch (ties included; a window holding a NaN,
     where PyTorch picks the NaN, is the exception)."""
 
+    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, return_indices: bool = False,
+                 ceil_mode: bool = False):
+        _at_default("MaxPool2d", dilation=(_pair(dilation, "dilation", 1), (1, 1)),
+                    return_indices=(return_indices, False), ceil_mode=(ceil_mode, False))
+        super().__init__(kernel_size, stride, padding)
+
     def extra_repr(self) -> str:
         return super().extra_repr() + ", dilation=1, ceil_mode=False"
 
@@ -423,6 +444,12 @@ class MaxPool2d(_Pool2d):
 
 class AvgPool2d(_Pool2d):
     """x: (N, C, H, W) -> (N, C, Ho, Wo); zero padding counts in the average, as PyTorch's default."""
+
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
+                 count_include_pad: bool = True, divisor_override: int | None = None):
+        _at_default("AvgPool2d", ceil_mode=(ceil_mode, False), count_include_pad=(count_include_pad, True),
+                    divisor_override=(divisor_override, None))
+        super().__init__(kernel_size, stride, padding)
 
     def forward(self, x):
         _check_input(self, x, 4)
@@ -460,15 +487,17 @@ class GlobalAvgPool2d(Module):
 
 class Dropout(Module):
     """Inverted dropout: in train mode zero each value with probability ``p`` and scale the
-    rest by 1 / (1 - p); identity in eval mode. Masks come from the backend's generator."""
+    rest by 1 / (1 - p) (p = 1 zeroes all); identity in eval mode. Masks come from the
+    backend's generator. ``inplace`` is taken and printed as ReLU's: the output is a new array."""
 
-    def __init__(self, p: float = 0.5):
+    def __init__(self, p: float = 0.5, inplace: bool = False):
         super().__init__()
-        self.p = require(p, "dropout probability", number(0, low_open=False, high=1))
+        self.p = require(p, "dropout probability", number(0, low_open=False, high=1, high_open=False))
+        self.inplace = require(inplace, "inplace", boolean)
         self.cache = None
 
     def extra_repr(self) -> str:
-        return f"p={self.p}, inplace=False"
+        return f"p={self.p}, inplace={self.inplace}"
 
     def forward(self, x):
         if not self.training or self.p == 0.0:
@@ -476,7 +505,7 @@ class Dropout(Module):
             return x
         B = backend_of(x)
         keep = B.uniform(tuple(x.shape), dtype=B.dtype_name(x)) >= self.p
-        mask = B.astype(keep, B.dtype_name(x)) * (1.0 / (1.0 - self.p))
+        mask = B.astype(keep, B.dtype_name(x)) * (1.0 / (1.0 - self.p) if self.p < 1 else 0.0)
         self.cache = (mask,)
         return x * mask
 

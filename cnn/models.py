@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from cnn.backend import backend_of
 from cnn.checks import type_name
 from cnn.layers import (BatchNorm2d, Conv2d, Dropout, Flatten, GlobalAvgPool2d, Linear,
                         MaxPool2d, ReLU)
@@ -21,6 +22,21 @@ def _check_layer(layer, name: str) -> Module:
                 if type(layer).__module__.startswith("torch") else "")
         raise TypeError(f"Sequential takes layers (Modules), got {type_name(layer)} as layer {name}{hint}")
     return layer
+
+
+def _check_output_grad(name: str, grad, shape: tuple, B, dtype: str) -> None:
+    """The loss gradient must be an array like the output it belongs to: a float64 one
+    would make float64 gradients (and optimizer state) of a float32 model on NumPy."""
+    if not hasattr(grad, "shape"):
+        raise TypeError(f"{name}.backward() takes an array (NumPy, torch or CuPy) like the model's output, "
+                        f"got {type(grad).__name__}")
+    if tuple(grad.shape) != shape:
+        raise ValueError(f"{name}.backward() got a gradient of shape {tuple(grad.shape)} for an output of "
+                         f"shape {shape}: pass the loss gradient with respect to the last forward pass's output")
+    Bg = backend_of(grad)
+    if Bg is not B or Bg.dtype_name(grad) != dtype:
+        raise TypeError(f"{name}.backward() got a {Bg!r} {Bg.dtype_name(grad)} gradient for a {B!r} {dtype} "
+                        f"output: convert it with backend.asarray(grad, dtype={dtype!r}) on the output's backend")
 
 
 class Sequential(Module):
@@ -56,10 +72,44 @@ class Sequential(Module):
         name = [name for name, _ in self.named_children()][i]
         setattr(self, name, _check_layer(layer, name))
 
+    def __delitem__(self, i: int | slice) -> None:
+        """Remove the i-th layer (or a slice of them, ``del model[-1]`` for a headless
+        model); the rest are renamed 0, 1, ... as PyTorch does, named layers too."""
+        names = [name for name, _ in self.named_children()]
+        gone = names[i] if isinstance(i, slice) else [names[i]]
+        self._renumber([layer for name, layer in self.named_children() if name not in gone])
+
+    def pop(self, i: int) -> Module:
+        """Remove the i-th layer and return it."""
+        layer = self[i]
+        del self[i]
+        return layer
+
+    def insert(self, index: int, layer: Module) -> "Sequential":
+        """Put a layer before position ``index``; the layers are renamed 0, 1, ... as in PyTorch."""
+        layers = list(self.children())
+        if not -len(layers) <= index <= len(layers):
+            raise IndexError(f"index {index} is out of range for a Sequential of {len(layers)} layers")
+        layers.insert(index, _check_layer(layer, str(index)))
+        self._renumber(layers)
+        return self
+
+    def _renumber(self, layers: list[Module]) -> None:
+        for name in list(self._modules):
+            delattr(self, name)
+        for k, layer in enumerate(layers):
+            setattr(self, str(k), layer)
+
     def append(self, layer: Module) -> "Sequential":
         """Add a layer at the end, named after its position, as PyTorch."""
         name = str(len(self._modules))
         setattr(self, name, _check_layer(layer, name))
+        return self
+
+    def extend(self, layers) -> "Sequential":
+        """``append`` each of ``layers`` (any iterable of layers, a Sequential too)."""
+        for layer in list(layers):
+            self.append(layer)
         return self
 
     def __len__(self) -> int:
@@ -72,16 +122,15 @@ class Sequential(Module):
         if last is not None:
             # Kept on the last layer, for backward's check: a slice of this model that ends
             # with it (model[2:]) then checks against the same, latest forward pass.
-            last._output_shape = tuple(x.shape)
+            B = backend_of(x)
+            last._output_like = (tuple(x.shape), B, B.dtype_name(x))
         return x
 
     def backward(self, grad_out):
         layers = list(self.named_children())
-        expected = layers[-1][1].__dict__.get("_output_shape") if layers else None
-        if expected is not None and tuple(grad_out.shape) != expected:
-            raise ValueError(f"{type(self).__name__}.backward() got a gradient of shape {tuple(grad_out.shape)} "
-                             f"for an output of shape {expected}: pass the loss gradient with respect to "
-                             "the last forward pass's output")
+        expected = layers[-1][1].__dict__.get("_output_like") if layers else None
+        if expected is not None:
+            _check_output_grad(type(self).__name__, grad_out, *expected)
         first = {}
         for name, layer in layers:
             if first.setdefault(id(layer), name) != name:

@@ -113,7 +113,7 @@ class Module:
                                         f"{type(self).__name__}: assign {kind}, or None to remove it")
                     registry[name] = None
             if name in self._buffers:
-                self._buffers[name] = value
+                self.register_buffer(name, value)  # checked as a new one
                 return
         object.__setattr__(self, name, value)
 
@@ -132,8 +132,37 @@ class Module:
             return buffers[name]
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
+    def add_module(self, name: str, module: "Module | None") -> None:
+        """Register ``module`` (or an empty slot, None) under ``name``, as PyTorch's: for
+        names made at run time (``self.add_module(f"block{i}", ...)``)."""
+        if not isinstance(name, str) or not name or "." in name:
+            raise KeyError(f"a module name is a non-empty string without '.', got {name!r}")
+        if module is not None and not isinstance(module, Module):
+            raise TypeError(f"add_module({name!r}, ...) takes a Module or None, got {type(module).__name__}")
+        if module is None:
+            self._modules[name] = None
+        setattr(self, name, module)
+
+    def get_submodule(self, target: str) -> "Module":
+        """The module at dotted path ``target`` ("layer.0.conv1"; "" is this one), as PyTorch's."""
+        module = self
+        for name in target.split(".") if target else []:
+            child = module._modules.get(name)
+            if child is None:
+                raise AttributeError(f"{type(module).__name__} has no submodule {name!r} (looking for {target!r})")
+            module = child
+        return module
+
     def register_buffer(self, name: str, value) -> None:
-        """State that is saved and moved with the module but not trained (e.g. running means)."""
+        """State that is saved and moved with the module but not trained (e.g. running means):
+        an array (NumPy, torch or CuPy), or None for an empty slot."""
+        if value is not None:
+            try:
+                backend_of(value)
+            except TypeError:
+                raise TypeError(f"buffer {name!r} of {type(self).__name__} must be an array (NumPy, torch or "
+                                f"CuPy) or None, got {type(value).__name__}: wrap it as "
+                                "np.asarray(value, dtype=np.float32)") from None
         if name not in self._buffers and (name in self._parameters or name in self._modules
                                           or name in self.__dict__):
             raise KeyError(f"attribute {name!r} already exists in {type(self).__name__}: "

@@ -63,6 +63,18 @@ def test_unknown_and_unavailable_devices_are_clear_errors(monkeypatch):
     assert resolve_device("torch", "auto") in ("cpu", "mps")
 
 
+def test_a_torch_device_names_the_same_device_as_its_name(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("torch", torch.device("cuda", 1)) == "cuda:1"
+    assert resolve_device("numpy", torch.device("cpu")) == "cpu"
+    assert get_backend("torch", torch.device("cpu")) is get_backend("torch", "cpu")
+    with pytest.raises(DeviceError, match="unknown device 'meta'"):
+        resolve_device("torch", torch.device("meta"))
+    with pytest.raises(DeviceError, match=r"a device is a name \(auto, cpu, cuda, mps, cuda:N\) or a "
+                                          r"torch.device, got int 0"):
+        resolve_device("torch", 0)
+
+
 def test_auto_picks_cuda_where_pytorch_sees_it(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("torch", "auto") == "cuda"

@@ -370,7 +370,15 @@ def test_dropout_identity_in_eval_and_for_p0(p, train, backend, dtype, rng):
                                   g.astype(dtype))
 
 
-@pytest.mark.parametrize("p", [1.0, -0.1, 1.5])
+def test_dropout_of_everything_zeroes_everything_as_torch(backend):
+    layer = Dropout(1.0).to(backend).train()
+    x = backend.asarray(np.ones((4, 5), np.float32))
+    out = to_numpy(layer(x))
+    np.testing.assert_array_equal(out, nn.functional.dropout(torch.ones(4, 5), 1.0).numpy())
+    np.testing.assert_array_equal(to_numpy(layer.backward(x)), np.zeros((4, 5), np.float32))
+
+
+@pytest.mark.parametrize("p", [1.0001, -0.1, 1.5])
 def test_dropout_invalid_p_raises(p):
     with pytest.raises(ValueError, match="dropout probability"):
         Dropout(p)
@@ -662,6 +670,35 @@ def test_conv2d_prints_as_torch(args, kwargs):
 ], ids=["maxpool", "avgpool", "linear", "batchnorm", "dropout"])
 def test_layers_print_as_torch(ours, theirs):
     assert printed_as_installed_torch(ours()) == repr(theirs())
+
+
+@pytest.mark.parametrize("theirs", [
+    nn.Conv2d(3, 8, (3, 5), stride=2, padding=1, bias=False), nn.Conv2d(3, 8, 3, dilation=1, groups=1),
+    nn.BatchNorm2d(6, eps=1e-3), nn.MaxPool2d(3, 2, 1), nn.AvgPool2d(2), nn.Dropout(0.25, inplace=True),
+    nn.ReLU(inplace=True), nn.Linear(4, 5), nn.Flatten(),
+], ids=repr)
+def test_a_layer_printed_by_torch_builds_the_same_layer_here(theirs):
+    """torch.nn code, and the layers' printed form, pass torch.nn's arguments at their
+    defaults (dilation=1, ceil_mode=False, affine=True, ...): they are taken."""
+    ours = eval(repr(theirs), vars(cnn.layers))
+    assert type(ours).__module__ == "cnn.layers" and printed_as_installed_torch(ours) == repr(theirs)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: Conv2d(3, 4, 3, dilation=2), r"Conv2d\(dilation=\(2, 2\)\) is not implemented here: only "
+                                          r"dilation=\(1, 1\), torch.nn's default"),
+    (lambda: Conv2d(3, 4, 3, groups=3), r"Conv2d\(groups=3\) is not implemented here"),
+    (lambda: Conv2d(3, 4, 3, padding_mode="reflect"), r"Conv2d\(padding_mode='reflect'\) is not implemented"),
+    (lambda: BatchNorm2d(3, affine=False), r"BatchNorm2d\(affine=False\) is not implemented here"),
+    (lambda: BatchNorm2d(3, track_running_stats=0), r"BatchNorm2d\(track_running_stats=0\) is not implemented"),
+    (lambda: MaxPool2d(2, ceil_mode=True), r"MaxPool2d\(ceil_mode=True\) is not implemented here"),
+    (lambda: MaxPool2d(2, return_indices=True), r"MaxPool2d\(return_indices=True\) is not implemented"),
+    (lambda: AvgPool2d(2, count_include_pad=False), r"AvgPool2d\(count_include_pad=False\) is not implemented"),
+    (lambda: AvgPool2d(2, divisor_override=3), r"AvgPool2d\(divisor_override=3\) is not implemented"),
+])
+def test_torch_arguments_away_from_their_default_are_refused(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
 
 
 @pytest.mark.parametrize("make, message", [

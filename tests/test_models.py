@@ -188,6 +188,17 @@ def test_a_buffer_may_not_take_the_name_of_a_parameter_like_torch():
         lin.register_buffer("bias", np.zeros(2, np.float32))
 
 
+def test_a_buffer_that_is_no_array_is_refused_when_it_is_set():
+    """Not later, in state_dict() or to(), without the buffer's name (torch refuses it too)."""
+    bn = BatchNorm2d(3)
+    with pytest.raises(TypeError, match=r"buffer 'scale' of BatchNorm2d must be an array \(NumPy, torch or "
+                                        r"CuPy\) or None, got float: wrap it as np.asarray"):
+        bn.register_buffer("scale", 2.0)
+    with pytest.raises(TypeError, match="buffer 'running_mean' of BatchNorm2d must be an array"):
+        bn.running_mean = [0.0, 0.0, 0.0]
+    assert "scale" not in bn.state_dict() and bn.running_mean.tolist() == [0.0, 0.0, 0.0]
+
+
 def test_assigning_an_array_where_a_parameter_belongs_is_a_clear_error():
     lin = Linear(2, 2)
     with pytest.raises(TypeError, match="cannot assign ndarray to 'weight' of Linear: assign a "
@@ -682,6 +693,21 @@ def test_backward_with_a_gradient_of_another_shape_says_so():
     assert model.backward(np.ones((4, 3), np.float32)).shape == (4, 4)  # the forward pass is still there
 
 
+@pytest.mark.parametrize("grad, error, message", [
+    (np.ones((4, 3)), TypeError, r"got a numpy \(cpu\) float64 gradient for a numpy \(cpu\) float32 output: "
+                                 r"convert it with backend.asarray\(grad, dtype='float32'\)"),
+    (torch.ones(4, 3), TypeError, r"got a torch \(cpu\) float32 gradient for a numpy \(cpu\) float32 output"),
+    ([[1.0] * 3] * 4, TypeError, r"takes an array \(NumPy, torch or CuPy\) like the model's output, got list"),
+])
+def test_backward_with_a_gradient_of_another_dtype_or_backend_says_so(grad, error, message):
+    """NumPy would silently give a float32 model float64 gradients (and optimizer state)."""
+    model = Sequential(Linear(4, 3))
+    model(np.ones((4, 4), np.float32))
+    with pytest.raises(error, match=message):
+        model.backward(grad)
+    assert model.backward(np.ones((4, 3), np.float32)).dtype == np.float32
+
+
 def test_backward_checks_the_latest_forward_pass_also_when_it_ran_through_slices(rng):
     """The output shape is kept on the last layer, so a batch run through model[:1] and
     model[1:] is what model.backward checks against, not an earlier batch of the model's."""
@@ -709,6 +735,60 @@ def test_append_after_an_emptied_slot_takes_a_new_name_as_torch():
     theirs.append(nn.ReLU())
     assert [n for n, _ in ours.named_children()] == [n for n, _ in theirs.named_children()] == ["0", "2", "3"]
     assert ours[1] is last and isinstance(ours[2], ReLU)
+
+
+def _layout(model) -> list[tuple[str, str]]:
+    return [(name, type(layer).__name__) for name, layer in model.named_children()]
+
+
+# (edit, whether torch can make it on named layers too: its insert assumes numbered ones)
+@pytest.mark.parametrize("edit, on_named", [
+    (lambda m, L: m.__delitem__(-1), True),  # del model[-1]: a headless model
+    (lambda m, L: m.__delitem__(slice(1, 3)), True),
+    (lambda m, L: m.pop(1), True),
+    (lambda m, L: m.insert(0, L.ReLU()), False),
+    (lambda m, L: m.insert(-1, L.ReLU()), False),
+    (lambda m, L: m.insert(4, L.ReLU()), False),
+    (lambda m, L: m.extend([L.ReLU(), L.Flatten()]), True),
+    (lambda m, L: m.add_module("head", L.ReLU()), True),
+], ids=["del_last", "del_slice", "pop", "insert_first", "insert_before_last", "insert_at_end", "extend",
+        "add_module"])
+def test_sequential_edits_name_the_layers_as_torch(edit, on_named):
+    from collections import OrderedDict
+
+    for named in (False, True) if on_named else (False,):  # torch renumbers named layers after a deletion
+        layers = [("a", ("Linear", 4, 4)), ("b", ("ReLU",)), ("c", ("Linear", 4, 2)), ("d", ("Flatten",))]
+        models = []
+        for L in (cnn.layers, nn):
+            made = [(name, getattr(L, kind)(*args)) for name, (kind, *args) in layers]
+            models.append(Sequential(OrderedDict(made)) if L is cnn.layers and named else
+                          nn.Sequential(OrderedDict(made)) if named else
+                          (Sequential if L is cnn.layers else nn.Sequential)(*(layer for _, layer in made)))
+        ours, theirs = models
+        popped = edit(ours, cnn.layers), edit(theirs, nn)
+        assert _layout(ours) == _layout(theirs)
+        assert type(popped[0]).__name__ == type(popped[1]).__name__
+        assert [type(layer).__name__ for layer in ours] == [type(layer).__name__ for layer in theirs]
+
+
+def test_an_index_out_of_range_is_an_index_error_as_torch():
+    with pytest.raises(IndexError, match="index 5 is out of range for a Sequential of 2 layers"):
+        Sequential(ReLU(), ReLU()).insert(5, ReLU())
+    with pytest.raises(IndexError):
+        del Sequential(ReLU())[3]
+
+
+def test_get_submodule_and_add_module_follow_torch():
+    model = cnn.small_resnet()
+    assert model.get_submodule("5.shortcut.0") is model[5].shortcut[0] and model.get_submodule("") is model
+    with pytest.raises(AttributeError, match=r"ResidualBlock has no submodule 'conv3' \(looking for '3.conv3'\)"):
+        model.get_submodule("3.conv3")
+    model.add_module("spare", None)  # an empty slot, as torch's
+    assert "spare" in model._modules and "spare" not in dict(model.named_children())
+    with pytest.raises(KeyError, match="a module name is a non-empty string without '.'"):
+        model.add_module("a.b", ReLU())
+    with pytest.raises(TypeError, match=r"add_module\('head', ...\) takes a Module or None, got Linear"):
+        model.add_module("head", nn.Linear(2, 2))
 
 
 # ---------------------------------------------------------------------------------------
