@@ -9,7 +9,8 @@ committed ``runs/<run>/history.csv``, exactly (the loss is a float32 sum over 50
 images, so one changed rounding anywhere in a step shows). A change to ``cnn/`` that is
 meant not to change results passes this on the device that produced the row: GPU kernels
 and CPU libraries round differently, so a row is reproducible only on its own kind of
-device. Exit status (as cmp's): 0 when identical, 1 when not, 2 when it could not tell
+device, and on a CPU with the thread count it was trained with (OMP_NUM_THREADS; PyTorch
+splits its sums by thread). Exit status (as cmp's): 0 when identical, 1 when not, 2 when it could not tell
 (bad arguments, or training failed).
 """
 from __future__ import annotations

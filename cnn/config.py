@@ -158,8 +158,18 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        # A tuple, as torch.optim's betas=(0.9, 0.999), is kept as the list that JSON and
+        # params.yaml give back, so a resumed run's saved settings compare equal.
+        for knob in ("milestones", "betas"):
+            if isinstance(getattr(self, knob), tuple):
+                setattr(self, knob, list(getattr(self, knob)))
+
     def validate(self) -> None:
         """Raise ConfigError (a ValueError) listing every bad knob and what it accepts."""
         found = problems(asdict(self))
+        # Path("") is the working directory: an empty --out would write the checkpoints there
+        found += [f"'{path}' must name a path; got {show(getattr(self, path))}"
+                  for path in ("data", "out") if not str(getattr(self, path)).strip()]
         if found:
             raise ConfigError("invalid training settings: " + "; ".join(found))

@@ -50,17 +50,29 @@ class Parameter:
         self.requires_grad = requires_grad
         return self
 
+    # The array's description, as torch's Parameter gives it (the array itself is .data).
     @property
-    def shape(self):
+    def shape(self) -> tuple:
         return tuple(self.data.shape)
 
+    def size(self, dim: int | None = None):
+        """The shape, or its ``dim``-th entry, as PyTorch's ``size()``."""
+        return self.shape if dim is None else self.shape[dim]
+
     @property
-    def size(self) -> int:
-        """Number of elements, as NumPy's ``size``; ``numel()`` is the PyTorch name."""
-        return int(np.prod(self.shape))
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def dim(self) -> int:
+        return self.ndim
+
+    @property
+    def dtype(self):
+        """The array's dtype, as its library names it (np.float32, torch.float32)."""
+        return self.data.dtype
 
     def numel(self) -> int:
-        return self.size
+        return int(np.prod(self.shape))
 
     def __repr__(self) -> str:
         frozen = "" if self.requires_grad else ", requires_grad=False"
@@ -171,10 +183,12 @@ class Module:
 
     # -- computation ----------------------------------------------------------------
     def forward(self, x):
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} has no forward(x): a module defines its own")
 
     def backward(self, grad_out):
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} has no backward(grad_out): there is no autograd "
+                                  "here, so a module with a forward pass of its own writes its backward pass "
+                                  "too (ResidualBlock in cnn/models.py is an example)")
 
     def __call__(self, x):
         if getattr(x, "requires_grad", False):
@@ -266,7 +280,7 @@ class Module:
         return self
 
     def num_parameters(self) -> int:
-        return sum(p.size for p in self.parameters())
+        return sum(p.numel() for p in self.parameters())
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         zero_grads(self.parameters(), set_to_none)

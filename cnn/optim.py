@@ -30,9 +30,18 @@ class Optimizer:
             hint = ("parameter groups are not supported: step one optimizer per group" if isinstance(stray, dict)
                     else "pass model.parameters() of a cnn model")
             raise TypeError(f"{type(self).__name__} takes Parameters, got a {type_name(stray)}: {hint}")
-        self.lr = float(require(lr, "learning rate", number(0, low_open=True)))
+        self.lr = lr
         self.state: list[dict] = [{} for _ in self.params]
         self.steps = 0
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the next step; set it between steps (a schedule does)."""
+        return self._lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self._lr = float(require(value, "learning rate", number(0, low_open=False)))  # 0 as torch.optim
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         zero_grads(self.params, set_to_none)

@@ -50,11 +50,16 @@ def small_resnet_twin(num_classes: int = 10) -> nn.Sequential:
 TWINS = {"simple": simple_cnn_twin, "resnet": small_resnet_twin}
 
 
-def torch_twin(name: str, state_dict=None) -> nn.Sequential:
-    """The torch.nn twin of reference model ``name``, loaded from a state_dict if given."""
+def torch_twin(name: str, state_dict=None, num_classes: int | None = None) -> nn.Sequential:
+    """The torch.nn twin of reference model ``name``, loaded from a state_dict if given;
+    its head has ``num_classes`` outputs, by default as many as the state_dict's head (the
+    last 2-d weight: both models end with a Linear), or 10."""
     if name not in TWINS:
         raise ValueError(f"no torch.nn twin of model {name!r}: choose one of {', '.join(TWINS)}")
-    model = TWINS[name]()
+    if num_classes is None:
+        heads = [v for k, v in (state_dict or {}).items() if k.endswith("weight") and len(v.shape) == 2]
+        num_classes = heads[-1].shape[0] if heads else 10
+    model = TWINS[name](num_classes)
     if state_dict is not None:
         model.load_state_dict({k: torch.as_tensor(v) for k, v in state_dict.items()}, strict=True)
     return model

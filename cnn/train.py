@@ -127,6 +127,7 @@ def fit(config: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None)
 
     history: list[dict] = []
     best_acc, best_epoch, bad_epochs, start = -1.0, 0, 0, 0
+    resumed_patience = 0  # the early_stop that the resumed run had
     if config.resume and last_path.exists():
         ck = load_checkpoint(last_path)
         changed = (resume_conflicts(ck.meta.get("config", {}), asdict(config), ck.meta.get("epoch", 0))
@@ -141,6 +142,7 @@ def fit(config: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None)
             history = ck.meta["history"]
             start, bad_epochs = ck.meta["epoch"], ck.meta["bad_epochs"]
             best_acc, best_epoch = ck.meta["best_test_acc"], ck.meta["best_epoch"]
+            resumed_patience = ck.meta.get("config", {}).get("early_stop", 0)
         except (ValueError, KeyError) as err:
             raise CheckpointError(f"cannot resume from {last_path}: {err}. Use another --out "
                                   "or drop --resume") from err
@@ -159,11 +161,14 @@ def fit(config: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None)
     def patience_spent() -> bool:
         return bool(config.early_stop) and bad_epochs >= config.early_stop
 
-    # A resumed run that had stopped early stays stopped (unless early_stop grew).
+    # A resumed run that had stopped early stays stopped (unless early_stop grew), and so
+    # does one whose epochs without a better test accuracy spend a new, smaller early_stop.
     stopped_early = patience_spent()
     if stopped_early:
-        tqdm.write(f"{last_path} had stopped early (no better test accuracy for "
-                   f"{counted(bad_epochs, 'epoch')}): nothing to train")
+        why = ("had stopped early" if 0 < resumed_patience <= bad_epochs
+               else f"has already spent the patience of early_stop {config.early_stop}")
+        tqdm.write(f"{last_path} {why} (no better test accuracy for {counted(bad_epochs, 'epoch')}): "
+                   "nothing to train")
     for epoch in range(start, start if stopped_early else config.epochs):
         optimizer.lr = lr_at(epoch, config.lr, config.schedule, config.epochs,
                              config.milestones, config.gamma)

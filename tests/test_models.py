@@ -77,6 +77,18 @@ def test_state_dict_keys_shapes_and_order_equal_the_twin(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
+def test_a_model_with_a_new_head_loads_into_its_twin(name, rng):
+    """model[-1] = Linear(..., 5), as the README shows: the twin takes its class count
+    from the state_dict, and computes the same logits."""
+    model = build_model(name).eval()
+    model[-1] = Linear(model[-1].in_features, 5)
+    twin = torch_twin(name, model.state_dict()).eval()
+    assert twin[-1].out_features == 5 and torch_twin(name, num_classes=3)[-1].out_features == 3
+    x = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
+    np.testing.assert_allclose(model(x), twin(torch.from_numpy(x)).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_state_dict_shapes_unchanged_by_a_backend_move(name, backend):
     """After .to(), state_dict() must still have the twin's shapes (0-d num_batches_tracked)."""
     ours = build_model(name).to(backend).state_dict()
@@ -117,6 +129,16 @@ def test_traversal_equals_the_twin(name):
     assert model.apply(lambda m: visited.append(type(m).__name__)) is model
     assert visited[-1] == type(model).__name__ and len(visited) == len(list(model.modules()))
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in twin.parameters())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_parameters_describe_themselves_as_the_twins(name):
+    """size(), size(d), dim(), ndim, numel() and dtype as torch's Parameter gives them."""
+    model = build_model(name).to("torch", device="cpu")
+    for ours, theirs in zip(model.parameters(), torch_twin(name).parameters(), strict=True):
+        assert ours.size() == tuple(theirs.size()) and ours.size(-1) == theirs.size(-1)
+        assert (ours.dim(), ours.ndim, ours.numel(), ours.dtype) == (theirs.dim(), theirs.ndim, theirs.numel(),
+                                                                     theirs.dtype)
 
 
 def test_a_shared_layer_is_one_set_of_parameters():
@@ -776,6 +798,18 @@ def test_an_index_out_of_range_is_an_index_error_as_torch():
         Sequential(ReLU(), ReLU()).insert(5, ReLU())
     with pytest.raises(IndexError):
         del Sequential(ReLU())[3]
+
+
+def test_a_module_without_a_backward_pass_says_it_must_write_one():
+    class Scale(cnn.module.Module):
+        def forward(self, x):
+            return 2 * x
+
+    model = Sequential(Linear(2, 2), Scale())
+    out = model(np.ones((1, 2), np.float32))
+    with pytest.raises(NotImplementedError, match=r"Scale has no backward\(grad_out\): there is no autograd "
+                                                  "here, so a module with a forward pass of its own writes"):
+        model.backward(out)
 
 
 def test_get_submodule_and_add_module_follow_torch():

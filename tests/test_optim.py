@@ -292,12 +292,17 @@ def test_unknown_schedule_raises():
 # Invalid arguments
 # ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("lr", [0, -0.1, float("nan"), float("inf"), "0.1", None])
+@pytest.mark.parametrize("lr", [-0.1, float("nan"), float("inf"), "0.1", None])
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
 def test_invalid_lr_raises(kind, lr):
+    """In the constructor, and when set between steps (else the next step fails in NumPy)."""
     params = [Parameter(np.zeros(3))]
-    with pytest.raises(ValueError, match="learning rate must be a positive number"):
+    with pytest.raises(ValueError, match="learning rate must be a number >= 0; got "):
         our_optimizer(kind, params, dict(lr=lr))
+    opt = our_optimizer(kind, params, dict(lr=0.1))
+    with pytest.raises(ValueError, match="learning rate must be a number >= 0; got "):
+        opt.lr = lr
+    assert opt.lr == 0.1
 
 
 def test_empty_parameter_list_raises():
@@ -363,8 +368,8 @@ def test_lr_can_be_changed_between_steps(rng):
     t = torch.ones(3, dtype=torch.float64, requires_grad=True)
     opt = SGD([p], lr=0.1, momentum=0.9)
     ref = torch.optim.SGD([t], lr=0.1, momentum=0.9)
-    for step in range(6):
-        lr = 0.1 * 0.5 ** step
+    for step in range(7):
+        lr = 0.1 * 0.5 ** step if step != 3 else 0  # lr 0 is taken, as torch.optim takes it
         opt.lr = lr
         ref.param_groups[0]["lr"] = lr
         g = rng.standard_normal(3)

@@ -597,6 +597,17 @@ def test_early_stop_messages_count_the_epochs_without_improvement(tiny_archive, 
     assert "had stopped early (no better test accuracy for 1 epoch): nothing to train" in capsys.readouterr().out
 
 
+def test_a_run_resumed_with_a_patience_it_has_spent_says_so(tiny_archive, tmp_path, monkeypatch, capsys):
+    """Three epochs without early stopping, then resumed with early_stop 1: it did not stop
+    early, but it has had no better test accuracy for as long as the new patience allows."""
+    _patch_training(monkeypatch, [0.5] * 10)
+    fit(base_config(tiny_archive, tmp_path, epochs=3))
+    again = fit(base_config(tiny_archive, tmp_path, epochs=10, early_stop=1, resume=True))
+    assert again.stopped_early and len(again.history) == 3
+    assert (f"{tmp_path / 'last.npz'} has already spent the patience of early_stop 1 (no better test accuracy "
+            "for 2 epochs): nothing to train") in capsys.readouterr().out
+
+
 def test_no_early_stop_when_off(tiny_archive, tmp_path, monkeypatch):
     _patch_training(monkeypatch, [0.5] * 4)
     result = fit(base_config(tiny_archive, tmp_path, epochs=4, early_stop=0))
@@ -988,6 +999,17 @@ def test_a_stop_left_over_from_an_earlier_run_does_not_stop_the_next(tiny_archiv
     assert len(result.history) == 1 and not train_mod._pending_stop
 
 
+def test_tuples_are_taken_for_the_list_settings_and_saved_as_lists():
+    """betas=(0.9, 0.999) as torch.optim writes it; saved (JSON) and read back, the settings
+    must equal those a resumed run compares them with."""
+    import json
+
+    config = TrainConfig(optimizer="adam", betas=(0.5, 0.6), schedule="step", milestones=(2, 3))
+    config.validate()
+    assert config == TrainConfig(optimizer="adam", betas=[0.5, 0.6], schedule="step", milestones=[2, 3])
+    assert json.loads(json.dumps(asdict(config))) == asdict(config)
+
+
 def test_the_parser_without_the_engine_flags_gives_the_default_config():
     """benchmarks/native_reference.py's parser has no --backend, --out, --resume nor
     --no-progress: those settings are TrainConfig's defaults, not other values."""
@@ -1028,3 +1050,11 @@ def test_cli_unknown_choice_exits_2(capsys):
         main(["--model", "vgg"])
     assert info.value.code == 2
     assert "invalid choice: 'vgg'" in capsys.readouterr().err
+
+
+def test_an_empty_path_is_refused_rather_than_taken_as_the_working_directory(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--out", "", "--data", " "]) == 2
+    assert capsys.readouterr().err == ("error: invalid training settings: 'data' must name a path; got ' '; "
+                                       "'out' must name a path; got ''\n")
+    assert list(tmp_path.iterdir()) == []
