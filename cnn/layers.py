@@ -101,7 +101,8 @@ class Conv2d(Module):
     """2-d convolution (cross-correlation) as im2col + one matrix product.
 
     x: (N, C_in, H, W) -> (N, C_out, Ho, Wo). weight: (C_out, C_in, kh, kw), bias: (C_out,).
-    Set ``input_grad = False`` on a network's first layer to skip the unneeded col2im.
+    Set ``input_grad = False`` on a network's first layer to skip the unneeded col2im (and,
+    as the first layer of a Sequential, the backward of the frozen layers after it).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
@@ -179,7 +180,8 @@ class Conv2d(Module):
 
 
 class Linear(Module):
-    """x: (N, in_features) -> (N, out_features); weight (out, in) as in PyTorch."""
+    """x: (N, in_features) -> (N, out_features); weight (out, in) as in PyTorch.
+    ``input_grad = False`` skips the input gradient, as Conv2d's."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__()
@@ -187,6 +189,7 @@ class Linear(Module):
         self.out_features = out_features = _count(out_features, "out_features")
         self.weight = Parameter(F.kaiming_uniform((out_features, in_features), in_features))
         self.bias = Parameter(F.bias_uniform(out_features, in_features)) if bias else None
+        self.input_grad = True
         self.cache = None
 
     def extra_repr(self) -> str:
@@ -206,7 +209,7 @@ class Linear(Module):
         self.weight.grad = grad_out.T @ x if self.weight.requires_grad else None
         if self.bias is not None:
             self.bias.grad = B.column_sums(grad_out) if self.bias.requires_grad else None
-        return grad_out @ self.weight.data
+        return grad_out @ self.weight.data if self.input_grad else None
 
 
 class BatchNorm2d(Module):

@@ -137,9 +137,18 @@ class Sequential(Module):
                 raise ValueError(f"layers {first[id(layer)]} and {name} are the same {type(layer).__name__}: "
                                  "a module keeps one forward pass for backward, so one used twice "
                                  "cannot go back through both. Give each place a layer of its own")
-        for _, layer in reversed(layers):
+        # As autograd, go back no further than the first layer with a parameter to train
+        # when the input gradient is not wanted (the first layer's input_grad is False, as
+        # in the reference models): training a head on a frozen backbone costs the head's.
+        start = 0
+        if layers and getattr(layers[0][1], "input_grad", True) is False:
+            start = next((i for i, (_, layer) in enumerate(layers)
+                          if any(p.requires_grad for p in layer.parameters())), len(layers))
+        for _, layer in layers[:start]:
+            layer.clear_caches()  # the batch's activations, which no backward pass will take
+        for _, layer in reversed(layers[start:]):
             grad_out = layer.backward(grad_out)
-        return grad_out
+        return None if start else grad_out
 
 
 class ResidualBlock(Module):

@@ -77,12 +77,15 @@ def test_conv2d_matches_torch(case, per_offset, backend, dtype, rng, monkeypatch
     check_layer(ours, theirs, x, backend, dtype, rng=rng)
 
 
-def test_conv2d_without_input_grad_still_fills_parameter_grads(backend, rng):
-    ours = Conv2d(3, 4, 3, padding=1)
-    x = rng.standard_normal((2, 3, 6, 5))
-    g = rng.standard_normal((2, 4, 6, 5))
-    ref = run_torch(load_into_torch(ours.to(backend, dtype="float64"), nn.Conv2d(3, 4, 3, padding=1)),
-                    x, g)
+@pytest.mark.parametrize("make, x_shape, g_shape", [
+    (lambda L: L.Conv2d(3, 4, 3, padding=1), (2, 3, 6, 5), (2, 4, 6, 5)),
+    (lambda L: L.Linear(3, 4), (2, 3), (2, 4)),
+], ids=["conv2d", "linear"])
+def test_a_layer_without_input_grad_still_fills_parameter_grads(make, x_shape, g_shape, backend, rng):
+    ours = make(cnn.layers)
+    x = rng.standard_normal(x_shape)
+    g = rng.standard_normal(g_shape)
+    ref = run_torch(load_into_torch(ours.to(backend, dtype="float64"), make(nn)), x, g)
     ours.input_grad = False
     got = run_ours(ours, x, g, backend, "float64")
     assert got.grad_in is None

@@ -282,6 +282,51 @@ def test_freezing_a_feature_extractor_trains_the_head_only(rng):
         == ["16.weight", "16.bias"]
 
 
+@pytest.mark.parametrize("head", ["last_layer", "last_block"])
+@pytest.mark.parametrize("name", MODELS)
+def test_backward_goes_no_further_back_than_the_first_layer_to_train(name, head, monkeypatch, rng):
+    """As autograd: with the backbone frozen, its layers' backward passes never run (their
+    activations are released), and the trained layers' gradients equal the twin's."""
+    model = randomize_batchnorms(build_model(name), rng).to("numpy", dtype="float64").train()
+    twin = torch_twin(name, model.state_dict()).double().train()
+    first_trained = len(model) - 1 if head == "last_layer" else 8 if name == "resnet" else 13
+    for m in (model, twin):
+        m.requires_grad_(False)
+        for layer in list(m)[first_trained:]:
+            layer.requires_grad_(True)
+    for layer in list(model)[:first_trained]:
+        for module in layer.modules():
+            monkeypatch.setattr(module, "backward", lambda g: pytest.fail("a frozen layer went backward"))
+    if name == "simple":
+        model.eval(), twin.eval()  # no dropout mask to share
+    x, y = images(rng, 3), rng.integers(0, 10, 3)
+    _, dlogits = softmax_cross_entropy(model(x), y)
+    assert model.backward(dlogits) is None
+    assert all(m.__dict__.get("cache") is None for layer in list(model)[:first_trained] for m in layer.modules())
+    nn.functional.cross_entropy(twin(torch.from_numpy(x)), torch.from_numpy(y)).backward()
+    theirs = dict(twin.named_parameters())
+    trained = [k for k, p in model.named_parameters() if p.grad is not None]
+    assert trained == [k for k, p in theirs.items() if p.grad is not None] and trained
+    ours = dict(model.named_parameters())
+    for k in trained:
+        assert_close(ours[k].grad, theirs[k].grad, "float64", f"grad of {k}")
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_a_frozen_model_gives_the_input_gradient_when_its_first_layer_asks(name, rng):
+    """The README's saliency recipe: every parameter frozen, model[0].input_grad = True."""
+    model = randomize_batchnorms(build_model(name), rng).to("numpy", dtype="float64").eval()
+    twin = torch_twin(name, model.state_dict()).double().eval().requires_grad_(False)
+    model.requires_grad_(False)
+    model[0].input_grad = True
+    x, y = images(rng, 2), rng.integers(0, 10, 2)
+    _, dlogits = softmax_cross_entropy(model(x), y)
+    xt = torch.from_numpy(x).requires_grad_()
+    nn.functional.cross_entropy(twin(xt), torch.from_numpy(y)).backward()
+    assert_close(model.backward(dlogits), xt.grad, "float64", "input gradient")
+    assert all(p.grad is None for p in model.parameters())
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_layers_print_as_their_torch_twins(name):
     """Each layer of the model as built (SmallResNet's stride-2 and 1x1 shortcut convolutions
