@@ -242,13 +242,17 @@ class Module:
     def children(self) -> Iterator["Module"]:
         return (child for _, child in self.named_children())
 
-    def named_parameters(self) -> Iterator[tuple[str, Parameter]]:
-        """Each parameter once, under its first path: a layer used twice (shared weights)
-        must not be updated twice by the optimizer. One Parameter in two places (tied
-        weights) is a ValueError: each backward overwrites the gradient, so it would get
-        one place's share only, where autograd adds them."""
+    def _state_owners(self, prefix: str, recurse: bool) -> Iterator[tuple[str, "Module"]]:
+        return self.named_modules(prefix) if recurse else iter([(prefix, self)])
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True) -> Iterator[tuple[str, Parameter]]:
+        """Each parameter once, under its first path (after ``prefix``; this module's own
+        only, without ``recurse``): a layer used twice (shared weights) must not be updated
+        twice by the optimizer. One Parameter in two places (tied weights) is a ValueError:
+        each backward overwrites the gradient, so it would get one place's share only, where
+        autograd adds them."""
         first_path = {}
-        for path, module in self.named_modules():
+        for path, module in self._state_owners(prefix, recurse):
             for name, p in module._parameters.items():
                 if p is None:
                     continue
@@ -260,17 +264,17 @@ class Module:
                 first_path[id(p)] = key
                 yield key, p
 
-    def parameters(self) -> list[Parameter]:
-        return [p for _, p in self.named_parameters()]
+    def parameters(self, recurse: bool = True) -> list[Parameter]:
+        return [p for _, p in self.named_parameters(recurse=recurse)]
 
-    def named_buffers(self) -> Iterator[tuple[str, object]]:
-        for path, module in self.named_modules():
+    def named_buffers(self, prefix: str = "", recurse: bool = True) -> Iterator[tuple[str, object]]:
+        for path, module in self._state_owners(prefix, recurse):
             for name, value in module._buffers.items():
                 if value is not None:
                     yield (f"{path}.{name}" if path else name), value
 
-    def buffers(self) -> list:
-        return [value for _, value in self.named_buffers()]
+    def buffers(self, recurse: bool = True) -> list:
+        return [value for _, value in self.named_buffers(recurse=recurse)]
 
     def apply(self, fn: Callable[["Module"], None]) -> "Module":
         """``fn(module)`` for every descendant, then this module (as PyTorch: children first)."""

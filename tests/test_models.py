@@ -131,6 +131,20 @@ def test_traversal_equals_the_twin(name):
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in twin.parameters())
 
 
+@pytest.mark.parametrize("args", [{}, {"prefix": "net"}, {"recurse": False}, {"prefix": "x", "recurse": False}],
+                         ids=["default", "prefix", "own", "own_prefix"])
+@pytest.mark.parametrize("name", MODELS)
+def test_named_parameters_and_buffers_take_prefix_and_recurse_as_torch(name, args):
+    model, twin = build_model(name), torch_twin(name)
+    for path in ("", "0", "1", "4"):  # the model, a convolution, a batch norm, a residual block or pool
+        ours, theirs = model.get_submodule(path), twin.get_submodule(path)
+        assert [k for k, _ in ours.named_parameters(**args)] == [k for k, _ in theirs.named_parameters(**args)]
+        assert [k for k, _ in ours.named_buffers(**args)] == [k for k, _ in theirs.named_buffers(**args)]
+    recurse = args.get("recurse", True)
+    assert len(model[1].parameters(recurse)) == len(list(twin[1].parameters(recurse))) == 2
+    assert len(model.buffers(recurse)) == len(list(twin.buffers(recurse)))
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_parameters_describe_themselves_as_the_twins(name):
     """size(), size(d), dim(), ndim, numel() and dtype as torch's Parameter gives them."""
