@@ -55,6 +55,9 @@ def main(argv=None) -> int:
     print("  " + "  ".join(f"{k} {again[k]!r}" for k in COMPARED))
     same = all(float(committed[k]) == again[k] for k in COMPARED)
     print("IDENTICAL" if same else "DIFFERENT")
+    if not same and "cpu" in result.device:
+        print("(a CPU row reproduces only with the thread count it was trained with: compare "
+              "OMP_NUM_THREADS with that run's)")
     return 0 if same else 1
 
 
