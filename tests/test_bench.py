@@ -108,15 +108,50 @@ def test_an_operator_counts_once_however_many_it_calls_inside():
     assert bench._count_ops(lambda: torch.nn.functional.linear(a, b)) == 1  # aten::linear, not its mm
 
 
-def _native_reference():
+def _benchmark_script(name: str):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "native_reference.py"
-    spec = importlib.util.spec_from_file_location("native_reference", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _native_reference():
+    return _benchmark_script("native_reference")
+
+
+@pytest.mark.parametrize("loss, verdict, status", [(1.25, "IDENTICAL", 0), (1.2500001, "DIFFERENT", 1)])
+def test_reproduce_epoch_compares_the_first_epoch_to_the_last_digit(loss, verdict, status, tmp_path, monkeypatch,
+                                                                   capsys):
+    """It re-trains epoch 1 of the run's recipe (here stood in for) and compares it with the
+    committed first row exactly; a CPU row that differs points at the thread count."""
+    import shutil
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(Path(__file__).resolve().parents[1] / "params.yaml", tmp_path)
+    run = tmp_path / "runs" / "simple_20ep_torch_aug"
+    run.mkdir(parents=True)
+    (run / "history.csv").write_text("epoch,loss,train_acc,test_acc,lr,seconds\n1,1.25,0.5,0.625,0.01,60.0\n"
+                                     "2,1.0,0.6,0.7,0.01,60.0\n")
+    (run / "metrics.json").write_text('{"device": "torch (cpu)"}')
+    script, configs = _benchmark_script("reproduce_epoch"), []
+
+    def fit(config):
+        configs.append(config)
+        return SimpleNamespace(history=[{"loss": loss, "train_acc": 0.5, "test_acc": 0.625}], device="torch (cpu)")
+
+    monkeypatch.setattr(script, "fit", fit)
+    assert script.main(["simple_20ep_torch_aug"]) == status
+    out = capsys.readouterr().out
+    assert out.splitlines()[-2 if status else -1] == verdict
+    assert ("thread count" in out) == bool(status)
+    (config,) = configs
+    assert (config.epochs, config.model, config.backend, config.augment) == (1, "simple", "torch", True)
 
 
 @pytest.mark.parametrize("flags, message", [
