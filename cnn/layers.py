@@ -36,7 +36,13 @@ def _at_default(layer: str, **args) -> None:
     given as (value, default): taken there, since torch.nn code and the layers' printed
     form pass them, and refused elsewhere."""
     for name, (value, default) in args.items():
-        if value != default or type(value) is not type(default):
+        if isinstance(default, bool):  # not 1 for True
+            same = isinstance(value, bool) and value == default
+        elif isinstance(default, int):  # np.int64(1) too, as for the sizes
+            same = is_int(value) and value == default
+        else:  # None, a string, a pair
+            same = type(value) is type(default) and value == default
+        if not same:
             raise ValueError(f"{layer}({name}={value!r}) is not implemented here: only {name}={default!r}, "
                              "torch.nn's default")
 

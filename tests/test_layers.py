@@ -731,6 +731,7 @@ def test_numpy_integers_are_integers_to_the_constructors():
     conv = Conv2d(np.int64(3), np.int64(4), np.int64(3), stride=np.int32(2), padding=np.int64(1))
     assert conv.kernel_size == (3, 3) and type(conv.kernel_size[0]) is int and conv.stride == 2
     assert MaxPool2d(np.int64(2)).kernel_size == (2, 2)
+    assert Conv2d(3, 4, 3, dilation=np.int64(1), groups=np.int32(1)).kernel_size == (3, 3)
     assert conv(np.zeros((1, 3, 5, 5), np.float32)).shape == (1, 4, 3, 3)
 
 
