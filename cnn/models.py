@@ -50,12 +50,7 @@ class Sequential(Module):
         named = (layers[0].items() if len(layers) == 1 and isinstance(layers[0], OrderedDict)
                  else ((str(i), layer) for i, layer in enumerate(layers)))
         for name, layer in named:
-            _check_layer(layer, name)
-            # as torch's add_module: a name must not hide an attribute or make state_dict keys ambiguous
-            if not isinstance(name, str) or not name or "." in name or hasattr(self, name) or name == "cache":
-                raise KeyError(f"Sequential cannot name a layer {name!r}: use a non-empty string without "
-                               "'.' that is not already an attribute")
-            setattr(self, name, layer)
+            self.add_module(name, _check_layer(layer, name))
 
     def __getitem__(self, i: int | slice) -> Module:
         """The i-th layer; a slice is a Sequential of those layers (the same objects, under
@@ -146,6 +141,8 @@ class Sequential(Module):
                           if any(p.requires_grad for p in layer.parameters())), len(layers))
         for _, layer in layers[:start]:
             layer.clear_caches()  # the batch's activations, which no backward pass will take
+            for p in layer.parameters():
+                p.grad = None  # frozen: no gradient, not one of an earlier step for the optimizer to use
         for _, layer in reversed(layers[start:]):
             grad_out = layer.backward(grad_out)
         return None if start else grad_out

@@ -147,8 +147,12 @@ class Module:
     def add_module(self, name: str, module: "Module | None") -> None:
         """Register ``module`` (or an empty slot, None) under ``name``, as PyTorch's: for
         names made at run time (``self.add_module(f"block{i}", ...)``)."""
-        if not isinstance(name, str) or not name or "." in name:
-            raise KeyError(f"a module name is a non-empty string without '.', got {name!r}")
+        # As torch's: a name must not hide an attribute ("forward", "training", a parameter)
+        # nor make state_dict keys ambiguous; "cache" would be emptied by clear_caches().
+        if (not isinstance(name, str) or not name or "." in name or name == "cache"
+                or (hasattr(self, name) and name not in self._modules)):
+            raise KeyError(f"{type(self).__name__} cannot name a module {name!r}: use a non-empty string "
+                           "without '.' that is not already an attribute")
         if module is not None and not isinstance(module, Module):
             raise TypeError(f"add_module({name!r}, ...) takes a Module or None, got {type(module).__name__}")
         if module is None:

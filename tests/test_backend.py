@@ -73,6 +73,8 @@ def test_a_torch_device_names_the_same_device_as_its_name(monkeypatch):
     with pytest.raises(DeviceError, match=r"a device is a name \(auto, cpu, cuda, mps, cuda:N\) or a "
                                           r"torch.device, got int 0"):
         resolve_device("torch", 0)
+    with pytest.raises(DeviceError, match=r"got dtype torch.float32"):  # a torch object, but no device
+        resolve_device("torch", torch.float32)
 
 
 def test_auto_picks_cuda_where_pytorch_sees_it(monkeypatch):

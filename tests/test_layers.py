@@ -694,6 +694,12 @@ def test_a_layer_printed_by_torch_builds_the_same_layer_here(theirs):
     (lambda: Conv2d(3, 4, 3, padding_mode="reflect"), r"Conv2d\(padding_mode='reflect'\) is not implemented"),
     (lambda: BatchNorm2d(3, affine=False), r"BatchNorm2d\(affine=False\) is not implemented here"),
     (lambda: BatchNorm2d(3, track_running_stats=0), r"BatchNorm2d\(track_running_stats=0\) is not implemented"),
+    (lambda: BatchNorm2d(3, affine=1), r"BatchNorm2d\(affine=1\) is not implemented here: only affine=True"),
+    (lambda: BatchNorm2d(3, bias=False), r"BatchNorm2d\(bias=False\) is not implemented here"),
+    (lambda: Conv2d(3, 4, 3, groups=True), r"Conv2d\(groups=True\) is not implemented here: only groups=1"),
+    (lambda: MaxPool2d(2, dilation=2), r"MaxPool2d\(dilation=\(2, 2\)\) is not implemented here"),
+    (lambda: AvgPool2d(2, ceil_mode=True), r"AvgPool2d\(ceil_mode=True\) is not implemented here"),
+    (lambda: Dropout(0.5, inplace=1), "inplace must be true or false; got 1"),
     (lambda: MaxPool2d(2, ceil_mode=True), r"MaxPool2d\(ceil_mode=True\) is not implemented here"),
     (lambda: MaxPool2d(2, return_indices=True), r"MaxPool2d\(return_indices=True\) is not implemented"),
     (lambda: AvgPool2d(2, count_include_pad=False), r"AvgPool2d\(count_include_pad=False\) is not implemented"),
@@ -732,6 +738,7 @@ def test_numpy_integers_are_integers_to_the_constructors():
     assert conv.kernel_size == (3, 3) and type(conv.kernel_size[0]) is int and conv.stride == 2
     assert MaxPool2d(np.int64(2)).kernel_size == (2, 2)
     assert Conv2d(3, 4, 3, dilation=np.int64(1), groups=np.int32(1)).kernel_size == (3, 3)
+    assert MaxPool2d(2, dilation=(1, 1)).kernel_size == (2, 2)  # a pair, as torch takes it
     assert conv(np.zeros((1, 3, 5, 5), np.float32)).shape == (1, 4, 3, 3)
 
 

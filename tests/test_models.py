@@ -150,7 +150,8 @@ def test_parameters_describe_themselves_as_the_twins(name):
     """size(), size(d), dim(), ndim, numel() and dtype as torch's Parameter gives them."""
     model = build_model(name).to("torch", device="cpu")
     for ours, theirs in zip(model.parameters(), torch_twin(name).parameters(), strict=True):
-        assert ours.size() == tuple(theirs.size()) and ours.size(-1) == theirs.size(-1)
+        assert ours.size() == tuple(theirs.size()) and ours.size(0) == theirs.size(0)
+        assert ours.size(-1) == theirs.size(-1)
         assert (ours.dim(), ours.ndim, ours.numel(), ours.dtype) == (theirs.dim(), theirs.ndim, theirs.numel(),
                                                                      theirs.dtype)
 
@@ -324,6 +325,38 @@ def test_backward_goes_no_further_back_than_the_first_layer_to_train(name, head,
     ours = dict(model.named_parameters())
     for k in trained:
         assert_close(ours[k].grad, theirs[k].grad, "float64", f"grad of {k}")
+
+
+def test_frozen_layers_skipped_by_backward_keep_no_gradient_of_an_earlier_step(rng):
+    """Frozen after a full step: the layers that backward now skips must not keep the
+    earlier gradients, or the optimizer would go on stepping them."""
+    model = build_model("simple")
+    x, y = images(rng, 2).astype(np.float32), rng.integers(0, 10, 2)
+    model.backward(softmax_cross_entropy(model(x), y)[1])
+    model.requires_grad_(False)
+    model[-1].requires_grad_()
+    model.backward(softmax_cross_entropy(model(x), y)[1])
+    assert [k for k, p in model.named_parameters() if p.grad is not None] == ["16.weight", "16.bias"]
+    before = model[0].weight.data.copy()
+    SGD(model.parameters(), lr=0.1).step()
+    np.testing.assert_array_equal(model[0].weight.data, before)
+
+
+def test_an_all_frozen_model_without_input_grad_runs_no_backward(monkeypatch, rng):
+    model = build_model("simple").requires_grad_(False)
+    for module in model.modules():
+        if module is not model:
+            monkeypatch.setattr(module, "backward", lambda g: pytest.fail("a frozen layer went backward"))
+    out = model(images(rng, 2).astype(np.float32))
+    assert model.backward(np.ones_like(out)) is None
+
+
+def test_a_model_whose_first_layer_has_no_input_grad_flag_gives_the_input_gradient():
+    """Only a first layer that says input_grad = False stops backward early."""
+    model = Sequential(ReLU(), Linear(4, 2))
+    model[1].requires_grad_(False)
+    out = model(np.ones((3, 4), np.float32))
+    assert model.backward(np.ones_like(out)).shape == (3, 4)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -740,10 +773,23 @@ def test_sequential_takes_an_ordered_dict_of_named_layers_as_torch():
 @pytest.mark.parametrize("name", ["cache", "training", "forward", "a.b", "", 1])
 def test_sequential_refuses_a_layer_name_that_would_hide_an_attribute_or_blur_a_key(name):
     """As torch's add_module: a layer named "cache" would be deleted by clear_caches(),
-    "training" would replace the mode flag, "a.b" or "" would make state_dict keys ambiguous."""
+    "training" would replace the mode flag, "forward" the forward pass, "a.b" or "" would
+    make state_dict keys ambiguous."""
     from collections import OrderedDict
-    with pytest.raises(KeyError, match="Sequential cannot name a layer"):
+    with pytest.raises(KeyError, match="Sequential cannot name a module"):
         Sequential(OrderedDict([(name, Linear(2, 2))]))
+    model = Sequential(Linear(2, 3))
+    with pytest.raises(KeyError, match="Sequential cannot name a module"):
+        model.add_module(name, ReLU())
+    assert model(np.ones((1, 2), np.float32)).shape == (1, 3) and model.training is True
+
+
+def test_add_module_may_not_take_a_parameters_name():
+    lin = Linear(2, 2)
+    with pytest.raises(KeyError, match="Linear cannot name a module 'weight'"):
+        lin.add_module("weight", ReLU())
+    assert isinstance(lin.weight, cnn.module.Parameter) and [n for n, _ in lin.named_parameters()] == ["weight",
+                                                                                                       "bias"]
 
 
 def test_backward_through_a_layer_used_twice_says_so():
@@ -853,10 +899,53 @@ def test_sequential_edits_name_the_layers_as_torch(edit, on_named):
 
 
 def test_an_index_out_of_range_is_an_index_error_as_torch():
-    with pytest.raises(IndexError, match="index 5 is out of range for a Sequential of 2 layers"):
-        Sequential(ReLU(), ReLU()).insert(5, ReLU())
+    for index in (3, -3):
+        with pytest.raises(IndexError, match=f"index {index} is out of range for a Sequential of 2 layers"):
+            Sequential(ReLU(), ReLU()).insert(index, ReLU())
+        with pytest.raises(IndexError):
+            nn.Sequential(nn.ReLU(), nn.ReLU()).insert(index, nn.ReLU())
+    assert isinstance(Sequential(ReLU(), ReLU()).insert(-2, Linear(2, 2))[0], Linear)  # -len is the front
     with pytest.raises(IndexError):
         del Sequential(ReLU())[3]
+
+
+def test_editing_a_long_sequential_touches_the_layers_named_only():
+    """Names compared as names: deleting layer "11" leaves layer "1"."""
+    model = Sequential(*[Linear(2, 2) if i == 1 else ReLU() for i in range(12)])
+    del model[11]
+    assert len(model) == 11 and isinstance(model[1], Linear)
+
+
+def test_insert_refuses_what_is_no_layer_and_changes_nothing():
+    model = Sequential(ReLU())
+    with pytest.raises(TypeError, match="Sequential takes layers"):
+        model.insert(0, nn.Linear(2, 2))
+    assert [(n, type(m).__name__) for n, m in model.named_children()] == [("0", "ReLU")]
+
+
+def test_a_sequential_extended_by_itself_holds_its_layers_twice():
+    """As a list: the layers are read first, so the loop ends (under an alarm, should it not)."""
+    import signal
+
+    def hang(*_):
+        raise TimeoutError("extend(model) did not end")
+
+    model = Sequential(ReLU(), Linear(2, 2))
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(10)
+    try:
+        assert len(model.extend(model)) == 4 and model[3] is model[1]
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_module_without_a_forward_pass_says_so():
+    class Empty(cnn.module.Module):
+        pass
+
+    with pytest.raises(NotImplementedError, match=r"Empty has no forward\(x\): a module defines its own"):
+        Empty()(np.ones(2))
 
 
 def test_a_module_without_a_backward_pass_says_it_must_write_one():
@@ -876,10 +965,12 @@ def test_get_submodule_and_add_module_follow_torch():
     assert model.get_submodule("5.shortcut.0") is model[5].shortcut[0] and model.get_submodule("") is model
     with pytest.raises(AttributeError, match=r"ResidualBlock has no submodule 'conv3' \(looking for '3.conv3'\)"):
         model.get_submodule("3.conv3")
+    with pytest.raises(AttributeError, match="Conv2d has no submodule 'weight'"):  # a parameter is no module
+        model.get_submodule("0.weight")
+    with pytest.raises(AttributeError, match="has no submodule 'training'"):
+        model.get_submodule("training")
     model.add_module("spare", None)  # an empty slot, as torch's
     assert "spare" in model._modules and "spare" not in dict(model.named_children())
-    with pytest.raises(KeyError, match="a module name is a non-empty string without '.'"):
-        model.add_module("a.b", ReLU())
     with pytest.raises(TypeError, match=r"add_module\('head', ...\) takes a Module or None, got Linear"):
         model.add_module("head", nn.Linear(2, 2))
 

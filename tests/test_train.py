@@ -597,11 +597,14 @@ def test_early_stop_messages_count_the_epochs_without_improvement(tiny_archive, 
     assert "had stopped early (no better test accuracy for 1 epoch): nothing to train" in capsys.readouterr().out
 
 
-def test_a_run_resumed_with_a_patience_it_has_spent_says_so(tiny_archive, tmp_path, monkeypatch, capsys):
-    """Three epochs without early stopping, then resumed with early_stop 1: it did not stop
-    early, but it has had no better test accuracy for as long as the new patience allows."""
+@pytest.mark.parametrize("first_patience", [0, 5], ids=["off", "not_spent"])
+def test_a_run_resumed_with_a_patience_it_has_spent_says_so(first_patience, tiny_archive, tmp_path, monkeypatch,
+                                                            capsys):
+    """Three epochs without early stopping (or with a patience of 5), then resumed with
+    early_stop 1: it did not stop early, but it has had no better test accuracy for as long
+    as the new patience allows."""
     _patch_training(monkeypatch, [0.5] * 10)
-    fit(base_config(tiny_archive, tmp_path, epochs=3))
+    fit(base_config(tiny_archive, tmp_path, epochs=3, early_stop=first_patience))
     again = fit(base_config(tiny_archive, tmp_path, epochs=10, early_stop=1, resume=True))
     assert again.stopped_early and len(again.history) == 3
     assert (f"{tmp_path / 'last.npz'} has already spent the patience of early_stop 1 (no better test accuracy "
