@@ -43,8 +43,10 @@ def _at_default(layer: str, **args) -> None:
         else:  # None, a string, a pair
             same = type(value) is type(default) and value == default
         if not same:
+            hint = (": build the layer, then move it with .to(backend, device, dtype)"
+                    if name in ("device", "dtype") else "")
             raise ValueError(f"{layer}({name}={value!r}) is not implemented here: only {name}={default!r}, "
-                             "torch.nn's default")
+                             f"torch.nn's default{hint}")
 
 
 class Workspace:
@@ -112,10 +114,11 @@ class Conv2d(Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
-                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros"):
+                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
+                 device=None, dtype=None):
         super().__init__()
         _at_default("Conv2d", dilation=(_pair(dilation, "dilation", 1), (1, 1)), groups=(groups, 1),
-                    padding_mode=(padding_mode, "zeros"))
+                    padding_mode=(padding_mode, "zeros"), device=(device, None), dtype=(dtype, None))
         self.in_channels = _count(in_channels, "in_channels")
         self.out_channels = _count(out_channels, "out_channels")
         self.kernel_size = _pair(kernel_size, "kernel_size", 1)
@@ -189,8 +192,9 @@ class Linear(Module):
     """x: (N, in_features) -> (N, out_features); weight (out, in) as in PyTorch.
     ``input_grad = False`` skips the input gradient, as Conv2d's."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
+        _at_default("Linear", device=(device, None), dtype=(dtype, None))
         self.in_features = in_features = _count(in_features, "in_features")
         self.out_features = out_features = _count(out_features, "out_features")
         self.weight = Parameter(F.kaiming_uniform((out_features, in_features), in_features))
@@ -227,10 +231,10 @@ class BatchNorm2d(Module):
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, *, bias: bool = True):
+                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True):
         super().__init__()
         _at_default("BatchNorm2d", affine=(affine, True), track_running_stats=(track_running_stats, True),
-                    bias=(bias, True))
+                    bias=(bias, True), device=(device, None), dtype=(dtype, None))
         self.num_features = num_features = _count(num_features, "num_features")
         # PyTorch's momentum=None (a cumulative average) is not implemented
         require(momentum, "momentum", number(0, low_open=False, high=1, high_open=False))

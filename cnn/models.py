@@ -24,9 +24,10 @@ def _check_layer(layer, name: str) -> Module:
     return layer
 
 
-def _check_output_grad(name: str, grad, shape: tuple, B, dtype: str) -> None:
-    """The loss gradient must be an array like the output it belongs to: a float64 one
-    would make float64 gradients (and optimizer state) of a float32 model on NumPy."""
+def _check_output_grad(name: str, grad, shape: tuple, where: tuple[str, str], dtype: str) -> None:
+    """The loss gradient must be an array like the output it belongs to (``where``: its
+    backend's name and device): a float64 one would make float64 gradients (and optimizer
+    state) of a float32 model on NumPy."""
     if not hasattr(grad, "shape"):
         raise TypeError(f"{name}.backward() takes an array (NumPy, torch or CuPy) like the model's output, "
                         f"got {type(grad).__name__}")
@@ -34,9 +35,10 @@ def _check_output_grad(name: str, grad, shape: tuple, B, dtype: str) -> None:
         raise ValueError(f"{name}.backward() got a gradient of shape {tuple(grad.shape)} for an output of "
                          f"shape {shape}: pass the loss gradient with respect to the last forward pass's output")
     Bg = backend_of(grad)
-    if Bg is not B or Bg.dtype_name(grad) != dtype:
-        raise TypeError(f"{name}.backward() got a {Bg!r} {Bg.dtype_name(grad)} gradient for a {B!r} {dtype} "
-                        f"output: convert it with backend.asarray(grad, dtype={dtype!r}) on the output's backend")
+    if (Bg.name, Bg.device) != where or Bg.dtype_name(grad) != dtype:
+        raise TypeError(f"{name}.backward() got a {Bg.name} ({Bg.device}) {Bg.dtype_name(grad)} gradient for a "
+                        f"{where[0]} ({where[1]}) {dtype} output: convert it with backend.asarray(grad, "
+                        f"dtype={dtype!r}) on the output's backend")
 
 
 class Sequential(Module):
@@ -117,8 +119,9 @@ class Sequential(Module):
         if last is not None:
             # Kept on the last layer, for backward's check: a slice of this model that ends
             # with it (model[2:]) then checks against the same, latest forward pass.
+            # (Names, not the Backend: a model must stay deepcopy-able and picklable.)
             B = backend_of(x)
-            last._output_like = (tuple(x.shape), B, B.dtype_name(x))
+            last._output_like = (tuple(x.shape), (B.name, B.device), B.dtype_name(x))
         return x
 
     def backward(self, grad_out):
@@ -126,12 +129,6 @@ class Sequential(Module):
         expected = layers[-1][1].__dict__.get("_output_like") if layers else None
         if expected is not None:
             _check_output_grad(type(self).__name__, grad_out, *expected)
-        first = {}
-        for name, layer in layers:
-            if first.setdefault(id(layer), name) != name:
-                raise ValueError(f"layers {first[id(layer)]} and {name} are the same {type(layer).__name__}: "
-                                 "a module keeps one forward pass for backward, so one used twice "
-                                 "cannot go back through both. Give each place a layer of its own")
         # As autograd, go back no further than the first layer with a parameter to train
         # when the input gradient is not wanted (the first layer's input_grad is False, as
         # in the reference models): training a head on a frozen backbone costs the head's.
@@ -139,12 +136,18 @@ class Sequential(Module):
         if layers and getattr(layers[0][1], "input_grad", True) is False:
             start = next((i for i, (_, layer) in enumerate(layers)
                           if any(p.requires_grad for p in layer.parameters())), len(layers))
-        for _, layer in layers[:start]:
+        first = {}
+        for name, layer in layers[start:]:
+            if first.setdefault(id(layer), name) != name:
+                raise ValueError(f"layers {first[id(layer)]} and {name} are the same {type(layer).__name__}: "
+                                 "a module keeps one forward pass for backward, so one used twice "
+                                 "cannot go back through both. Give each place a layer of its own")
+        for _, layer in reversed(layers[start:]):
+            grad_out = layer.backward(grad_out)
+        for _, layer in layers[:start]:  # after: a layer shared with the part above kept its cache for it
             layer.clear_caches()  # the batch's activations, which no backward pass will take
             for p in layer.parameters():
                 p.grad = None  # frozen: no gradient, not one of an earlier step for the optimizer to use
-        for _, layer in reversed(layers[start:]):
-            grad_out = layer.backward(grad_out)
         return None if start else grad_out
 
 

@@ -57,7 +57,11 @@ class Parameter:
 
     def size(self, dim: int | None = None):
         """The shape, or its ``dim``-th entry, as PyTorch's ``size()``."""
-        return self.shape if dim is None else self.shape[dim]
+        if dim is None:
+            return self.shape
+        if not -len(self.shape) <= dim < len(self.shape):
+            raise IndexError(f"dimension {dim} is out of range for a parameter of shape {self.shape}")
+        return self.shape[dim]
 
     @property
     def ndim(self) -> int:
@@ -149,7 +153,9 @@ class Module:
         names made at run time (``self.add_module(f"block{i}", ...)``)."""
         # As torch's: a name must not hide an attribute ("forward", "training", a parameter)
         # nor make state_dict keys ambiguous; "cache" would be emptied by clear_caches().
-        if (not isinstance(name, str) or not name or "." in name or name == "cache"
+        if not isinstance(name, str):
+            raise TypeError(f"a module name is a string, got {type(name).__name__} {name!r}")
+        if (not name or "." in name or name == "cache"
                 or (hasattr(self, name) and name not in self._modules)):
             raise KeyError(f"{type(self).__name__} cannot name a module {name!r}: use a non-empty string "
                            "without '.' that is not already an attribute")
@@ -174,8 +180,10 @@ class Module:
         an array (NumPy, torch or CuPy), or None for an empty slot."""
         if value is not None:
             try:
-                backend_of(value)
-            except TypeError:
+                if isinstance(value, np.generic):  # a scalar has no place to load a state into
+                    raise TypeError
+                backend_of(value).dtype_name(value)
+            except (TypeError, AttributeError):
                 raise TypeError(f"buffer {name!r} of {type(self).__name__} must be an array (NumPy, torch or "
                                 f"CuPy) or None, got {type(value).__name__}: wrap it as "
                                 "np.asarray(value, dtype=np.float32)") from None
@@ -370,6 +378,11 @@ class Module:
         given), and cast floats to ``dtype`` (a name, a NumPy dtype or a torch dtype). With
         no backend, the model's own: ``to(dtype=...)`` keeps it where it is, and
         ``to(device=...)`` moves it on its own backend, as in PyTorch."""
+        if type(backend).__module__ == "torch":  # as torch's model.to(torch.device(...)) or .to(torch.float64)
+            if type(backend).__name__ == "device":
+                backend, device = None, backend
+            elif type(backend).__name__ == "dtype":
+                backend, dtype = None, backend
         if backend is None:
             first = next(self._named_state(), None)
             own = backend_of(first[-1]) if first else get_backend("numpy")

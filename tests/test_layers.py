@@ -675,6 +675,14 @@ def test_layers_print_as_torch(ours, theirs):
     assert printed_as_installed_torch(ours()) == repr(theirs())
 
 
+def test_torch_factory_arguments_at_none_are_taken():
+    """torch.nn's device=None, dtype=None: the layer is built where the engine builds it."""
+    for ours, theirs in ((Conv2d(3, 4, 3, device=None, dtype=None), nn.Conv2d(3, 4, 3, device=None, dtype=None)),
+                         (Linear(2, 3, device=None, dtype=None), nn.Linear(2, 3, device=None, dtype=None)),
+                         (BatchNorm2d(3, device=None, dtype=None), nn.BatchNorm2d(3, device=None, dtype=None))):
+        assert printed_as_installed_torch(ours) == repr(theirs)
+
+
 @pytest.mark.parametrize("theirs", [
     nn.Conv2d(3, 8, (3, 5), stride=2, padding=1, bias=False), nn.Conv2d(3, 8, 3, dilation=1, groups=1),
     nn.BatchNorm2d(6, eps=1e-3), nn.MaxPool2d(3, 2, 1), nn.AvgPool2d(2), nn.Dropout(0.25, inplace=True),
@@ -700,6 +708,9 @@ def test_a_layer_printed_by_torch_builds_the_same_layer_here(theirs):
     (lambda: MaxPool2d(2, dilation=2), r"MaxPool2d\(dilation=\(2, 2\)\) is not implemented here"),
     (lambda: AvgPool2d(2, ceil_mode=True), r"AvgPool2d\(ceil_mode=True\) is not implemented here"),
     (lambda: Dropout(0.5, inplace=1), "inplace must be true or false; got 1"),
+    (lambda: Linear(2, 2, device="cuda"), r"Linear\(device='cuda'\) is not implemented here: only device=None, "
+                                          r"torch.nn's default: build the layer, then move it with \.to\("),
+    (lambda: Conv2d(3, 4, 3, dtype=torch.float64), r"Conv2d\(dtype=torch.float64\) is not implemented"),
     (lambda: MaxPool2d(2, ceil_mode=True), r"MaxPool2d\(ceil_mode=True\) is not implemented here"),
     (lambda: MaxPool2d(2, return_indices=True), r"MaxPool2d\(return_indices=True\) is not implemented"),
     (lambda: AvgPool2d(2, count_include_pad=False), r"AvgPool2d\(count_include_pad=False\) is not implemented"),
