@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from cnn.backend import Backend, backend_of, get_backend
+from cnn.backend import Backend, DeviceError, backend_of, get_backend
 
 
 class Parameter:
@@ -378,7 +378,11 @@ class Module:
         given), and cast floats to ``dtype`` (a name, a NumPy dtype or a torch dtype). With
         no backend, the model's own: ``to(dtype=...)`` keeps it where it is, and
         ``to(device=...)`` moves it on its own backend, as in PyTorch."""
-        if type(backend).__module__ == "torch":  # as torch's model.to(torch.device(...)) or .to(torch.float64)
+        # As torch's model.to("cuda"), .to(torch.device(...)) or .to(torch.float64): the
+        # model's own backend, on that device or in that dtype.
+        if isinstance(backend, str) and backend.split(":")[0] in ("cpu", "cuda", "mps"):
+            backend, device = None, backend
+        elif type(backend).__module__ == "torch":
             if type(backend).__name__ == "device":
                 backend, device = None, backend
             elif type(backend).__name__ == "dtype":
@@ -386,6 +390,11 @@ class Module:
         if backend is None:
             first = next(self._named_state(), None)
             own = backend_of(first[-1]) if first else get_backend("numpy")
+            if own.name == "numpy" and device is not None and str(device) not in ("cpu", "auto"):
+                where = str(device)
+                raise DeviceError(f"this model is on the numpy backend, which runs on the CPU only: move it to "
+                                  f"{where!r} with model.to('torch', device={where!r})"
+                                  + (" or model.to('cupy')" if where.startswith("cuda") else ""))
             backend = own if device is None else own.name
         if not isinstance(backend, (Backend, str)):
             raise TypeError(f"Module.to() takes a backend name ('numpy', 'torch', 'cupy') or a "

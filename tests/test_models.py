@@ -503,10 +503,19 @@ def test_to_takes_a_torch_device_or_dtype_as_torch_code_passes_them():
     assert build_model("simple").to(torch.float64)[0].weight.dtype == np.float64  # still NumPy
 
 
-def test_to_with_a_device_name_for_a_backend_says_how_to_write_it():
-    with pytest.raises(cnn.backend.DeviceError,
-                       match=r"unknown backend 'cuda'.*'cuda' is a device: .*model.to\('torch', device='cuda'\)"):
-        build_model("simple").to("cuda")
+def test_to_a_device_moves_the_model_on_its_own_backend_as_torch():
+    """model.to("cpu") / .to("cuda") as torch code writes it; a NumPy model has the CPU only."""
+    model = build_model("simple").to("torch", device="cpu")
+    assert model.to("cpu")[0].weight.data.device == torch.device("cpu")
+    assert isinstance(build_model("simple").to("cpu")[0].weight.data, np.ndarray)
+    for device, also in (("cuda", r" or model.to\('cupy'\)$"), ("cuda:1", " or model.to"), ("mps", "$")):
+        with pytest.raises(cnn.backend.DeviceError, match=rf"this model is on the numpy backend, which runs on the "
+                                                          rf"CPU only: move it to '{device}' with model.to\('torch', "
+                                                          rf"device='{device}'\){also}"):
+            build_model("simple").to(device)
+
+
+def test_to_with_a_dtype_for_a_backend_says_how_to_write_it():
     with pytest.raises(TypeError, match=r"Module.to\(\) takes a backend name .* model.to\(dtype='float64'\)"):
         build_model("simple").to(np.float64)
 
@@ -1166,7 +1175,7 @@ def test_to_a_device_alone_keeps_the_backend_and_checks_the_device():
     than staying on the CPU unnoticed."""
     from cnn.backend import DeviceError
 
-    with pytest.raises(DeviceError, match="the numpy backend runs on the CPU only, not 'cuda'"):
+    with pytest.raises(DeviceError, match="this model is on the numpy backend, which runs on the CPU only"):
         build_model("simple").to(device="cuda")
 
 
