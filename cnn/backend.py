@@ -388,10 +388,21 @@ BACKENDS = ("numpy", "torch", "cupy")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
+def torch_type(x) -> str | None:
+    """The class name of a torch object ("device", "dtype", "Tensor"), else None (without
+    importing torch)."""
+    return type(x).__name__ if type(x).__module__ == "torch" else None
+
+
+def names_a_device(x) -> bool:
+    """Whether ``x`` is a torch.device or the name of one ("cpu", "cuda:1"; not "auto")."""
+    return torch_type(x) == "device" or (isinstance(x, str) and x.split(":")[0] in DEVICES[1:])
+
+
 def resolve_device(backend: str, device: str = "auto") -> str:
     """Turn ``auto`` into the best device the backend can use here (``device``: a name,
     or a ``torch.device``)."""
-    if type(device).__module__ == "torch" and type(device).__name__ == "device":
+    if torch_type(device) == "device":
         device = str(device)  # torch.device("cuda", 1) -> "cuda:1"
     if not isinstance(device, str):
         raise DeviceError(f"a device is a name ({', '.join(DEVICES)}, cuda:N) or a torch.device, "
@@ -457,7 +468,7 @@ def get_backend(name: str = "numpy", device: str = "auto") -> Backend:
     if name not in BACKENDS:
         hint = (f" ({name!r} is a device: pick a backend and pass device={name!r}, e.g. "
                 f"get_backend('torch', {name!r}) or model.to('torch', device={name!r}))"
-                if str(name).split(":")[0] in ("cpu", "cuda", "mps") else "")
+                if names_a_device(name) else "")
         raise DeviceError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}{hint}")
     return _make_backend(name, resolve_device(name, device))
 

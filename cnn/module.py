@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from cnn.backend import Backend, DeviceError, backend_of, get_backend
+from cnn.backend import Backend, DeviceError, backend_of, get_backend, names_a_device, torch_type
 
 
 class Parameter:
@@ -380,13 +380,10 @@ class Module:
         ``to(device=...)`` moves it on its own backend, as in PyTorch."""
         # As torch's model.to("cuda"), .to(torch.device(...)) or .to(torch.float64): the
         # model's own backend, on that device or in that dtype.
-        if isinstance(backend, str) and backend.split(":")[0] in ("cpu", "cuda", "mps"):
+        if names_a_device(backend):
             backend, device = None, backend
-        elif type(backend).__module__ == "torch":
-            if type(backend).__name__ == "device":
-                backend, device = None, backend
-            elif type(backend).__name__ == "dtype":
-                backend, dtype = None, backend
+        elif torch_type(backend) == "dtype":
+            backend, dtype = None, backend
         if backend is None:
             first = next(self._named_state(), None)
             own = backend_of(first[-1]) if first else get_backend("numpy")
