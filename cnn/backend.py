@@ -14,6 +14,7 @@ channels-last in memory (a transposed view), which both libraries handle transpa
 """
 from __future__ import annotations
 
+import contextlib
 import operator
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -42,8 +43,13 @@ class Backend:
         self.xp = xp
         self.device = device
         self.seed(0)  # not default_rng(0): see seed
-        self.workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        blas = _host_blas() if xp is np else None
+        # As many threads as BLAS was given: OMP_NUM_THREADS=1 (two runs side by side, a
+        # core each) means one thread here too.
+        self.workers = min([cores] + [lib.num_threads for lib in (blas.lib_controllers if blas else ())])
         self._pool = ThreadPoolExecutor(self.workers) if xp is np and self.workers > 1 else None
+        self._blas = blas if self._pool is not None else None
 
     def __repr__(self) -> str:
         return f"{self.name} ({self.device})"
@@ -95,8 +101,33 @@ class Backend:
         return self.xp.lib.stride_tricks.as_strided(a, shape, tuple(s * item for s in strides))
 
     # -- math -----------------------------------------------------------------------
+    #: Products of at least this many multiply-adds are split over the pool (see matmul).
+    split_matmul_size = 1 << 20
+
     def matmul(self, a, b, out=None):
-        return self.xp.matmul(a, b, out=out)
+        """a @ b. On the CPU every product runs with BLAS on one thread, and a large 2-d
+        one in the pool: a block of rows to each worker (of columns, when ``a`` has few
+        rows). BLAS's own threads wait for work by spinning, on the cores that the pool's
+        element-wise work needs, and on a machine busier than its cores a step then takes
+        several times as long (README, Design). Each output element is the same dot
+        product as one-thread BLAS's, in the same order, so the result is too."""
+        if (self._blas is None or a.ndim != 2 or b.ndim != 2
+                or a.shape[0] * a.shape[1] * b.shape[1] < self.split_matmul_size):
+            with self._one_blas_thread():
+                return self.xp.matmul(a, b, out=out)
+        if out is None:
+            out = self.xp.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
+        with self._one_blas_thread():
+            if a.shape[0] >= b.shape[1]:
+                self.map_chunks(lambda a, out: np.matmul(a, b, out=out), a, out, min_size=0)
+            else:  # a few rows (a weight gradient): split b's columns, as rows of b.T
+                self.map_chunks(lambda bt, out_t: np.matmul(a, bt.T, out=out_t.T), b.T, out.T, min_size=0)
+        return out
+
+    def _one_blas_thread(self):
+        """BLAS on one thread for the engine's products: once woken, BLAS's own threads
+        spin, and would take the cores from the pool's element-wise work."""
+        return self._blas.limit(limits=1) if self._blas is not None else contextlib.nullcontext()
 
     def sum(self, a, axis=None, keepdims=False):
         return a.sum(axis=axis, keepdims=keepdims)
@@ -111,17 +142,20 @@ class Backend:
         """a: (M, K) -> (K,), accurate and fast.
 
         Matrix products with a vector of ones (BLAS: several times faster than numpy's
-        row-by-row reduction, and multithreaded) sum blocks of ``block`` rows; the block
+        row-by-row reduction), split over the pool, sum blocks of ``block`` rows; the block
         sums are added in float64. A single float32 sum over 65,536 rows would be off by
         about 1e-5 relative, enough to flip ReLUs after batch norm; this is off by ~1e-7.
         """
         xp = self.xp
         m = a.shape[0]
         full = m - m % block
-        total = xp.ones(m - full, dtype=a.dtype) @ a[full:]
-        if full:
-            blocks = xp.ones(block, dtype=a.dtype) @ a[:full].reshape(full // block, block, -1)
-            total = blocks.sum(axis=0, dtype="float64") + total
+        with self._one_blas_thread():
+            total = xp.ones(m - full, dtype=a.dtype) @ a[full:]
+            if full:
+                ones = xp.ones(block, dtype=a.dtype)
+                blocks = self.map_chunks(lambda parts: ones @ parts, a[:full].reshape(full // block, block, -1))
+                blocks = blocks[0] if len(blocks) == 1 else xp.concatenate(blocks)
+                total = blocks.sum(axis=0, dtype="float64") + total
         return total.astype(a.dtype)
 
     def argmax(self, a, axis):
@@ -494,6 +528,15 @@ def _fold(seed, stream: int | None = None) -> int:
     ``stream``, that of an independent stream (NumPy's SeedSequence spawn key)."""
     sequence = np.random.SeedSequence(seed, spawn_key=() if stream is None else (stream,))
     return int(sequence.generate_state(1, np.uint64)[0] >> 1)
+
+
+def _host_blas():
+    """threadpoolctl's handle on the BLAS libraries loaded in this process, for pinning
+    them to one thread (Backend.matmul); None where none has a thread count to set."""
+    from threadpoolctl import ThreadpoolController
+
+    blas = ThreadpoolController().select(user_api="blas")
+    return blas if blas.lib_controllers else None
 
 
 def manual_seed(seed: int) -> None:

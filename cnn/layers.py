@@ -156,7 +156,7 @@ class Conv2d(Module):
                if self.training else None)
         cols2d = F.im2col(x, self.kernel_size, self.stride, self.padding, out=buf)
         w2d = self._weight_matrix(B)
-        out = cols2d @ w2d.T  # (N*Ho*Wo, F): channels-last output, no transpose needed
+        out = B.matmul(cols2d, w2d.T)  # (N*Ho*Wo, F): channels-last output, no transpose needed
         if self.bias is not None:
             out += self.bias.data
         self.cache = (cols2d, w2d, tuple(x.shape), (n, ho, wo))
@@ -169,7 +169,7 @@ class Conv2d(Module):
         kh, kw = self.kernel_size
         self.weight.grad = None  # stays None when frozen: no product computed
         if self.weight.requires_grad:
-            dw = (g.T @ cols2d).reshape(-1, kh, kw, x_shape[1])  # (F, kh, kw, C)
+            dw = B.matmul(g.T, cols2d).reshape(-1, kh, kw, x_shape[1])  # (F, kh, kw, C)
             self.weight.grad = B.contiguous(B.transpose(dw, (0, 3, 1, 2)))
         if self.bias is not None:
             self.bias.grad = B.column_sums(g) if self.bias.requires_grad else None
@@ -207,8 +207,9 @@ class Linear(Module):
 
     def forward(self, x):
         _check_input(self, x, 2, self.in_features, like=self.weight.data)
+        B = backend_of(x)
         self.cache = x
-        out = x @ self.weight.data.T
+        out = B.matmul(x, self.weight.data.T)
         if self.bias is not None:
             out += self.bias.data
         return out
@@ -216,10 +217,10 @@ class Linear(Module):
     def backward(self, grad_out):
         x = self._take_cache()
         B = backend_of(grad_out)
-        self.weight.grad = grad_out.T @ x if self.weight.requires_grad else None
+        self.weight.grad = B.matmul(grad_out.T, x) if self.weight.requires_grad else None
         if self.bias is not None:
             self.bias.grad = B.column_sums(grad_out) if self.bias.requires_grad else None
-        return grad_out @ self.weight.data if self.input_grad else None
+        return B.matmul(grad_out, self.weight.data) if self.input_grad else None
 
 
 class BatchNorm2d(Module):

@@ -54,6 +54,10 @@ def torch_twin(name: str, state_dict=None, num_classes: int | None = None) -> nn
     """The torch.nn twin of reference model ``name``, loaded from a state_dict if given;
     its head has ``num_classes`` outputs, by default as many as the state_dict's head (the
     last 2-d weight: both models end with a Linear), or 10."""
+    if not isinstance(name, str):  # a model in hand: its name, and its weights as the state
+        raise TypeError(f"torch_twin takes a reference model's name ({', '.join(map(repr, TWINS))}), "
+                        f"got a {type(name).__name__}: for a model in hand, "
+                        "torch_twin(name, model.state_dict())")
     if name not in TWINS:
         raise ValueError(f"no torch.nn twin of model {name!r}: choose one of {', '.join(TWINS)}")
     if num_classes is None:

@@ -3,6 +3,11 @@ device selection, on the NumPy and torch (CPU) backends; CUDA is emulated where 
 needs PyTorch to see one."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -82,3 +87,43 @@ def test_auto_picks_cuda_where_pytorch_sees_it(monkeypatch):
     assert resolve_device("torch", "auto") == "cuda"
     assert resolve_device("torch", "cuda:1") == "cuda:1"
     assert resolve_device("numpy", "auto") == "cpu"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("m,k,n", [(1001, 27, 16), (16, 999, 145), (2, 3, 4)])  # rows, columns, unsplit
+def test_a_product_split_over_the_pool_equals_blas_on_one_thread(m, k, n, dtype, monkeypatch):
+    """Backend.matmul runs a large product in the pool's threads, BLAS pinned to one thread
+    in each: the same result to the last bit, BLAS's thread count restored after."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    B = get_backend("numpy")
+    if B._blas is None:
+        if B._pool is None:
+            pytest.skip("one core or one BLAS thread: the NumPy backend has no pool to split products over")
+        pytest.skip("threadpoolctl finds no BLAS it can set to one thread")
+    monkeypatch.setattr(B, "split_matmul_size", 1000)
+    chunks = []
+    map_chunks = B.map_chunks
+    monkeypatch.setattr(B, "map_chunks", lambda fn, *arrays, **kw: chunks.append(arrays[0].shape)
+                        or map_chunks(fn, *arrays, **kw))
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((k, m)).astype(dtype).T  # transposed views, as Conv2d passes them
+    b = rng.standard_normal((n, k)).astype(dtype).T
+    threads = [lib["num_threads"] for lib in threadpoolctl.threadpool_info()]
+    with threadpoolctl.threadpool_limits(1, user_api="blas"):
+        expected = a @ b
+    out = np.full((m, n), np.nan, dtype)
+    assert B.matmul(a, b, out=out) is out
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(B.matmul(a, b), expected)
+    assert [lib["num_threads"] for lib in threadpoolctl.threadpool_info()] == threads
+    split = m * k * n >= 1000
+    assert chunks == ([(m, k)] * 2 if split and m >= n else [(n, k)] * 2 if split else [])
+
+
+def test_the_numpy_backend_takes_as_many_threads_as_blas_was_given():
+    """OMP_NUM_THREADS=1 (two runs side by side, a core each) is one thread for the pool too."""
+    code = "import cnn; B = cnn.get_backend('numpy'); print(B.workers, B._pool is None, B._blas is None)"
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=Path(__file__).parents[1],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1", "True", "True"]

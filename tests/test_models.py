@@ -66,6 +66,11 @@ def test_exact_parameter_counts(name, count):
 def test_an_unknown_model_has_no_twin():
     with pytest.raises(ValueError, match="no torch.nn twin of model 'vgg': choose one of simple, resnet"):
         torch_twin("vgg")
+    # A model in hand (as torch code passes modules around) gets a short message, not its repr.
+    with pytest.raises(TypeError, match=r"^torch_twin takes a reference model's name \('simple', 'resnet'\), "
+                                        r"got a Sequential: for a model in hand, torch_twin\(name, "
+                                        r"model.state_dict\(\)\)$"):
+        torch_twin(build_model("resnet"))
 
 
 @pytest.mark.parametrize("name", MODELS)
