@@ -2,6 +2,7 @@
 
     python -m cnn.bench                                   # CPU: numpy, torch, native
     python -m cnn.bench --device cuda --engines torch torch-replay cupy native --batch-sizes 64 512
+    python -m cnn.bench --busy 2                          # beside two processes that spin
 
 One full SGD step (forward, loss, backward, update) on random data is timed for each
 model, engine and batch size. ``native`` is the equivalent ``torch.nn`` model with autograd
@@ -149,14 +150,16 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20, help="steps per timed block")
     p.add_argument("--repeats", type=int, default=3, help="timed blocks; the best one counts")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--busy", type=int, default=0, metavar="N",
+                   help="N processes that only spin, beside each case: a machine busier than its cores")
     p.add_argument("--json", help="also write the results to this file (its folder must exist)")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
     args = p.parse_args(argv)
     for flag in ("steps", "repeats"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be at least 1")
-    if args.warmup < 0 or min(args.batch_sizes) < 1:
-        p.error("--warmup must be >= 0 and every --batch-sizes value >= 1")
+    if args.warmup < 0 or args.busy < 0 or min(args.batch_sizes) < 1:
+        p.error("--warmup and --busy must be >= 0, and every --batch-sizes value >= 1")
     # Checked before any case runs: a GPU benchmark is too costly to lose at its end.
     if set(args.engines) - {"numpy"}:
         try:
@@ -181,13 +184,21 @@ def main(argv=None) -> int:
                        "--engines", engine, "--device", args.device, "--steps", str(args.steps),
                        "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
                 print(f"timing {model} on {engine}, batch {bs} ...", file=sys.stderr, flush=True)
-                proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+                busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+                try:
+                    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+                finally:
+                    for b in busy:
+                        b.kill()
+                        b.wait()
                 if proc.returncode != 0:  # its last line: the exception (no CUDA here, say)
                     reason = (proc.stderr.strip().splitlines() or ["no output"])[-1]
                     print(f"{model} {engine} batch {bs}: failed: {reason}", file=sys.stderr)
                     failed.append(f"{model}:{engine}:{bs}")
                     continue
-                results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                results.append(dict(json.loads(proc.stdout.strip().splitlines()[-1]), busy=args.busy))
+    if args.busy:
+        print(f"each case beside {args.busy} process(es) that only spin")
     print(f"{'model':7} {'batch':>5} {'engine':44} {'ms/step':>8} {'s/epoch':>8} "
           f"{'x native':>8} {'ops/step':>8} {'peak RSS MB':>11} {'peak GPU MB':>11}")
     for r in results:

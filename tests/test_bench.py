@@ -76,6 +76,46 @@ def test_each_case_runs_in_its_own_process_on_the_device_asked_for(monkeypatch, 
         assert all(c[c.index(flag) + 1] == value for c in commands), flag
 
 
+def test_busy_processes_spin_beside_each_case_and_stop_after_it(monkeypatch, tmp_path):
+    import subprocess
+
+    events, spinners = [], []
+
+    class Spinner:
+        def __init__(self, cmd):
+            assert cmd[1:] == ["-c", "while True: pass"]
+            self.alive = True
+            spinners.append(self)
+
+        def kill(self):
+            self.alive = False
+
+        def wait(self):
+            events.append("stopped" if not self.alive else "waited on a live one")
+
+    def fake_run(cmd, **kw):
+        events.append(f"case with {sum(s.alive for s in spinners)} spinning")
+        model, engine, bs = cmd[cmd.index("--case") + 1].split(":")
+        if engine == "native":
+            raise KeyboardInterrupt  # a case that never returns: the spinners must still stop
+        row = dict(model=model, engine=engine, where="cpu", batch_size=int(bs), ms_per_step=1.0,
+                   ms_blocks=[1.0], peak_rss_mb=1.0)
+        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(row) + "\n", stderr="")
+
+    monkeypatch.setattr(bench.subprocess, "Popen", Spinner)
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--models", "simple", "--engines", "torch", "--busy", "3", "--json", str(out)]) == 0
+    assert events == ["case with 3 spinning"] + ["stopped"] * 3
+    assert json.loads(out.read_text())[0]["busy"] == 3
+    events.clear()
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--models", "simple", "--engines", "native", "--busy", "2"])
+    assert events == ["case with 2 spinning"] + ["stopped"] * 2
+    with pytest.raises(SystemExit):
+        bench.main(["--busy", "-1"])
+
+
 def test_a_case_reports_its_fastest_block_per_step(monkeypatch):
     """Each timed block is its time over its steps; ms/step is the fastest block's."""
     from types import SimpleNamespace
