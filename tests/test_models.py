@@ -73,6 +73,16 @@ def test_an_unknown_model_has_no_twin():
         torch_twin(build_model("resnet"))
 
 
+def test_a_state_dict_that_does_not_fit_the_twin_is_refused():
+    """strict=True: a missing (or extra) key is an error, not a twin with its own random weights."""
+    state = build_model("simple").state_dict()
+    del state["0.weight"]
+    with pytest.raises(RuntimeError, match="Missing key"):
+        torch_twin("simple", state)
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        torch_twin("simple", {**build_model("simple").state_dict(), "extra.weight": np.zeros((10, 10), np.float32)})
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_state_dict_keys_shapes_and_order_equal_the_twin(name):
     ours = build_model(name).state_dict()

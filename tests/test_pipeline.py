@@ -27,6 +27,7 @@ import sys
 import tarfile
 import threading
 import time
+import types
 import urllib.request
 from pathlib import Path
 
@@ -391,6 +392,32 @@ def test_dvc_yaml_matches_pipeline_paths():
         p.as_posix() for p in (paths.RESULTS_MD, paths.TRAINING_CURVES_PNG, paths.REPORT_CONFUSION_DIR))
 
 
+def test_data_section_checks_md5_url_retries_and_timeout():
+    """An md5 one digit too long, a blank URL, no md5 at all or a zero timeout is refused;
+    retries may be 0, and both default (5 retries, 60 s) when left out."""
+    def problems(**data):
+        raw = tiny_params()
+        raw["data"] = {k: v for k, v in {**raw["data"], **data}.items() if v is not None}
+        with pytest.raises(P.ParamsError) as e:
+            P.validate(raw)
+        return str(e.value)
+
+    assert "data: 'md5' must be 32 lowercase hex digits" in problems(md5="c58f30108f718f92721af3b95e74349a0")
+    assert "data: 'url' must be a non-empty URL" in problems(url="  ")
+    assert "data: missing key 'md5'" in problems(md5=None)
+    assert "data: 'timeout' must be a positive number; got 0" in problems(timeout=0)
+    raw = tiny_params()
+    raw["data"] = {"url": raw["data"]["url"], "md5": raw["data"]["md5"]}
+    assert (P.validate(raw).data.retries, P.validate(raw).data.timeout) == (5, 60)
+    raw["data"]["retries"] = 0
+    assert P.validate(raw).data.retries == 0
+
+
+def test_the_mlflow_experiment_comes_from_params_yaml():
+    assert P.validate({**tiny_params(), "mlflow": {"experiment": "my-exp"}}).experiment == "my-exp"
+    assert P.validate({k: v for k, v in tiny_params().items() if k != "mlflow"}).experiment == "cifar10-cnn"
+
+
 # ============================================================================ download (fast)
 class _FlakyHandler(http.server.BaseHTTPRequestHandler):
     """1st request: HTTP 500; 2nd: half the body, then the connection drops; 3rd: honours
@@ -543,6 +570,119 @@ def test_a_failed_download_keeps_the_archive_that_was_there(archive, tmp_path):
     assert sorted(f.name for f in (work / paths.RAW_ARCHIVE).parent.iterdir()) == [paths.RAW_ARCHIVE.name]
 
 
+def test_download_backs_off_exponentially_up_to_a_minute(monkeypatch):
+    """1, 2, 4, ... seconds between attempts, never more than 60 (BACKOFF_BASE 1)."""
+    slept = []
+    monkeypatch.setattr(dl, "BACKOFF_BASE", 1.0)
+    monkeypatch.setattr(dl.time, "sleep", slept.append)
+
+    def fail(url, dest, timeout):
+        raise dl._Retryable("connection reset")
+
+    monkeypatch.setattr(dl, "_attempt", fail)
+    with pytest.raises(dl.PipelineError, match=r"after 9 attempt\(s\)"):
+        dl.fetch_url("http://example.invalid/a.tar.gz", Path("unused"), retries=8, timeout=1)
+    assert slept == [1, 2, 4, 8, 16, 32, 60, 60]
+
+
+class _TwiceCutHandler(http.server.BaseHTTPRequestHandler):
+    """Honours Range, but the first response stops at 60% of the file and the second
+    (resumed there) after another 10%: 70% received is more than that second response's
+    Content-Length, yet it is cut too and must be resumed again, not taken as complete."""
+
+    body = b""
+    requests: list = []
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        self.requests.append(self.headers.get("Range"))
+        start = int(self.headers["Range"].split("=")[1].rstrip("-")) if self.headers.get("Range") else 0
+        self.send_response(206 if start else 200)
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(self.body) - 1}/{len(self.body)}")
+        self.send_header("Content-Length", str(len(self.body) - start))
+        self.end_headers()
+        cut = {1: len(self.body) * 6 // 10, 2: len(self.body) * 7 // 10}.get(len(self.requests), len(self.body))
+        part = self.body[start:cut]
+        self.wfile.write(part)
+        self.wfile.flush()
+        self.close_connection = True
+
+
+def test_a_resumed_download_that_is_cut_again_is_resumed_again(archive, tmp_path, monkeypatch):
+    _TwiceCutHandler.body = archive[0].read_bytes()
+    _TwiceCutHandler.requests = []
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TwiceCutHandler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(dl, "BACKOFF_BASE", 0.01)
+        monkeypatch.setenv("CIFAR10_SOURCE", f"http://127.0.0.1:{srv.server_address[1]}/cifar-10-python.tar.gz")
+        monkeypatch.setenv("CIFAR10_MD5", archive[1])
+        dest = tmp_path / "raw" / "cifar-10-python.tar.gz"
+        dl.download(P.validate(tiny_params()), dest)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert md5_of(dest) == archive[1]
+    n = len(_TwiceCutHandler.body)
+    assert _TwiceCutHandler.requests == [None, f"bytes={n * 6 // 10}-", f"bytes={n * 7 // 10}-"]
+
+
+def test_a_range_the_server_cannot_satisfy_restarts_the_download(tmp_path, monkeypatch):
+    """HTTP 416 on resuming (the partial file is not a prefix the server knows): the part
+    already there goes, so the next attempt starts from byte 0, not from the same range."""
+    import urllib.error
+
+    dest = tmp_path / "part"
+    dest.write_bytes(b"stale part")
+
+    def refuse(req, timeout):
+        raise urllib.error.HTTPError(req.full_url, 416, "Range Not Satisfiable", {}, None)
+
+    monkeypatch.setattr(dl.urllib.request, "urlopen", refuse)
+    with pytest.raises(dl._Retryable, match="HTTP 416"):
+        dl._attempt("http://example.invalid/a.tar.gz", dest, timeout=1)
+    assert not dest.exists()
+
+
+def test_check_archive_wants_every_member_the_loader_reads(archive, tmp_path):
+    for member in ("test_batch", "batches.meta"):
+        missing = rewrite_archive(archive[0], tmp_path / f"no-{member}.tar.gz", drop=(member,))
+        with pytest.raises(dl.PipelineError, match=f"missing cifar-10-batches-py/{member}"):
+            dl.check_archive(missing, str(missing))
+
+
+def test_cifar10_md5_that_is_no_md5_is_refused(monkeypatch):
+    monkeypatch.setenv("CIFAR10_MD5", "abc123")
+    with pytest.raises(dl.PipelineError, match="CIFAR10_MD5 must be 32 hex digits; got 'abc123'"):
+        dl.resolve_source(P.validate(tiny_params()))
+
+
+def test_download_checks_a_copy_against_data_md5_and_clears_stale_temporary_files(archive, tmp_path, monkeypatch):
+    """Without CIFAR10_MD5 the md5 of params.yaml is the one checked (and matched); the
+    temporary file of a killed earlier attempt is removed."""
+    path, md5 = archive
+    monkeypatch.delenv("CIFAR10_MD5", raising=False)
+    monkeypatch.setenv("CIFAR10_SOURCE", str(path))
+    dest = tmp_path / "raw" / "cifar-10-python.tar.gz"
+    dest.parent.mkdir()
+    (dest.parent / f".{dest.name}.x1y2.tmp").write_bytes(b"left by a killed download")
+    dl.download(P.validate({**tiny_params(), "data": {**tiny_params()["data"], "md5": md5}}), dest)
+    assert md5_of(dest) == md5
+    assert [p.name for p in dest.parent.iterdir()] == [dest.name]
+
+
+def test_download_from_a_folder_says_it_is_not_a_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFAR10_SOURCE", str(tmp_path))
+    monkeypatch.setenv("CIFAR10_MD5", "0" * 32)
+    dest = tmp_path / "raw" / "cifar-10-python.tar.gz"
+    with pytest.raises(dl.PipelineError, match="does not exist or is not a file"):
+        dl.download(P.validate(tiny_params()), dest)
+    assert not dest.parent.exists()
+
+
 def test_normalize_checks_what_a_training_set_needs():
     import types
 
@@ -588,6 +728,36 @@ def test_normalize_takes_its_statistics_from_the_training_set(archive, tmp_path)
     np.testing.assert_allclose(stats["mean"], train_mean, rtol=1e-6)
     np.testing.assert_allclose(stats["std"], train_std, rtol=1e-6)
     assert not np.allclose(stats["mean"], channel_stats(ds.test_x)[0], rtol=1e-6)
+
+
+def test_normalize_check_counts_the_last_class_too():
+    from pipeline._util import PipelineError
+    from pipeline.normalize import check_dataset
+
+    ds = types.SimpleNamespace(classes=["a", "b", "c"], train_y=np.array([0, 1, 1]), test_y=np.array([2]))
+    with pytest.raises(PipelineError, match=r"no images of class\(es\) c"):
+        check_dataset(ds, "x.tar.gz")
+
+
+def test_normalize_stats_count_each_split_and_refuse_a_constant_channel(archive, tmp_path, monkeypatch):
+    import cnn.data
+    from pipeline._util import PipelineError
+    from pipeline.normalize import normalize
+
+    out, stats_path = tmp_path / "prepared" / "cifar10.npz", tmp_path / "prepared" / "stats.json"
+    stats = normalize(archive[0], out, stats_path)
+    assert json.loads(stats_path.read_text()) == stats
+    assert stats["train"]["images"] == N_TRAIN and stats["test"]["images"] == N_TEST
+    assert sum(stats["train"]["per_class"].values()) == N_TRAIN
+    assert sum(stats["test"]["per_class"].values()) == N_TEST
+    assert stats["prepared"]["bytes"] == out.stat().st_size
+
+    ds = cnn.data.load_cifar10(archive[0])
+    ds.train_x[:, 1] = 128  # the green channel of every training image: one value
+    monkeypatch.setattr(cnn.data, "load_cifar10", lambda path: ds)
+    with pytest.raises(PipelineError, match="a channel of the training images is constant"):
+        normalize(archive[0], out, stats_path)
+    assert not out.exists() and not stats_path.exists()
 
 
 # ============================================================================ tracking (fast)
@@ -642,6 +812,121 @@ def test_tracker_degrades_to_noop_after_one_warning(monkeypatch, capsys):
     assert not t.enabled and Broken.calls == tracking.Tracker.ATTEMPTS
     assert len(mlflow_warnings(capsys.readouterr().err)) == 1
     assert t.info()["run_id"] == "run123" and "server went away" in t.info()["disabled_reason"]
+
+
+class _RecordingClient:
+    """Stands in for MlflowClient: records what the tracker sends."""
+
+    def __init__(self, status="RUNNING", experiment=None):
+        self.calls, self.status, self.experiment = [], status, experiment
+
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            self.calls.append((name, args, kwargs))
+            if name == "get_run":
+                return types.SimpleNamespace(info=types.SimpleNamespace(status=self.status))
+            if name == "get_experiment_by_name":
+                return self.experiment
+            if name == "create_experiment":
+                return "exp-new"
+        return call
+
+
+def test_tracker_logs_metrics_at_their_step_and_params_as_dvc_writes_them():
+    client = _RecordingClient()
+    t = tracking.Tracker(client, "run1", uri="sqlite:///x.db")
+    t.log_metrics({"loss": 1.5, "test_acc": 0.0, "seconds": None}, step=3)
+    t.log_metrics({"best_epoch": 2})
+    t.log_params({"resume": False, "augment": True, "lr": 0.01})
+    (_, (run_id,), kw1), (_, _, kw2), (_, _, kw3) = client.calls
+    assert run_id == "run1"
+    assert [(m.key, m.value, m.step) for m in kw1["metrics"]] == [("loss", 1.5, 3), ("test_acc", 0.0, 3)]
+    assert [(m.key, m.step) for m in kw2["metrics"]] == [("best_epoch", 0)]
+    assert {p.key: p.value for p in kw3["params"]} == {"resume": "false", "augment": "true", "lr": "0.01"}
+
+
+def test_tracker_info_hides_the_password_of_the_tracking_uri():
+    info = tracking.Tracker(None, None, uri="http://user:secret@host:5000", reason="off").info()
+    assert info["tracking_uri"] == "http://host:5000"
+    assert "secret" not in json.dumps(info)
+
+
+def test_a_run_recorded_in_another_store_is_not_ended():
+    client = _RecordingClient()
+    t = tracking.Tracker(client, "new", uri="sqlite:///here.db")
+    assert t.end_abandoned({"run_id": "old", "tracking_uri": "http://elsewhere:5000"}) is None
+    assert client.calls == []
+    assert t.end_abandoned({"run_id": "old", "tracking_uri": "sqlite:///here.db"}) == "old"
+    assert ("set_terminated", ("old", "KILLED"), {}) in client.calls
+
+
+def test_experiment_gets_an_absolute_artifact_location_and_a_deleted_one_is_restored(tmp_path):
+    client = _RecordingClient()
+    root = tmp_path / "repo"
+    loc = tracking.default_artifact_location(f"sqlite:///{root}/mlflow.db", root, "exp")
+    assert loc == (root / "mlartifacts" / "exp").resolve().as_uri()
+    assert tracking.default_artifact_location("http://host:5000", root, "exp") is None
+    assert tracking._get_or_create_experiment(client, "exp", loc) == "exp-new"
+    assert client.calls[-1] == ("create_experiment", ("exp",), {"artifact_location": loc})
+    deleted = types.SimpleNamespace(lifecycle_stage="deleted", experiment_id="7", artifact_location=loc)
+    client = _RecordingClient(experiment=deleted)
+    assert tracking._get_or_create_experiment(client, "exp", loc) == "7"
+    assert ("restore_experiment", ("7",), {}) in client.calls
+
+
+def test_start_run_creates_the_experiment_under_the_main_repository(tmp_path, monkeypatch):
+    client = _RecordingClient()
+    client.create_run = lambda exp_id, run_name, tags: types.SimpleNamespace(info=types.SimpleNamespace(run_id="r1"))
+    monkeypatch.setattr(tracking, "_client", lambda uri: client)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    t = tracking.start_run("exp", "train@x", root=tmp_path)
+    assert t.enabled and t.uri == f"sqlite:///{tmp_path.as_posix()}/mlflow.db"
+    assert ("create_experiment", ("exp",),
+            {"artifact_location": (tmp_path / "mlartifacts" / "exp").resolve().as_uri()}) in client.calls
+
+
+def test_tracking_uris_relative_to_the_main_repository(tmp_path, monkeypatch):
+    root = tmp_path / "repo"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///:memory:")
+    assert tracking.resolve_tracking_uri(root) == "sqlite:///:memory:"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "mlruns")
+    assert tracking.resolve_tracking_uri(root) == (root / "mlruns").as_posix()
+
+
+def test_probe_counts_an_http_error_as_reachable_and_a_missing_sqlite_folder_as_not(tmp_path, monkeypatch):
+    import urllib.error
+
+    def not_found(url, timeout):
+        raise urllib.error.HTTPError(url, 404, "Not Found", {}, None)
+
+    monkeypatch.setattr(tracking.urllib.request, "urlopen", not_found)
+    assert tracking.probe("http://host:5000") is None
+    assert "does not exist" in tracking.probe(f"sqlite:///{tmp_path}/no-such-dir/mlflow.db")
+    assert tracking.probe(f"sqlite:///{tmp_path}/mlflow.db") is None
+
+
+def test_evaluation_is_not_logged_to_another_or_a_missing_store(tmp_path, monkeypatch, capsys):
+    """attach_run: a run recorded under another URI, or a SQLite store that is gone, gives a
+    no-op tracker (and no new empty database)."""
+    monkeypatch.setattr(tracking, "_warned", False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    t = tracking.attach_run({"run_id": "abc", "tracking_uri": "http://elsewhere:5000"}, root=tmp_path)
+    assert not t.enabled and t.reason == "tracking URI changed"
+    assert "was logged to http://elsewhere:5000" in capsys.readouterr().err
+    t = tracking.attach_run({"run_id": "abc", "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}, root=tmp_path)
+    assert not t.enabled and "does not exist" in t.reason
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_dvc_stage_and_experiment_names_name_the_mlflow_run(monkeypatch):
+    for var in ("DVC_STAGE", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
+        monkeypatch.delenv(var, raising=False)
+    assert tracking.run_name_for(tracking.dvc_context("train@a")) == "train@a"
+    monkeypatch.setenv("DVC_STAGE", "train@b")
+    monkeypatch.setenv("DVC_EXP_NAME", "bushy-lark")
+    ctx = tracking.dvc_context("train@a")
+    assert ctx == {"dvc_stage": "train@b", "dvc_exp_name": "bushy-lark"}
+    assert tracking.run_name_for(ctx) == "bushy-lark:train@b"
 
 
 @pytest.fixture
@@ -1023,6 +1308,7 @@ def test_report_lists_runs_not_trained_yet(tmp_path, monkeypatch):
     pending = md.split("## Not run yet", 1)[1].split("\n## ", 1)[0]
     assert all(f"`{run}`" in pending for run in params.runs if run != done)
     assert "`simple_5ep_numpy`" not in pending
+    assert (paths.REPORT_CONFUSION_DIR / f"{done}.png").read_bytes() == b"stand-in"  # the run's own figure
 
 
 def test_a_run_resumed_on_another_device_reports_each_part():
@@ -1185,6 +1471,132 @@ def test_download_from_an_unsupported_url_scheme_fails_at_once(tmp_path, monkeyp
     with pytest.raises(dl.PipelineError, match="s3 URL scheme. Use an http"):
         dl.download(P.validate(tiny_params()), dest)
     assert not dest.parent.exists()
+
+
+def test_evaluate_scores_the_best_checkpoint_and_writes_rows_as_true_classes(archive, tmp_path, monkeypatch):
+    """best.npz (every image -> class 3) and last.npz (-> class 0) differ: the evaluation is the
+    best one's. Its predictions.csv, confusion.json and MLflow metrics say which is which."""
+    from cnn.checkpoint import save_checkpoint
+    from cnn.data import load_cifar10, save_prepared
+    from cnn.models import build_model
+    from pipeline import evaluate
+
+    monkeypatch.chdir(tmp_path)
+    ds = load_cifar10(archive[0])
+    save_prepared(paths.PREPARED, ds, mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3])
+    run, d = "r", paths.run_dir("r")
+    for name, cls in ((paths.BEST_CHECKPOINT, 3), (paths.LAST_CHECKPOINT, 0)):
+        state = build_model("simple").state_dict()
+        state["16.weight"] = np.zeros_like(state["16.weight"])
+        state["16.bias"] = np.eye(10, dtype=np.float32)[cls]
+        save_checkpoint(d / name, state, {"model": "simple"})
+    (d / paths.CONFIG).write_text(json.dumps({"backend": "torch", "device": "cpu"}))
+    (d / paths.MLFLOW_RUN).write_text(json.dumps({"run_id": "r1"}))
+    client = _RecordingClient()
+    monkeypatch.setattr(tracking, "attach_run", lambda info: tracking.Tracker(client, info["run_id"]))
+
+    result = evaluate.evaluate(run)
+    counts = np.bincount(ds.test_y, minlength=10)
+    assert result["test_acc"] == pytest.approx(counts[3] / N_TEST)
+    assert result["per_class_acc"] == {c: float(i == 3) for i, c in enumerate(ds.classes)}
+    assert json.loads((d / paths.EVAL_METRICS).read_text())["test_acc"] == result["test_acc"]
+    with open(d / paths.PREDICTIONS) as f:
+        assert [(r["actual"], r["predicted"]) for r in csv.DictReader(f)] == \
+            [(ds.classes[y], ds.classes[3]) for y in ds.test_y]
+    matrix = np.array(json.loads((d / paths.CONFUSION).read_text())["matrix"])
+    assert matrix[:, 3].tolist() == counts.tolist() and matrix.sum() == N_TEST  # rows: true classes
+    metrics = {m.key: m.value for name, _, kw in client.calls if name == "log_batch" for m in kw["metrics"]}
+    assert metrics == {"eval_test_acc": result["test_acc"],
+                       **{f"eval_acc_{c}": float(i == 3) for i, c in enumerate(ds.classes)}}
+    artifacts = [args for name, args, _ in client.calls if name == "log_artifact"]
+    assert sorted(Path(path).name for _, path, _ in artifacts) == sorted(
+        [paths.CONFUSION_PNG, paths.CONFUSION, paths.EVAL_METRICS])
+    assert {folder for _, _, folder in artifacts} == {"evaluation"}
+
+
+def test_the_test_set_is_normalised_with_the_prepared_statistics(archive, tmp_path):
+    from cnn.data import load_cifar10, normalize, save_prepared
+    from pipeline import evaluate
+
+    ds = load_cifar10(archive[0])
+    path = tmp_path / "cifar10.npz"
+    save_prepared(path, ds, mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3])
+    x, y, classes = evaluate.load_test_set(path)
+    np.testing.assert_array_equal(x, normalize(ds.test_x, [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]))
+    assert y.tolist() == ds.test_y.tolist() and classes == ds.classes
+
+
+def test_a_prediction_past_the_last_class_is_an_error():
+    from pipeline import evaluate
+    from pipeline._util import PipelineError
+
+    with pytest.raises(PipelineError, match=r"predictions outside \[0, 1\]"):
+        evaluate.confusion([0, 1], [0, 2], 2)
+
+
+def test_the_report_describes_each_recipe_and_the_reloaded_evaluation():
+    """Sections in model order (SimpleCNN first), a step schedule with its milestones, a run
+    that ran all its epochs as one number, both optimizers with their knobs, the evaluation's
+    accuracy (not the training-time one) and per-class accuracy in percent."""
+    from pipeline import report
+
+    base = {"augment": True, "backend": "torch", "batch_size": 64, "seed": 1, "early_stop": 0, "weight_decay": 5e-4}
+    resnet = {**base, "model": "resnet", "epochs": 50, "schedule": "cosine", "optimizer": "adam", "lr": 0.001,
+              "betas": [0.9, 0.999]}
+    simple = {**base, "model": "simple", "epochs": 30, "schedule": "step", "milestones": [10, 20], "gamma": 0.1,
+              "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True}
+    metrics = {"best_test_acc": 0.72, "best_epoch": 28, "final_test_acc": 0.71, "final_train_acc": 0.8,
+               "seconds_per_epoch": 2.0, "epochs_run": 30, "stopped_early": False, "device": "torch (cpu)"}
+    data = {"res": {"config": resnet, "metrics": {**metrics, "epochs_run": 50}, "mlflow": {"run_id": None},
+                    "eval": {"test_acc": 0.6, "per_class_acc": {"cat": 0.5, "dog": 0.7}}},
+            "sim": {"config": simple, "metrics": metrics, "mlflow": {"run_id": "0123456789abcdef"},
+                    "eval": {"test_acc": 0.7, "per_class_acc": {"cat": 0.65, "dog": 0.75}}}}
+    stats = {"train": {"images": 300}, "test": {"images": 100}, "classes": ["cat", "dog"],
+             "mean": [0.49139, 0.48216, 0.44653], "std": [0.24703, 0.24349, 0.26159]}
+    md = report.render(data, stats)
+    assert md.index("## SimpleCNN") < md.index("## SmallResNet")
+    assert "| `sim` | 30 | yes | step (10, 20; ×0.1) | torch | torch (cpu) | **72.00%** (epoch 28) |" in md
+    assert "| `res` | 50 | yes | cosine | torch |" in md
+    assert "| `sim` | SGD lr 0.05, momentum 0.9, Nesterov, wd 0.0005 | 64 | 1 | off |" in md
+    assert "| `res` | Adam lr 0.001, β (0.9, 0.999), wd 0.0005 | 64 | 1 | off |" in md
+    assert "| Run | Test accuracy | cat | dog | MLflow run |" in md
+    assert "| `sim` | **70.00%** | 65.0 | 75.0 | `0123456789ab` |" in md
+    assert "| `res` | **60.00%** | 50.0 | 70.0 | `–` |" in md
+    assert "mean (0.4914, 0.4822, 0.4465), std (0.2470, 0.2435, 0.2616)" in md
+
+
+def _drawn(monkeypatch):
+    """The figures pipeline.plots draws, kept open instead of saved."""
+    from pipeline import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
+    return plots, figures
+
+
+def test_the_confusion_figure_normalises_each_true_class_row(monkeypatch, tmp_path):
+    plots, figures = _drawn(monkeypatch)
+    cm = np.array([[3, 1, 0], [0, 2, 0], [5, 0, 5]])
+    plots.confusion_matrix(cm, ["a", "b", "c"], tmp_path / "cm.png", title="t")
+    ax = figures[0].axes[0]
+    np.testing.assert_allclose(ax.images[0].get_array(), cm / cm.sum(axis=1, keepdims=True))
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("predicted class", "true class")
+    counts = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
+    assert counts == {(i, j): str(cm[i, j]) for i in range(3) for j in range(3)}  # (row, column)
+    plots._plt().close(figures[0])
+
+
+def test_training_curves_plot_each_group_and_each_quantity(monkeypatch, tmp_path):
+    plots, figures = _drawn(monkeypatch)
+    h = lambda loss, train, test: [{"epoch": 1, "loss": loss, "train_acc": train, "test_acc": test}]  # noqa: E731
+    plots.training_curves({"a": h(2.0, 0.5, 0.25), "b": h(1.5, 0.75, 0.625)}, tmp_path / "c.png",
+                          groups={"SimpleCNN": ["a"], "SmallResNet": ["b"]})
+    rows = np.array(figures[0].axes).reshape(-1, 2)[:2]
+    got = [([list(line.get_ydata()) for line in loss.lines], [list(line.get_ydata()) for line in acc.lines])
+           for loss, acc in rows]
+    assert got == [([[2.0]], [[25.0], [50.0]]), ([[1.5]], [[62.5], [75.0]])]  # solid test, dashed train
+    assert [line.get_linestyle() for line in rows[0][1].lines] == ["-", "--"]
+    plots._plt().close(figures[0])
 
 
 # ============================================================================ end to end (slow)
