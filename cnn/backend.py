@@ -144,7 +144,8 @@ class Backend:
         Matrix products with a vector of ones (BLAS: several times faster than numpy's
         row-by-row reduction), split over the pool, sum blocks of ``block`` rows; the block
         sums are added in float64. A single float32 sum over 65,536 rows would be off by
-        about 1e-5 relative, enough to flip ReLUs after batch norm; this is off by ~1e-7.
+        about 1e-5 relative, enough to flip ReLUs after batch norm; this is off by ~1e-7
+        (up to ~1e-6 where the values are all alike: the blocks' float32 errors then add up).
         """
         xp = self.xp
         m = a.shape[0]

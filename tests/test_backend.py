@@ -127,3 +127,54 @@ def test_the_numpy_backend_takes_as_many_threads_as_blas_was_given():
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=Path(__file__).parents[1],
                          capture_output=True, text=True, check=True).stdout
     assert out.split() == ["1", "True", "True"]
+
+
+def test_a_torch_tensor_that_requires_grad_is_taken_as_data():
+    """backend.asarray of a tensor autograd tracks gives the data alone: the layers'
+    in-place operations would fail on it, or record the weights into a graph."""
+    B = get_backend("torch", "cpu")
+    t = torch.ones(2, 3, requires_grad=True)
+    a = B.asarray(t)
+    assert not a.requires_grad and a.grad_fn is None
+    assert not B.asarray(t, dtype="float64").requires_grad
+
+
+def test_auto_is_no_backend_and_no_device_name(monkeypatch):
+    """'auto' names no device (only a choice of one): get_backend('auto') does not suggest
+    passing it as a device, and model.to('auto') is refused rather than kept on the CPU."""
+    from cnn.backend import names_a_device
+    from cnn.models import build_model
+
+    assert not names_a_device("auto") and names_a_device("cpu") and names_a_device("cuda:1")
+    with pytest.raises(DeviceError, match=r"unknown backend 'auto': choose one of numpy, torch, cupy$"):
+        get_backend("auto")
+    with pytest.raises(DeviceError, match=r"unknown backend 'auto'"):
+        build_model("simple").to("auto")
+
+
+@pytest.mark.parametrize("backend_name, device, message", [
+    ("numpy", "mps", r"the numpy backend runs on the CPU only, not 'mps'"),
+    ("numpy", "cuda", r"the numpy backend runs on the CPU only, not 'cuda'"),
+    ("cupy", "mps", r"the cupy backend runs on CUDA only, not 'mps'"),
+    ("cupy", "cpu", r"the cupy backend runs on CUDA only, not 'cpu'"),
+])
+def test_a_backend_refuses_a_device_it_cannot_run_on(backend_name, device, message):
+    with pytest.raises(DeviceError, match=message):
+        resolve_device(backend_name, device)
+
+
+def test_cupy_keeps_the_gpu_it_was_given():
+    """Resolved without CuPy or a GPU: the device names are only checked and passed on."""
+    assert resolve_device("cupy", "auto") == "cuda"
+    assert resolve_device("cupy", "cuda:1") == "cuda:1"
+
+
+def test_mps_is_picked_by_auto_and_refused_where_absent(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_device("torch", "auto") == "mps"
+    assert resolve_device("torch", "mps") == "mps"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_device("torch", "auto") == "cpu"
+    with pytest.raises(DeviceError, match=r"device 'mps' was asked for, but PyTorch sees no MPS device here"):
+        resolve_device("torch", "mps")

@@ -145,6 +145,16 @@ def test_column_sums_add_every_row(rows, backend, rng):
     np.testing.assert_allclose(got, a.astype(np.float32).sum(axis=0, dtype=np.float64), rtol=1e-6)
 
 
+def test_column_sums_add_the_block_sums_in_float64():
+    """NumPy (and CuPy) add the 512-row block sums in float64: over 2**18 rows (512 blocks)
+    the float32 result stays within ~1e-7 of the exact sum; adding the blocks in float32
+    would be off by several times that."""
+    a = (np.random.default_rng(3).standard_normal((1 << 18, 4)) + 2.0).astype(np.float32)
+    got = cnn.get_backend("numpy").column_sums(a)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, a.sum(axis=0, dtype=np.float64), rtol=1.5e-7, atol=0)
+
+
 @pytest.mark.parametrize("settings", [{}, {"eps": 1e-2, "momentum": 0.3}], ids=["default", "eps1e-2_momentum0.3"])
 def test_batchnorm2d_running_stats_follow_torch(settings, backend, dtype, rng):
     """Several train steps update running_mean/var/num_batches_tracked as torch does; eval
@@ -825,3 +835,136 @@ def test_max_pooling_over_more_than_256_offsets(backend):
     expected = np.zeros_like(x)
     expected[0, 0, 16, 16], expected[0, 1, 15, 3] = 1.0, 2.0
     assert np.array_equal(grad, expected)
+
+
+# ---------------------------------------------------------------------------------------
+# Found by mutation testing: boundaries, aliasing and mode switches
+# ---------------------------------------------------------------------------------------
+
+def test_max_pooling_over_257_offsets_is_past_what_uint8_holds(backend):
+    """257 offsets (kernel 1 x 257): offset 256 no longer fits a uint8 argmax, so the
+    gradient of a maximum there must still reach it and not wrap to offset 0."""
+    x = np.random.default_rng(0).uniform(-1, 1, (1, 1, 1, 257)).astype(np.float32)
+    x[0, 0, 0, 256] = 5.0
+    layer = MaxPool2d((1, 257), stride=1)
+    assert to_numpy(layer(backend.asarray(x))).item() == 5.0
+    grad = to_numpy(layer.backward(backend.asarray(np.ones((1, 1, 1, 1), np.float32))))
+    expected = np.zeros_like(x)
+    expected[0, 0, 0, 256] = 1.0
+    assert np.array_equal(grad, expected)
+
+
+def test_pool_padding_is_checked_against_the_smaller_kernel_side():
+    """As torch: padding at most half of each side of the kernel, so the shorter one decides."""
+    with pytest.raises(ValueError, match="padding"):
+        MaxPool2d((4, 2), stride=1, padding=2)
+    with pytest.raises(ValueError, match="padding"):
+        AvgPool2d((2, 5), stride=1, padding=2)
+
+
+@pytest.mark.parametrize("make", [lambda: AvgPool2d(2), lambda: MaxPool2d(2), GlobalAvgPool2d, ReLU,
+                                  lambda: Conv2d(3, 2, 1), lambda: BatchNorm2d(3)],
+                         ids=["avgpool", "maxpool", "gap", "relu", "conv1x1", "batchnorm"])
+def test_forward_leaves_its_input_alone_and_outputs_are_not_reused(make, backend, rng):
+    """A layer never writes into its input (the layer before keeps it for its backward),
+    and an output stays what it was after the next call (torch returns a new tensor)."""
+    layer = make().to(backend).train()
+    x1, x2 = (rng.standard_normal((2, 3, 4, 4)).astype(np.float32) for _ in range(2))
+    xb1 = backend.asarray(x1.copy())
+    out1 = layer(xb1)
+    kept = to_numpy(out1).copy()
+    layer.backward(backend.asarray(np.ones(tuple(out1.shape), np.float32)))
+    np.testing.assert_array_equal(to_numpy(xb1), x1)
+    layer(backend.asarray(x2))
+    np.testing.assert_array_equal(to_numpy(out1), kept)
+
+
+def test_batchnorm2d_backward_follows_the_mode_of_its_forward_pass(backend, rng):
+    """A forward pass in train mode normalised with the batch statistics; switching to eval
+    before backward (as autograd's graph, fixed at forward) must not change its gradient."""
+    ours = randomize_bn(BatchNorm2d(3), rng).to(backend, dtype="float64")
+    theirs = load_into_torch(ours, nn.BatchNorm2d(3))
+    x, g = rng.standard_normal((2, 3, 4, 5)), rng.standard_normal((2, 3, 4, 5))
+    ref = run_torch(theirs, x, g, train=True)
+    ours.train()
+    ours(backend.asarray(x))
+    ours.eval()
+    got = ours.backward(backend.asarray(g))
+    assert_close(got, ref.grad_in, "float64", "input gradient")
+    for name, p in ours.named_parameters():
+        assert_close(p.grad, ref.grads[name], "float64", f"grad of {name}")
+
+
+@pytest.mark.parametrize("per_offset", [True, False], ids=["dcols_by_offset", "dcols_one_matmul"])
+def test_conv2d_moved_to_another_dtype_gets_fresh_patch_gradient_views(per_offset, backend, rng, monkeypatch):
+    """Same shapes, new dtype: the workspace's buffers are new arrays, and the kernel-offset
+    views of the patch gradients must be made of the new buffer, not the old one."""
+    monkeypatch.setattr(backend, "patch_grads_per_offset", per_offset)
+    ours = randomize_bias(Conv2d(3, 4, 3, padding=1), rng)
+    theirs = nn.Conv2d(3, 4, 3, padding=1)
+    x = rng.standard_normal((2, 3, 5, 5))
+    check_layer(ours, theirs, x, backend, "float32", rng=rng)
+    check_layer(ours, theirs, x, backend, "float64", rng=rng)
+
+
+@pytest.mark.parametrize("make, shape", [(lambda: Conv2d(1, 1, 4), (1, 1, 3, 3)),
+                                         (lambda: MaxPool2d(3, stride=2), (1, 1, 2, 2)),
+                                         (lambda: AvgPool2d((1, 3), stride=1), (1, 1, 4, 2))],
+                         ids=["conv", "maxpool", "avgpool"])
+def test_an_input_one_short_of_the_kernel_raises(make, shape):
+    """The kernel overhangs the input by one: no output position at all (0, not negative),
+    which must be refused as clearly as a larger overhang."""
+    with pytest.raises(ValueError, match="too small"):
+        make()(np.zeros(shape, np.float32))
+
+
+@pytest.mark.parametrize("make, fan_in", [(lambda: Conv2d(4, 256, (3, 5)), 4 * 15), (lambda: Linear(100, 1000), 100)],
+                         ids=["conv", "linear"])
+def test_initial_weights_and_biases_span_torchs_default_bounds(make, fan_in):
+    """As torch.nn: weight and bias uniform in +-1/sqrt(fan_in) (fan_in = C_in * kh * kw
+    for a convolution), in float32: they fill that interval and stay within it."""
+    manual_seed(0)
+    layer = make()
+    bound = 1 / np.sqrt(fan_in)
+    for name, p in layer.named_parameters():
+        values = to_numpy(p.data)
+        assert values.dtype == np.float32, name
+        assert np.abs(values).max() <= bound and np.abs(values).max() > 0.95 * bound, name
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 1, 1), (1, 3, 1, 2), (3, 3, 1, 1)], ids=str)
+def test_batchnorm2d_running_var_of_the_smallest_batches_is_unbiased_as_torch(shape, backend, rng):
+    """Two (or three) values per channel, the fewest train mode takes: running_var gets the
+    unbiased variance, m / (m - 1) = 2 times the biased one, as in torch."""
+    ours = randomize_bn(BatchNorm2d(3), rng, tracked=0).to(backend, dtype="float64")
+    theirs = load_into_torch(ours, nn.BatchNorm2d(3))
+    x = rng.standard_normal(shape)
+    run_ours(ours, x, None, backend, "float64", move=False)
+    run_torch(theirs, x, None)
+    assert_close(ours.running_var, theirs.running_var, "float64", "running_var")
+    assert_close(ours.running_mean, theirs.running_mean, "float64", "running_mean")
+
+
+def test_max_pool_padding_never_wins_even_over_huge_negative_values(backend):
+    """The padding is -inf, not merely a very negative number: a window of -1e35 values
+    (float32 holds them) next to the padding still gives -1e35, as torch."""
+    x = np.full((1, 2, 4, 4), -1e35, np.float32)
+    got = to_numpy(MaxPool2d(3, 2, 1)(backend.asarray(x)))
+    np.testing.assert_array_equal(got, nn.MaxPool2d(3, 2, 1)(torch.from_numpy(x)).numpy())
+
+
+def test_dropout_scales_in_the_dtype_of_its_input(backend, rng):
+    """The mask (and 1 / (1 - p)) are in the input's dtype: in float64, 1 / 0.7 is not
+    rounded to float32 first."""
+    manual_seed(0)
+    layer = Dropout(0.3).to(backend).train()
+    x = 1.0 + rng.random((4, 50))
+    out = to_numpy(layer(backend.asarray(x, dtype="float64")))
+    assert backend.dtype_name(layer.cache[0]) == "float64"
+    kept = out != 0
+    np.testing.assert_allclose(out[kept], x[kept] / 0.7, rtol=1e-15)
+
+
+def test_flatten_refuses_an_end_dim_past_the_last_axis(backend):
+    with pytest.raises(ValueError, match=r"cannot flatten an input of shape \(2, 3, 4, 5\)"):
+        Flatten(1, 4)(backend.asarray(np.zeros((2, 3, 4, 5), np.float32)))
