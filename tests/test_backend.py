@@ -178,3 +178,28 @@ def test_mps_is_picked_by_auto_and_refused_where_absent(monkeypatch):
     assert resolve_device("torch", "auto") == "cpu"
     with pytest.raises(DeviceError, match=r"device 'mps' was asked for, but PyTorch sees no MPS device here"):
         resolve_device("torch", "mps")
+
+
+def test_numpy_results_do_not_depend_on_the_thread_count():
+    """One thread or one per core: the same gradients to the last bit (the pool's chunks,
+    and products each as one-thread BLAS computes it), so a NumPy run resumes exactly on
+    a machine with another number of cores."""
+    code = ("import hashlib, numpy as np, cnn\n"
+            "from cnn.functional import softmax_cross_entropy\n"
+            "cnn.manual_seed(0)\n"
+            "model = cnn.build_model('simple').train()\n"
+            "rng = np.random.default_rng(0)\n"
+            "_, g = softmax_cross_entropy(model(rng.standard_normal((8, 3, 32, 32)).astype(np.float32)),\n"
+            "                             rng.integers(0, 10, 8))\n"
+            "model.backward(g)\n"
+            "grads = b''.join(p.grad.tobytes() for p in model.parameters())\n"
+            "print(cnn.get_backend('numpy').workers, hashlib.sha256(grads).hexdigest())\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    (one, one_hash), (default, default_hash) = (
+        subprocess.run([sys.executable, "-c", code], env=dict(env, **threads), cwd=Path(__file__).parents[1],
+                       capture_output=True, text=True, check=True).stdout.split()
+        for threads in ({"OMP_NUM_THREADS": "1"}, {}))
+    assert one == "1"
+    if default == "1":
+        pytest.skip("one core here: nothing to compare one thread with")
+    assert one_hash == default_hash
