@@ -452,7 +452,13 @@ def resolve_device(backend: str, device: str = "auto") -> str:
     if backend == "cupy":
         if device in ("cpu", "mps"):
             raise DeviceError(f"the cupy backend runs on CUDA only, not {device!r}")
-        return "cuda" if device == "auto" else device
+        if device not in ("auto", "cuda", "cuda:0"):
+            # CuPy computes on its current device, and every CuPy array maps back to one
+            # backend (backend_of): another GPU would silently be GPU 0.
+            n = device.partition(":")[2]
+            raise DeviceError(f"the cupy backend runs on the first visible GPU (cuda), not {device!r}: "
+                              f"make GPU {n} the first with CUDA_VISIBLE_DEVICES={n}, or use --backend torch")
+        return "cuda"
     import torch
 
     if device == "auto":

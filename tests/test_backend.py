@@ -163,10 +163,13 @@ def test_a_backend_refuses_a_device_it_cannot_run_on(backend_name, device, messa
         resolve_device(backend_name, device)
 
 
-def test_cupy_keeps_the_gpu_it_was_given():
-    """Resolved without CuPy or a GPU: the device names are only checked and passed on."""
-    assert resolve_device("cupy", "auto") == "cuda"
-    assert resolve_device("cupy", "cuda:1") == "cuda:1"
+def test_cupy_runs_on_the_first_visible_gpu_and_says_how_to_pick_another():
+    """CuPy computes on its current device (the first visible one): cuda:1 is refused
+    rather than silently run on GPU 0. Resolved without CuPy or a GPU: names only."""
+    assert resolve_device("cupy", "auto") == resolve_device("cupy", "cuda:0") == "cuda"
+    with pytest.raises(DeviceError, match=r"the cupy backend runs on the first visible GPU \(cuda\), not "
+                                          r"'cuda:1': make GPU 1 the first with CUDA_VISIBLE_DEVICES=1"):
+        resolve_device("cupy", "cuda:1")
 
 
 def test_mps_is_picked_by_auto_and_refused_where_absent(monkeypatch):
