@@ -109,7 +109,7 @@ class Backend:
         one in the pool: a block of rows to each worker (of columns, when ``a`` has few
         rows). BLAS's own threads wait for work by spinning, on the cores that the pool's
         element-wise work needs, and on a machine busier than its cores a step then takes
-        several times as long (README, Design). Each output element is the same dot
+        several times as long (README: Benchmark). Each output element is the same dot
         product as one-thread BLAS's, in the same order, so the result is too."""
         if (self._blas is None or a.ndim != 2 or b.ndim != 2
                 or a.shape[0] * a.shape[1] * b.shape[1] < self.split_matmul_size):

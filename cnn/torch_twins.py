@@ -54,7 +54,7 @@ def torch_twin(name: str, state_dict=None, num_classes: int | None = None) -> nn
     """The torch.nn twin of reference model ``name``, loaded from a state_dict if given;
     its head has ``num_classes`` outputs, by default as many as the state_dict's head (the
     last 2-d weight: both models end with a Linear), or 10."""
-    if not isinstance(name, str):  # a model in hand: its name, and its weights as the state
+    if not isinstance(name, str):  # a model, as torch code passes one: say what to pass
         raise TypeError(f"torch_twin takes a reference model's name ({', '.join(map(repr, TWINS))}), "
                         f"got a {type(name).__name__}: for a model in hand, "
                         "torch_twin(name, model.state_dict())")
