@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import operator
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -46,8 +47,11 @@ class Backend:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         blas = _host_blas() if xp is np else None
         # As many threads as BLAS was given: OMP_NUM_THREADS=1 (two runs side by side, a
-        # core each) means one thread here too.
-        self.workers = min([cores] + [lib.num_threads for lib in (blas.lib_controllers if blas else ())])
+        # core each) means one thread here too; read from the environment where
+        # threadpoolctl cannot see BLAS (Apple's Accelerate, say).
+        given = ([lib.num_threads for lib in blas.lib_controllers] if blas else
+                 [int(v) for v in (os.environ.get("OMP_NUM_THREADS"),) if v and v.isdigit() and int(v) > 0])
+        self.workers = min([cores] + given)
         self._pool = ThreadPoolExecutor(self.workers) if xp is np and self.workers > 1 else None
         self._blas = blas if self._pool is not None else None
 
@@ -101,33 +105,61 @@ class Backend:
         return self.xp.lib.stride_tricks.as_strided(a, shape, tuple(s * item for s in strides))
 
     # -- math -----------------------------------------------------------------------
-    #: Products of at least this many multiply-adds are split over the pool (see matmul).
-    split_matmul_size = 1 << 20
+    #: Backend.matmul cuts a product into blocks of at least this many multiply-adds and
+    #: ``matmul_min_width`` rows (or columns), at most ``matmul_max_blocks`` of them.
+    matmul_block_size, matmul_min_width, matmul_max_blocks = 1 << 22, 64, 8
 
     def matmul(self, a, b, out=None):
-        """a @ b. On the CPU every product runs with BLAS on one thread, and a large 2-d
-        one in the pool: a block of rows to each worker (of columns, when ``a`` has few
-        rows). BLAS's own threads wait for work by spinning, on the cores that the pool's
-        element-wise work needs, and on a machine busier than its cores a step then takes
-        several times as long (README: Benchmark). Each output element is the same dot
-        product as one-thread BLAS's, in the same order, so the result is too."""
-        if (self._blas is None or a.ndim != 2 or b.ndim != 2
-                or a.shape[0] * a.shape[1] * b.shape[1] < self.split_matmul_size):
+        """a @ b. On the CPU BLAS runs on one thread, and a large 2-d product is cut into
+        blocks of rows (of columns, when ``a`` has fewer rows than ``b`` has columns) that
+        the pool's threads share. The blocks depend on the shapes alone, not on the number
+        of threads, so neither does the result. BLAS's own threads wait for work by
+        spinning, on the cores that the pool's element-wise work needs, and on a machine
+        busier than its cores a step then takes several times as long (README: Benchmark)."""
+        blocks = 0
+        if self.xp is np and a.ndim == b.ndim == 2:
+            m, n = a.shape[0], b.shape[1]
+            blocks = min(m * a.shape[1] * n // self.matmul_block_size,
+                         max(m, n) // self.matmul_min_width, self.matmul_max_blocks)
+            if out is not None and (out.shape != (m, n) or np.may_share_memory(out, a)
+                                    or np.may_share_memory(out, b)):
+                blocks = 0  # NumPy's own checks and copies
+        if blocks < 2:
             with self._one_blas_thread():
                 return self.xp.matmul(a, b, out=out)
         if out is None:
-            out = self.xp.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
+            out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
         with self._one_blas_thread():
             if a.shape[0] >= b.shape[1]:
-                self.map_chunks(lambda a, out: np.matmul(a, b, out=out), a, out, min_size=0)
-            else:  # a few rows (a weight gradient): split b's columns, as rows of b.T
-                self.map_chunks(lambda bt, out_t: np.matmul(a, bt.T, out=out_t.T), b.T, out.T, min_size=0)
+                self.map_chunks(lambda a, out: np.matmul(a, b, out=out), a, out, chunks=blocks)
+            else:  # a weight gradient: b's columns, as rows of b.T
+                self.map_chunks(lambda bt, out_t: np.matmul(a, bt.T, out=out_t.T), b.T, out.T, chunks=blocks)
         return out
 
+    @contextlib.contextmanager
     def _one_blas_thread(self):
         """BLAS on one thread for the engine's products: once woken, BLAS's own threads
-        spin, and would take the cores from the pool's element-wise work."""
-        return self._blas.limit(limits=1) if self._blas is not None else contextlib.nullcontext()
+        spin, and would take the cores from the pool's element-wise work. Process-wide,
+        as BLAS's setting is: from the first of any threads' engine products to the end
+        of the last, so two threads training at once do not undo each other's pin."""
+        global _pins, _unpinned
+        if self._blas is None:
+            yield
+            return
+        with _pin_lock:
+            if _pins == 0:
+                _unpinned = [lib.num_threads for lib in self._blas.lib_controllers]
+                for lib in self._blas.lib_controllers:
+                    lib.set_num_threads(1)
+            _pins += 1
+        try:
+            yield
+        finally:
+            with _pin_lock:
+                _pins -= 1
+                if _pins == 0:
+                    for lib, threads in zip(self._blas.lib_controllers, _unpinned):
+                        lib.set_num_threads(threads)
 
     def sum(self, a, axis=None, keepdims=False):
         return a.sum(axis=axis, keepdims=keepdims)
@@ -197,7 +229,7 @@ class Backend:
         return [fn(x, y) for x, y in zip(xs, others)]
 
     # -- parallel element-wise work ------------------------------------------------
-    def map_chunks(self, fn, *arrays, min_size: int = 1 << 16):
+    def map_chunks(self, fn, *arrays, min_size: int = 1 << 16, chunks: int | None = None):
         """Run ``fn(*parts)`` on matching chunks of ``arrays`` split along axis 0; return
         the list of results, in chunk order.
 
@@ -205,12 +237,16 @@ class Backend:
         NumPy backend hands the chunks to one thread per core: memory-bound element-wise
         work (the part BLAS does not cover) then uses every core too. ``fn`` must only
         write into its own parts. Other backends parallelise internally and run ``fn`` once.
+        ``chunks``: exactly that many (NumPy only), whatever the number of threads.
         """
         n = arrays[0].shape[0]
-        if self._pool is None or n < 2 or arrays[0].size < min_size:
-            return [fn(*arrays)]
-        chunks = min(self.workers, n)
+        if chunks is None:
+            if self._pool is None or n < 2 or arrays[0].size < min_size:
+                return [fn(*arrays)]
+            chunks = min(self.workers, n)
         bounds = [n * i // chunks for i in range(chunks + 1)]
+        if self._pool is None:
+            return [fn(*(a[lo:hi] for a in arrays)) for lo, hi in zip(bounds[:-1], bounds[1:])]
         float_errors = np.geterr()  # per thread in NumPy: the workers follow the caller's
 
         def run(*parts):
@@ -455,7 +491,7 @@ def resolve_device(backend: str, device: str = "auto") -> str:
         if device not in ("auto", "cuda", "cuda:0"):
             # CuPy computes on its current device, and every CuPy array maps back to one
             # backend (backend_of): another GPU would silently be GPU 0.
-            n = device.partition(":")[2]
+            n = device.partition(":")[2] or "N"
             raise DeviceError(f"the cupy backend runs on the first visible GPU (cuda), not {device!r}: "
                               f"make GPU {n} the first with CUDA_VISIBLE_DEVICES={n}, or use --backend torch")
         return "cuda"
@@ -535,6 +571,10 @@ def _fold(seed, stream: int | None = None) -> int:
     ``stream``, that of an independent stream (NumPy's SeedSequence spawn key)."""
     sequence = np.random.SeedSequence(seed, spawn_key=() if stream is None else (stream,))
     return int(sequence.generate_state(1, np.uint64)[0] >> 1)
+
+
+_pin_lock = threading.Lock()
+_pins, _unpinned = 0, []  # engine products running with BLAS pinned; BLAS's thread counts before
 
 
 def _host_blas():

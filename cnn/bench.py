@@ -184,7 +184,9 @@ def main(argv=None) -> int:
                        "--engines", engine, "--device", args.device, "--steps", str(args.steps),
                        "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
                 print(f"timing {model} on {engine}, batch {bs} ...", file=sys.stderr, flush=True)
-                busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+                # Spinning while this process lives: a kill of the benchmark stops them too.
+                spin = f"import os\nwhile os.getppid() == {os.getpid()}: pass"
+                busy = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(args.busy)]
                 try:
                     proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
                 finally:

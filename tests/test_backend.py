@@ -89,35 +89,67 @@ def test_auto_picks_cuda_where_pytorch_sees_it(monkeypatch):
     assert resolve_device("numpy", "auto") == "cpu"
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("m,k,n", [(1001, 27, 16), (16, 999, 145), (2, 3, 4)])  # rows, columns, unsplit
-def test_a_product_split_over_the_pool_equals_blas_on_one_thread(m, k, n, dtype, monkeypatch):
-    """Backend.matmul runs a large product in the pool's threads, BLAS pinned to one thread
-    in each: the same result to the last bit, BLAS's thread count restored after."""
-    threadpoolctl = pytest.importorskip("threadpoolctl")
+def _with_workers(monkeypatch, B, workers: int) -> None:
+    """The NumPy backend as it is on a machine with ``workers`` cores."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(B, "workers", workers)
+    monkeypatch.setattr(B, "_pool", ThreadPoolExecutor(workers) if workers > 1 else None)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3, 8])
+@pytest.mark.parametrize("m,k,n", [(4097, 300, 1), (3000, 700, 64), (2, 2048, 256), (64, 4096, 2048),
+                                   (16, 65536, 144), (300, 20, 4000)])
+def test_a_product_is_cut_into_blocks_that_do_not_depend_on_the_thread_count(m, k, n, workers, monkeypatch):
+    """Backend.matmul: the same blocks, so the same bits, on 1, 2, 3 or 8 threads; BLAS's
+    thread count restored after. Contiguous and transposed inputs, given and new ``out``."""
+    B = get_backend("numpy")
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((k, n)).astype(np.float32)
+    threads = [lib.num_threads for lib in (B._blas.lib_controllers if B._blas else ())]
+    _with_workers(monkeypatch, B, 1)
+    expected = [B.matmul(a, b), B.matmul(np.asfortranarray(a), np.asfortranarray(b))]
+    np.testing.assert_allclose(expected[0], a.astype(np.float64) @ b, rtol=1e-4, atol=1e-5 * k)
+    _with_workers(monkeypatch, B, workers)
+    out = np.full((m, n), np.nan, np.float32)
+    assert B.matmul(a, b, out=out) is out
+    np.testing.assert_array_equal(out, expected[0])
+    np.testing.assert_array_equal(B.matmul(np.asfortranarray(a), np.asfortranarray(b)), expected[1])
+    assert [lib.num_threads for lib in (B._blas.lib_controllers if B._blas else ())] == threads
+
+
+def test_a_product_into_one_of_its_inputs_or_a_wrong_out_is_numpys_business():
+    """An ``out`` that is an input, or of the wrong shape: NumPy's checks and copies, not blocks."""
+    B = get_backend("numpy")
+    a = np.random.default_rng(0).standard_normal((4, 4096)).astype(np.float32)
+    b = np.random.default_rng(1).standard_normal((4096, 4096)).astype(np.float32)
+    expected = a @ b
+    np.testing.assert_allclose(B.matmul(a, b, out=a), expected, rtol=1e-5, atol=1e-3)
+    with pytest.raises(ValueError):
+        B.matmul(b, b, out=np.empty((4097, 4096), np.float32))
+
+
+def test_blas_pinned_by_two_threads_at_once_is_unpinned_after_both():
+    """Two threads running products at once: BLAS goes back to its thread count after the
+    last one, not to the one it was pinned to when the second started."""
+    import threading
+
     B = get_backend("numpy")
     if B._blas is None:
-        if B._pool is None:
-            pytest.skip("one core or one BLAS thread: the NumPy backend has no pool to split products over")
-        pytest.skip("threadpoolctl finds no BLAS it can set to one thread")
-    monkeypatch.setattr(B, "split_matmul_size", 1000)
-    chunks = []
-    map_chunks = B.map_chunks
-    monkeypatch.setattr(B, "map_chunks", lambda fn, *arrays, **kw: chunks.append(arrays[0].shape)
-                        or map_chunks(fn, *arrays, **kw))
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((k, m)).astype(dtype).T  # transposed views, as Conv2d passes them
-    b = rng.standard_normal((n, k)).astype(dtype).T
-    threads = [lib["num_threads"] for lib in threadpoolctl.threadpool_info()]
-    with threadpoolctl.threadpool_limits(1, user_api="blas"):
-        expected = a @ b
-    out = np.full((m, n), np.nan, dtype)
-    assert B.matmul(a, b, out=out) is out
-    np.testing.assert_array_equal(out, expected)
-    np.testing.assert_array_equal(B.matmul(a, b), expected)
-    assert [lib["num_threads"] for lib in threadpoolctl.threadpool_info()] == threads
-    split = m * k * n >= 1000
-    assert chunks == ([(m, k)] * 2 if split and m >= n else [(n, k)] * 2 if split else [])
+        pytest.skip("no BLAS thread count to pin here")
+    threads = [lib.num_threads for lib in B._blas.lib_controllers]
+    a = np.ones((256, 256), np.float32)
+
+    def work():
+        for _ in range(300):
+            B.matmul(a, a)
+
+    workers = [threading.Thread(target=work) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert [lib.num_threads for lib in B._blas.lib_controllers] == threads
 
 
 def test_the_numpy_backend_takes_as_many_threads_as_blas_was_given():
@@ -170,6 +202,8 @@ def test_cupy_runs_on_the_first_visible_gpu_and_says_how_to_pick_another():
     with pytest.raises(DeviceError, match=r"the cupy backend runs on the first visible GPU \(cuda\), not "
                                           r"'cuda:1': make GPU 1 the first with CUDA_VISIBLE_DEVICES=1"):
         resolve_device("cupy", "cuda:1")
+    with pytest.raises(DeviceError, match=r"make GPU N the first with CUDA_VISIBLE_DEVICES=N"):
+        resolve_device("cupy", "cuda:")
 
 
 def test_mps_is_picked_by_auto_and_refused_where_absent(monkeypatch):
@@ -183,26 +217,33 @@ def test_mps_is_picked_by_auto_and_refused_where_absent(monkeypatch):
         resolve_device("torch", "mps")
 
 
-def test_numpy_results_do_not_depend_on_the_thread_count():
-    """One thread or one per core: the same gradients to the last bit (the pool's chunks,
-    and products each as one-thread BLAS computes it), so a NumPy run resumes exactly on
-    a machine with another number of cores."""
-    code = ("import hashlib, numpy as np, cnn\n"
-            "from cnn.functional import softmax_cross_entropy\n"
-            "cnn.manual_seed(0)\n"
-            "model = cnn.build_model('simple').train()\n"
-            "rng = np.random.default_rng(0)\n"
-            "_, g = softmax_cross_entropy(model(rng.standard_normal((8, 3, 32, 32)).astype(np.float32)),\n"
-            "                             rng.integers(0, 10, 8))\n"
-            "model.backward(g)\n"
-            "grads = b''.join(p.grad.tobytes() for p in model.parameters())\n"
-            "print(cnn.get_backend('numpy').workers, hashlib.sha256(grads).hexdigest())\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-    (one, one_hash), (default, default_hash) = (
-        subprocess.run([sys.executable, "-c", code], env=dict(env, **threads), cwd=Path(__file__).parents[1],
-                       capture_output=True, text=True, check=True).stdout.split()
-        for threads in ({"OMP_NUM_THREADS": "1"}, {}))
-    assert one == "1"
-    if default == "1":
-        pytest.skip("one core here: nothing to compare one thread with")
-    assert one_hash == default_hash
+@pytest.mark.parametrize("name", ["simple", "resnet"])
+def test_numpy_results_do_not_depend_on_the_thread_count(name, monkeypatch):
+    """One thread or several: the same gradients to the last bit, at every batch size (the
+    pool's element-wise chunks, and products cut by shape alone), so a NumPy run resumes
+    exactly on a machine with another number of cores."""
+    import hashlib
+
+    from cnn import build_model, manual_seed
+    from cnn.functional import softmax_cross_entropy
+
+    B = get_backend("numpy")
+    rng = np.random.default_rng(0)
+    batches = [(rng.standard_normal((bs, 3, 32, 32)).astype(np.float32), rng.integers(0, 10, bs))
+               for bs in (1, 2, 3, 4, 16)]
+
+    def gradients():
+        manual_seed(0)
+        model = build_model(name).train()
+        digest = hashlib.sha256()
+        for x, y in batches:
+            _, g = softmax_cross_entropy(model(x), y)
+            model.backward(g)
+            digest.update(b"".join(p.grad.tobytes() for p in model.parameters()))
+        return digest.hexdigest()
+
+    hashes = {}
+    for workers in (1, 2, 3, 8):
+        _with_workers(monkeypatch, B, workers)
+        hashes[workers] = gradients()
+    assert len(set(hashes.values())) == 1, hashes

@@ -1,5 +1,6 @@
 """The benchmark CLI: every case runs in its own process and reports what the README quotes."""
 import json
+import os
 import re
 
 import pytest
@@ -83,7 +84,7 @@ def test_busy_processes_spin_beside_each_case_and_stop_after_it(monkeypatch, tmp
 
     class Spinner:
         def __init__(self, cmd):
-            assert cmd[1:] == ["-c", "while True: pass"]
+            assert cmd[1:] == ["-c", f"import os\nwhile os.getppid() == {os.getpid()}: pass"]
             self.alive = True
             spinners.append(self)
 
