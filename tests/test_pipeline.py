@@ -1534,6 +1534,21 @@ def test_a_prediction_past_the_last_class_is_an_error():
         evaluate.confusion([0, 1], [0, 2], 2)
 
 
+def test_confusion_of_predictions_and_labels_of_other_lengths_is_an_error():
+    from pipeline import evaluate
+    from pipeline._util import PipelineError
+
+    with pytest.raises(PipelineError, match=r"got \(3,\) predictions for \(2,\) labels"):
+        evaluate.confusion([0, 1], [0, 1, 1], 2)
+
+
+def test_tracking_warns_once_per_process(monkeypatch, capsys):
+    monkeypatch.setattr(tracking, "_warned", False)
+    tracking.warn_once("MLflow server unreachable")
+    tracking.warn_once("something else")
+    assert capsys.readouterr().err == "WARNING: MLflow server unreachable\n"
+
+
 def test_the_report_describes_each_recipe_and_the_reloaded_evaluation():
     """Sections in model order (SimpleCNN first), a step schedule with its milestones, a run
     that ran all its epochs as one number, both optimizers with their knobs, the evaluation's
