@@ -124,17 +124,16 @@ class Backend:
             if out is not None and (out.shape != (m, n) or np.may_share_memory(out, a)
                                     or np.may_share_memory(out, b)):
                 blocks = 0  # NumPy's own checks and copies
-        if blocks < 2:
-            with self._one_blas_thread():
-                return self.xp.matmul(a, b, out=out)
-        if out is None:
-            out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
         with self._one_blas_thread():
+            if blocks < 2:
+                return self.xp.matmul(a, b, out=out)
+            if out is None:
+                out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
             if a.shape[0] >= b.shape[1]:
                 self.map_chunks(lambda a, out: np.matmul(a, b, out=out), a, out, chunks=blocks)
             else:  # a weight gradient: b's columns, as rows of b.T
                 self.map_chunks(lambda bt, out_t: np.matmul(a, bt.T, out=out_t.T), b.T, out.T, chunks=blocks)
-        return out
+            return out
 
     @contextlib.contextmanager
     def _one_blas_thread(self):
