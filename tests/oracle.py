@@ -12,6 +12,7 @@ caller left on.
 from __future__ import annotations
 
 import importlib.util
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -213,3 +214,9 @@ def printed_as_installed_torch(ours) -> str:
     if "bias=" not in repr(torch.nn.BatchNorm2d(1)):
         text = text.replace(", bias=True, track_running_stats", ", track_running_stats")
     return text
+
+
+def with_workers(monkeypatch, B, workers: int) -> None:
+    """The NumPy backend ``B`` as it is on a machine with ``workers`` cores (for this test)."""
+    monkeypatch.setattr(B, "workers", workers)
+    monkeypatch.setattr(B, "_pool", ThreadPoolExecutor(workers) if workers > 1 else None)

@@ -14,7 +14,7 @@ import torch
 
 from cnn.backend import DeviceError, get_backend, resolve_device
 from cnn.layers import Conv2d
-from tests.oracle import to_numpy
+from tests.oracle import to_numpy, with_workers
 
 
 def test_as_strided_starts_where_a_view_starts(backend):
@@ -89,14 +89,6 @@ def test_auto_picks_cuda_where_pytorch_sees_it(monkeypatch):
     assert resolve_device("numpy", "auto") == "cpu"
 
 
-def _with_workers(monkeypatch, B, workers: int) -> None:
-    """The NumPy backend as it is on a machine with ``workers`` cores."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    monkeypatch.setattr(B, "workers", workers)
-    monkeypatch.setattr(B, "_pool", ThreadPoolExecutor(workers) if workers > 1 else None)
-
-
 @pytest.mark.parametrize("workers", [1, 2, 3, 8])
 @pytest.mark.parametrize("m,k,n", [(4097, 300, 1), (3000, 700, 64), (2, 2048, 256), (64, 4096, 2048),
                                    (16, 65536, 144), (300, 20, 4000)])
@@ -107,10 +99,10 @@ def test_a_product_is_cut_into_blocks_that_do_not_depend_on_the_thread_count(m, 
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((k, n)).astype(np.float32)
     threads = [lib.num_threads for lib in (B._blas.lib_controllers if B._blas else ())]
-    _with_workers(monkeypatch, B, 1)
+    with_workers(monkeypatch, B, 1)
     expected = [B.matmul(a, b), B.matmul(np.asfortranarray(a), np.asfortranarray(b))]
     np.testing.assert_allclose(expected[0], a.astype(np.float64) @ b, rtol=1e-4, atol=1e-5 * k)
-    _with_workers(monkeypatch, B, workers)
+    with_workers(monkeypatch, B, workers)
     out = np.full((m, n), np.nan, np.float32)
     assert B.matmul(a, b, out=out) is out
     np.testing.assert_array_equal(out, expected[0])
@@ -244,6 +236,6 @@ def test_numpy_results_do_not_depend_on_the_thread_count(name, monkeypatch):
 
     hashes = {}
     for workers in (1, 2, 3, 8):
-        _with_workers(monkeypatch, B, workers)
+        with_workers(monkeypatch, B, workers)
         hashes[workers] = gradients()
     assert len(set(hashes.values())) == 1, hashes

@@ -30,7 +30,7 @@ from cnn.synthetic import write_synthetic_cifar10
 from cnn.torch_twins import torch_twin
 from cnn.train import TrainConfig, TrainingError, fit, load_model, main, predict
 from tests import recording
-from tests.oracle import to_numpy
+from tests.oracle import to_numpy, with_workers
 
 HISTORY_KEYS = {"epoch", "loss", "train_acc", "test_acc", "lr", "seconds"}
 EPOCH_LINE = re.compile(r"^Epoch +(\d+)/(\d+) \| Loss: \d+\.\d{4} \| Train: [01]\.\d{4} \| "
@@ -533,12 +533,9 @@ def test_diverging_first_epoch_raises_training_error_and_leaves_no_folder(tiny_a
 def test_a_run_that_really_diverges_says_so_once_without_numpy_warnings(tiny_archive, tmp_path, monkeypatch):
     """lr 1e3: the weights overflow to inf, then NaN. NumPy's overflow warnings (from the
     worker threads of map_chunks too) would only precede the clear error, so none is shown."""
-    from concurrent.futures import ThreadPoolExecutor
-
     numpy_backend = cnn.get_backend("numpy")
     if numpy_backend._pool is None:  # a one-core machine: give map_chunks its worker threads
-        monkeypatch.setattr(numpy_backend, "workers", 2)
-        monkeypatch.setattr(numpy_backend, "_pool", ThreadPoolExecutor(2))
+        with_workers(monkeypatch, numpy_backend, 2)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         with pytest.raises(TrainingError, match="in epoch 1: the run diverged"):
