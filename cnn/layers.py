@@ -160,10 +160,10 @@ class Conv2d(Module):
         if self.bias is not None:
             out += self.bias.data
         self.cache = (cols2d, w2d, tuple(x.shape), (n, ho, wo))
-        return B.transpose(out.reshape(n, ho, wo, -1), (0, 3, 1, 2))
+        return self._output(B.transpose(out.reshape(n, ho, wo, -1), (0, 3, 1, 2)))
 
     def backward(self, grad_out):
-        cols2d, w2d, x_shape, (n, ho, wo) = self._take_cache()
+        cols2d, w2d, x_shape, (n, ho, wo) = self._take_cache(grad_out)
         B = backend_of(grad_out)
         g = B.transpose(grad_out, (0, 2, 3, 1)).reshape(n * ho * wo, -1)  # (N*Ho*Wo, F)
         kh, kw = self.kernel_size
@@ -212,10 +212,10 @@ class Linear(Module):
         out = B.matmul(x, self.weight.data.T)
         if self.bias is not None:
             out += self.bias.data
-        return out
+        return self._output(out)
 
     def backward(self, grad_out):
-        x = self._take_cache()
+        x = self._take_cache(grad_out)
         B = backend_of(grad_out)
         self.weight.grad = B.matmul(grad_out.T, x) if self.weight.requires_grad else None
         if self.bias is not None:
@@ -296,10 +296,10 @@ class BatchNorm2d(Module):
 
         B.map_chunks(affine, xc, out)
         self.cache = (xc, inv_std, self.training)
-        return B.transpose(out.reshape(n, h, w, c), (0, 3, 1, 2))
+        return self._output(B.transpose(out.reshape(n, h, w, c), (0, 3, 1, 2)))
 
     def backward(self, grad_out):
-        xc, inv_std, batch_stats = self._take_cache()
+        xc, inv_std, batch_stats = self._take_cache(grad_out)
         B = backend_of(grad_out)
         n, c, h, w = grad_out.shape
         g = _channels_last_2d(grad_out)
@@ -355,10 +355,10 @@ class ReLU(Module):
         out = B.empty_like(x)
         B.map_chunks(lambda x, out: B.maximum(x, 0, out=out), x, out)
         self.cache = out
-        return out
+        return self._output(out)
 
     def backward(self, grad_out):
-        out = self._take_cache()
+        out = self._take_cache(grad_out)
         B = backend_of(grad_out)
         grad = B.empty_like(out)
         B.map_chunks(lambda g, out, grad: B.multiply(g, out > 0, out=grad), grad_out, out, grad)
@@ -447,10 +447,10 @@ class MaxPool2d(_Pool2d):
 
         B.map_chunks(pool, padded, out, argmax)
         self.cache = (argmax, tuple(x.shape))
-        return B.transpose(out, (0, 3, 1, 2))
+        return self._output(B.transpose(out, (0, 3, 1, 2)))
 
     def backward(self, grad_out):
-        argmax, x_shape = self._take_cache()
+        argmax, x_shape = self._take_cache(grad_out)
         B = backend_of(grad_out)
         g = B.transpose(grad_out, (0, 2, 3, 1))
         return self._unpool(x_shape, lambda k, g, argmax: g * (argmax == k), g, argmax)
@@ -474,10 +474,10 @@ class AvgPool2d(_Pool2d):
             out = xp[:, rows, cols, :] * 1.0 if out is None else out + xp[:, rows, cols, :]
         out /= len(offsets)
         self.cache = tuple(x.shape)
-        return backend_of(x).transpose(out, (0, 3, 1, 2))
+        return self._output(backend_of(x).transpose(out, (0, 3, 1, 2)))
 
     def backward(self, grad_out):
-        x_shape = self._take_cache()
+        x_shape = self._take_cache(grad_out)
         B = backend_of(grad_out)
         g = B.transpose(grad_out, (0, 2, 3, 1)) / len(self._windows(x_shape)[1])
         return self._unpool(x_shape, lambda k, g: g, g)
@@ -489,10 +489,10 @@ class GlobalAvgPool2d(Module):
     def forward(self, x):
         _check_input(self, x, 4)
         self.cache = tuple(x.shape)
-        return backend_of(x).mean(x, axis=(2, 3), keepdims=True)
+        return self._output(backend_of(x).mean(x, axis=(2, 3), keepdims=True))
 
     def backward(self, grad_out):
-        n, c, h, w = self._take_cache()
+        n, c, h, w = self._take_cache(grad_out)
         B = backend_of(grad_out)
         grad = B.empty((n, h, w, c), dtype=B.dtype_name(grad_out))
         grad[...] = B.transpose(grad_out, (0, 2, 3, 1)) / (h * w)
@@ -516,15 +516,15 @@ class Dropout(Module):
     def forward(self, x):
         if not self.training or self.p == 0.0:
             self.cache = (None,)  # identity: no mask, but a forward pass to go back through
-            return x
+            return self._output(x)
         B = backend_of(x)
         keep = B.uniform(tuple(x.shape), dtype=B.dtype_name(x)) >= self.p
         mask = B.astype(keep, B.dtype_name(x)) * (1.0 / (1.0 - self.p) if self.p < 1 else 0.0)
         self.cache = (mask,)
-        return x * mask
+        return self._output(x * mask)
 
     def backward(self, grad_out):
-        (mask,) = self._take_cache()
+        (mask,) = self._take_cache(grad_out)
         return grad_out if mask is None else grad_out * mask
 
 
@@ -551,7 +551,7 @@ class Flatten(Module):
             hint = ": add a batch axis for one sample, x[None]" if len(shape) == 1 and start == 1 else ""
             raise ValueError(f"{self!r} cannot flatten an input of shape {shape}{hint}")
         self.cache = shape
-        return x.reshape(*shape[:start], math.prod(shape[start:end + 1]), *shape[end + 1:])
+        return self._output(x.reshape(*shape[:start], math.prod(shape[start:end + 1]), *shape[end + 1:]))
 
     def backward(self, grad_out):
-        return grad_out.reshape(self._take_cache())
+        return grad_out.reshape(self._take_cache(grad_out))

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from cnn.backend import backend_of
 from cnn.checks import type_name
 from cnn.layers import (BatchNorm2d, Conv2d, Dropout, Flatten, GlobalAvgPool2d, Linear,
                         MaxPool2d, ReLU)
-from cnn.module import Module
+from cnn.module import Module, check_grad
 
 
 def _check_layer(layer, name: str) -> Module:
@@ -22,23 +21,6 @@ def _check_layer(layer, name: str) -> Module:
                 if type(layer).__module__.startswith("torch") else "")
         raise TypeError(f"Sequential takes layers (Modules), got {type_name(layer)} as layer {name}{hint}")
     return layer
-
-
-def _check_output_grad(name: str, grad, shape: tuple, where: tuple[str, str], dtype: str) -> None:
-    """The loss gradient must be an array like the output it belongs to (``where``: its
-    backend's name and device): a float64 one would make float64 gradients (and optimizer
-    state) of a float32 model on NumPy."""
-    if not hasattr(grad, "shape"):
-        raise TypeError(f"{name}.backward() takes an array (NumPy, torch or CuPy) like the model's output, "
-                        f"got {type(grad).__name__}")
-    if tuple(grad.shape) != shape:
-        raise ValueError(f"{name}.backward() got a gradient of shape {tuple(grad.shape)} for an output of "
-                         f"shape {shape}: pass the loss gradient with respect to the last forward pass's output")
-    Bg = backend_of(grad)
-    if (Bg.name, Bg.device) != where or Bg.dtype_name(grad) != dtype:
-        raise TypeError(f"{name}.backward() got a {Bg.name} ({Bg.device}) {Bg.dtype_name(grad)} gradient for a "
-                        f"{where[0]} ({where[1]}) {dtype} output: convert it with backend.asarray(grad, "
-                        f"dtype={dtype!r}) on the output's backend")
 
 
 class Sequential(Module):
@@ -118,17 +100,15 @@ class Sequential(Module):
             x = last.forward(x)
         if last is not None:
             # Kept on the last layer, for backward's check: a slice of this model that ends
-            # with it (model[2:]) then checks against the same, latest forward pass.
-            # (Names, not the Backend: a model must stay deepcopy-able and picklable.)
-            B = backend_of(x)
-            last._output_like = (tuple(x.shape), (B.name, B.device), B.dtype_name(x))
+            # with it (model[2:]) then checks against the same, latest forward pass. (A
+            # layer of cnn.layers has kept it already; a module of the user's may not have.)
+            last._output(x)
         return x
 
     def backward(self, grad_out):
         layers = list(self.named_children())
-        expected = layers[-1][1].__dict__.get("_output_like") if layers else None
-        if expected is not None:
-            _check_output_grad(type(self).__name__, grad_out, *expected)
+        if layers:
+            check_grad(type(self).__name__, grad_out, layers[-1][1].__dict__.get("_output_like"))
         # As autograd, go back no further than the first layer with a parameter to train
         # when the input gradient is not wanted (the first layer's input_grad is False, as
         # in the reference models): training a head on a frozen backbone costs the head's.

@@ -100,6 +100,38 @@ FLOAT_DTYPES = ("float32", "float64")
 IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
 
 
+def _array_names(kind: type, dtype, device) -> tuple[str, str, str]:
+    """(library, device, dtype) of an array, as the backends name them: ``("torch",
+    "cuda:0", "float32")``."""
+    library = kind.__module__.partition(".")[0]
+    return library, {"numpy": "cpu", "cupy": "cuda"}.get(library, str(device)), str(dtype).removeprefix("torch.")
+
+
+def check_grad(name: str, grad, expected: tuple | None) -> None:
+    """``grad`` must be an array of the shape, array type, dtype and device of the output
+    that ``Module._output`` remembered (``expected``; None: nothing to check). NumPy would
+    broadcast a (1, C, H, W) gradient of an (N, C, H, W) output, or give a float32 layer
+    float64 gradients, without a word. ``name``: the module, for the message."""
+    if expected is None:
+        return
+    shape, kind, dtype, device = expected
+    if (type(grad) is kind and grad.dtype == dtype and getattr(grad, "device", None) == device
+            and tuple(grad.shape) == shape):
+        return
+    if not hasattr(grad, "shape") or not hasattr(grad, "dtype"):
+        raise TypeError(f"{name}.backward() takes an array (NumPy, torch or CuPy) like the output "
+                        f"of its forward pass, got {type(grad).__name__}")
+    if tuple(grad.shape) != shape:
+        raise ValueError(f"{name}.backward() got a gradient of shape {tuple(grad.shape)} for an output "
+                         f"of shape {shape}: pass the loss gradient with respect to the last forward "
+                         "pass's output")
+    got, want = _array_names(type(grad), grad.dtype, getattr(grad, "device", None)), _array_names(*expected[1:])
+    if got != want:  # (an ndarray subclass, such as a memmap, is still a NumPy array)
+        raise TypeError(f"{name}.backward() got a {got[0]} ({got[1]}) {got[2]} gradient for a {want[0]} "
+                        f"({want[1]}) {want[2]} output: convert it with backend.asarray(grad, "
+                        f"dtype={want[2]!r}) on the output's backend")
+
+
 class Module:
     def __init__(self):
         object.__setattr__(self, "_parameters", OrderedDict())
@@ -210,14 +242,24 @@ class Module:
             x = x.detach()
         return self.forward(x)
 
-    def _take_cache(self):
+    def _output(self, out):
+        """``out``, remembered as the output whose gradient ``backward`` takes (see
+        ``_take_cache``). Raw attributes, no names: every layer's forward pass runs this."""
+        self.__dict__["_output_like"] = (tuple(out.shape), type(out), out.dtype, getattr(out, "device", None))
+        return out
+
+    def _take_cache(self, grad_out=None):
         """What ``forward`` kept for ``backward``, handed over once: each forward pass
-        allows one backward pass, and a backward pass without one is a clear error."""
+        allows one backward pass, and a backward pass without one is a clear error. With
+        ``grad_out``, also checks that it is like the output of that forward pass (a
+        gradient of another shape would otherwise broadcast into a wrong one, silently)."""
         cache = self.__dict__.get("cache")
         if cache is None:
             raise RuntimeError(f"{type(self).__name__}.backward() has no forward pass to go back "
                                "through: call the model on a batch first (one backward per forward; "
                                "a module used twice in a model keeps its last forward pass only)")
+        if grad_out is not None:
+            check_grad(type(self).__name__, grad_out, self.__dict__.get("_output_like"))
         self.cache = None
         return cache
 

@@ -818,6 +818,29 @@ def test_backward_without_its_own_forward_raises(backend, make, shape):
         layer.backward(out)
 
 
+@pytest.mark.parametrize("make, shape", LAYERS_WITH_A_CACHE,
+                         ids=lambda v: type(v()).__name__ if callable(v) else None)
+def test_backward_refuses_a_gradient_unlike_the_output(backend, make, shape):
+    """A gradient that would broadcast against the output (one sample's, for a batch's) once
+    gave five of these layers a wrong input gradient without a word; one of another dtype
+    gives float64 gradients to a float32 layer. Both are refused, and the forward pass is
+    kept for a correct gradient."""
+    layer = make().to(backend)
+    x = backend.asarray(np.random.default_rng(0).standard_normal(shape).astype(np.float32))
+    out = layer(x)
+    grad = np.random.default_rng(1).standard_normal(tuple(out.shape)).astype(np.float32)
+    one_sample = (1,) + tuple(out.shape[1:])
+    name = type(layer).__name__
+    with pytest.raises(ValueError, match=rf"{name}\.backward\(\) got a gradient of shape "
+                                         rf"{re.escape(str(one_sample))} for an output of shape "
+                                         rf"{re.escape(str(tuple(out.shape)))}"):
+        layer.backward(backend.asarray(grad[:1]))
+    with pytest.raises(TypeError, match=rf"{name}\.backward\(\) got a {backend.name} \(.*\) float64 "
+                                        rf"gradient for a {backend.name} \(.*\) float32 output"):
+        layer.backward(backend.asarray(grad.astype(np.float64), dtype="float64"))
+    assert tuple(layer.backward(backend.asarray(grad)).shape) == shape
+
+
 def test_pooling_a_non_square_kernel_needs_a_stride():
     with pytest.raises(ValueError, match=r"kernel_size \(2, 3\) is not square, so the stride cannot default"):
         MaxPool2d((2, 3))

@@ -906,7 +906,7 @@ def test_backward_with_a_gradient_of_another_shape_says_so():
     (np.ones((4, 3)), TypeError, r"got a numpy \(cpu\) float64 gradient for a numpy \(cpu\) float32 output: "
                                  r"convert it with backend.asarray\(grad, dtype='float32'\)"),
     (torch.ones(4, 3), TypeError, r"got a torch \(cpu\) float32 gradient for a numpy \(cpu\) float32 output"),
-    ([[1.0] * 3] * 4, TypeError, r"takes an array \(NumPy, torch or CuPy\) like the model's output, got list"),
+    ([[1.0] * 3] * 4, TypeError, r"takes an array \(NumPy, torch or CuPy\) like the output of its forward pass, got list"),
 ])
 def test_backward_with_a_gradient_of_another_dtype_or_backend_says_so(grad, error, message):
     """NumPy would silently give a float32 model float64 gradients (and optimizer state)."""
