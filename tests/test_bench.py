@@ -195,6 +195,47 @@ def test_reproduce_epoch_compares_the_first_epoch_to_the_last_digit(loss, verdic
     assert (config.epochs, config.model, config.backend, config.augment) == (1, "simple", "torch", True)
 
 
+def test_reproduce_epoch_against_a_revision_trains_with_that_revisions_engine(tmp_path, monkeypatch):
+    """--against REV trains epoch 1 with the cnn/ of REV in a process of its own: here a
+    repository whose one commit holds this engine, so it must match the engine in-process
+    to the last bit, and one whose engine was changed to scale the loss gradient must not."""
+    import shutil
+    import subprocess
+    from dataclasses import replace
+    from pathlib import Path
+
+    from cnn.config import TrainConfig
+    from cnn.synthetic import write_synthetic_cifar10
+    from cnn.train import fit
+
+    script = _benchmark_script("reproduce_epoch")
+    repo = tmp_path / "repo"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "cnn", repo / "cnn",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "add", "cnn"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "engine"], check=True)
+    functional = repo / "cnn" / "functional.py"
+    text = functional.read_text()
+    assert text.count("def softmax_cross_entropy(") == 1
+    functional.write_text(text + "\n_original = softmax_cross_entropy\n\n\ndef softmax_cross_entropy(*a, **k):\n"
+                                 "    loss, grad = _original(*a, **k)\n    return loss, grad * 1.5\n")
+    subprocess.run([*git, "commit", "-q", "-am", "a changed gradient"], check=True)
+
+    data = write_synthetic_cifar10(tmp_path / "cifar-10-python.tar.gz", n_train=96, n_test=32, seed=0)
+    config = TrainConfig(model="simple", epochs=1, batch_size=32, augment=True, data=str(data),
+                         out=str(tmp_path / "here"), progress=False)
+    here = {k: fit(config).history[0][k] for k in script.COMPARED}
+    monkeypatch.chdir(repo)
+    device, same = script.epoch_one_at("HEAD~1", replace(config, out=str(tmp_path / "same")))
+    assert device == "numpy (cpu)" and {k: same[k] for k in script.COMPARED} == here
+    _, changed = script.epoch_one_at("HEAD", replace(config, out=str(tmp_path / "changed")))
+    assert changed["loss"] != here["loss"]
+    with pytest.raises(script.UserError, match="git archive no-such-rev cnn failed"):
+        script.epoch_one_at("no-such-rev", config)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--epochs", "0"], "'epochs' must be a positive integer; got 0"),
     (["--gamma", "0"], "'gamma' must be a number in (0, 1]; got 0.0"),
