@@ -63,6 +63,15 @@ class Workspace:
         self.buffers = {}
         self.derived = {}
 
+    # Scratch, so a copy of a layer (pickle, deepcopy) starts with an empty one: copying the
+    # buffers would cost their size, and pickle does not keep views sharing their buffer's
+    # memory, so ``views`` would hand out stale ones (wrong gradients, silently).
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
     def get(self, name: str, shape, B, dtype: str):
         buf = self.buffers.get(name)
         if (buf is None or tuple(buf.shape) != tuple(shape) or backend_of(buf) is not B

@@ -40,7 +40,10 @@ class Sequential(Module):
         """The i-th layer; a slice is a Sequential of those layers (the same objects, under
         the same names, as in PyTorch)."""
         if not isinstance(i, slice):
-            return list(self.children())[i]
+            layers = list(self.children())
+            if not -len(layers) <= i < len(layers):
+                raise IndexError(f"index {i} is out of range: this Sequential has {len(layers)} layers")
+            return layers[i]
         part = Sequential()
         for name, layer in list(self.named_children())[i]:
             setattr(part, name, layer)
@@ -98,10 +101,11 @@ class Sequential(Module):
         last = None
         for last in self.children():
             x = last.forward(x)
-        if last is not None:
+        if last is not None and hasattr(x, "dtype"):
             # Kept on the last layer, for backward's check: a slice of this model that ends
             # with it (model[2:]) then checks against the same, latest forward pass. (A
-            # layer of cnn.layers has kept it already; a module of the user's may not have.)
+            # layer of cnn.layers has kept it already; a module of the user's may not have,
+            # nor return one array.)
             last._output(x)
         return x
 

@@ -32,7 +32,9 @@ class Parameter:
     __slots__ = ("data", "grad", "_requires_grad")
 
     def __init__(self, data, requires_grad: bool = True):
-        self.data = data
+        # A torch tensor that autograd tracks is taken as plain data, as a layer's input is:
+        # the layers update it in place, which autograd refuses, and gradients come from backward().
+        self.data = data.detach() if getattr(data, "requires_grad", False) else data
         self.grad = None
         self.requires_grad = requires_grad
 
@@ -116,8 +118,13 @@ def check_grad(name: str, grad, expected: tuple | None) -> None:
         return
     shape, kind, dtype, device = expected
     if (type(grad) is kind and grad.dtype == dtype and getattr(grad, "device", None) == device
-            and tuple(grad.shape) == shape):
+            and tuple(grad.shape) == shape and not getattr(grad, "requires_grad", False)):
         return
+    if getattr(grad, "requires_grad", False):
+        # The layers write into arrays made from it, which autograd refuses deep inside, or
+        # the parameters' gradients (and, after a step, the parameters) would carry its graph.
+        raise TypeError(f"{name}.backward() got a torch tensor that autograd tracks (requires_grad=True): "
+                        "pass grad.detach(); the engine computes gradients itself")
     if not hasattr(grad, "shape") or not hasattr(grad, "dtype"):
         raise TypeError(f"{name}.backward() takes an array (NumPy, torch or CuPy) like the output "
                         f"of its forward pass, got {type(grad).__name__}")
@@ -420,11 +427,16 @@ class Module:
         given), and cast floats to ``dtype`` (a name, a NumPy dtype or a torch dtype). With
         no backend, the model's own: ``to(dtype=...)`` keeps it where it is, and
         ``to(device=...)`` moves it on its own backend, as in PyTorch."""
-        # As torch's model.to("cuda"), .to(torch.device(...)) or .to(torch.float64): the
-        # model's own backend, on that device or in that dtype.
+        # As torch's model.to("cuda"), .to(torch.device(...)), .to(device, dtype) or
+        # .to(torch.float64): the model's own backend, on that device or in that dtype.
         if names_a_device(backend):
+            if device is not None and dtype is None:
+                dtype = device  # the second of torch's to(device, dtype)
+            elif device is not None:
+                raise TypeError(f"Module.to() got a device twice ({backend!r} and {device!r})")
             backend, device = None, backend
-        elif torch_type(backend) == "dtype":
+        elif torch_type(backend) == "dtype" or isinstance(backend, np.dtype) or (
+                isinstance(backend, type) and issubclass(backend, np.generic)):
             backend, dtype = None, backend
         if backend is None:
             first = next(self._named_state(), None)
@@ -441,7 +453,11 @@ class Module:
                             "model.to('torch', device='cuda') or model.to(dtype='float64')")
         if dtype is not None:
             # torch.float64 is no NumPy dtype, but its name without "torch." is
-            dtype = str(dtype)[6:] if str(dtype).startswith("torch.") else str(np.dtype(dtype))
+            try:
+                dtype = str(dtype)[6:] if str(dtype).startswith("torch.") else str(np.dtype(dtype))
+            except TypeError:
+                raise TypeError(f"Module.to() got {dtype!r} where a dtype belongs: for example "
+                                "model.to('cpu', torch.float64) or model.to(dtype='float64')") from None
             # an integer dtype would truncate every weight, and half precision has no
             # random draws (dropout) on NumPy nor the accuracy the layers' sums assume
             if dtype not in FLOAT_DTYPES:
@@ -454,6 +470,19 @@ class Module:
                 host = host.astype(dtype)
             module._assign(name, is_param, backend.asarray(np.asarray(host, order="C")))
         return self
+
+    # torch.nn's shorthands for to()
+    def float(self) -> "Module":
+        return self.to(dtype="float32")
+
+    def double(self) -> "Module":
+        return self.to(dtype="float64")
+
+    def cpu(self) -> "Module":
+        return self.to(device="cpu")
+
+    def cuda(self, device: int | str | None = None) -> "Module":
+        return self.to(device="cuda" if device is None else device if isinstance(device, str) else f"cuda:{device}")
 
     def _assign(self, name: str, is_param: bool, value) -> None:
         """Replace this module's own parameter (dropping its stale gradient) or buffer."""

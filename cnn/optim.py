@@ -30,6 +30,11 @@ class Optimizer:
             hint = ("parameter groups are not supported: step one optimizer per group" if isinstance(stray, dict)
                     else "pass model.parameters() of a cnn model")
             raise TypeError(f"{type(self).__name__} takes Parameters, got a {type_name(stray)}: {hint}")
+        seen = {}
+        for i, p in enumerate(self.params):
+            if seen.setdefault(id(p), i) != i:  # each step would update it twice (torch.optim warns)
+                raise ValueError(f"{type(self).__name__} got parameter {seen[id(p)]} again as parameter {i} "
+                                 f"{tuple(p.shape)}: pass each Parameter once")
         self.lr = lr
         self.state: list[dict] = [{} for _ in self.params]
         self.steps = 0

@@ -391,6 +391,33 @@ def test_a_model_that_ran_copies_and_its_copy_goes_backward(copy_with, rng):
         np.testing.assert_array_equal(p.grad, q.grad, err_msg=k)
 
 
+@pytest.mark.parametrize("copy_with", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("name", ["simple", "resnet"])
+def test_a_copy_made_mid_training_trains_on_as_the_original(copy_with, name, backend, rng):
+    """A copy of a model that has trained a step (its layers' workspaces filled) takes the
+    next step exactly as the original does. Pickle once kept the torch backend's cached
+    views of a convolution's patch gradients, no longer sharing their buffer's memory:
+    every later input gradient was wrong, silently. Workspaces are scratch: copies start
+    empty, and a pickle does not carry their megabytes."""
+    import copy
+    import pickle
+
+    model = build_model(name).to(backend)
+    model[0].input_grad = True  # the first convolution's input gradient goes through col2im too
+    x = backend.asarray(images(rng, 4).astype(np.float32))
+    y = backend.asarray(rng.integers(0, 10, 4))
+    model.backward(softmax_cross_entropy(model(x), y)[1])
+    twin = copy.deepcopy(model) if copy_with == "deepcopy" else pickle.loads(pickle.dumps(model))
+    grads = []
+    for m in (model, twin):
+        manual_seed(1)  # the same dropout mask
+        grads.append(to_numpy(m.backward(softmax_cross_entropy(m(x), y)[1])))
+    np.testing.assert_array_equal(grads[0], grads[1])
+    for (k, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        np.testing.assert_array_equal(to_numpy(p.grad), to_numpy(q.grad), err_msg=k)
+    assert len(pickle.dumps(twin)) < 2 * 4 * sum(p.numel() for p in model.parameters()) + 10**6
+
+
 def test_a_layer_shared_by_the_frozen_part_and_the_trained_part_goes_backward_once(rng):
     """Backward skips the frozen part: a layer used there and again above it has the cache
     of its later use, and being used twice where no backward runs is no error."""
@@ -530,9 +557,37 @@ def test_to_a_device_moves_the_model_on_its_own_backend_as_torch():
             build_model("simple").to(device)
 
 
-def test_to_with_a_dtype_for_a_backend_says_how_to_write_it():
+def test_to_takes_a_numpy_dtype_as_a_torch_one_and_refuses_what_is_neither():
+    assert build_model("simple").to(np.float64)[0].weight.dtype == np.float64
+    assert build_model("simple").to(np.dtype("float64"))[0].weight.dtype == np.float64
     with pytest.raises(TypeError, match=r"Module.to\(\) takes a backend name .* model.to\(dtype='float64'\)"):
-        build_model("simple").to(np.float64)
+        build_model("simple").to(3)
+
+
+def test_torch_shorthands_for_to():
+    model = build_model("simple").to("torch", device="cpu")
+    assert model.double()[0].weight.dtype == torch.float64 and model.float()[0].weight.dtype == torch.float32
+    assert model.cpu()[0].weight.data.device == torch.device("cpu")
+    assert build_model("simple").double()[0].weight.dtype == np.float64  # still NumPy
+    with pytest.raises(cnn.backend.DeviceError, match="numpy backend, which runs on the CPU only: move it to 'cuda:1'"):
+        build_model("simple").cuda(1)
+
+
+def test_an_index_out_of_range_says_how_many_layers_there_are():
+    with pytest.raises(IndexError, match="index 17 is out of range: this Sequential has 17 layers"):
+        build_model("simple")[17]
+    assert type(build_model("simple")[-17]).__name__ == "Conv2d"
+
+
+def test_to_takes_a_device_then_a_dtype_as_torch():
+    """torch's model.to(device, dtype): the dtype once went unnoticed in the second place."""
+    model = build_model("simple").to("torch", device="cpu")
+    assert model.to(torch.device("cpu"), torch.float64)[0].weight.dtype == torch.float64
+    assert build_model("simple").to("cpu", torch.float64)[0].weight.dtype == np.float64
+    with pytest.raises(TypeError, match=r"Module.to\(\) got 'cuda' where a dtype belongs"):
+        build_model("simple").to("cpu", "cuda")
+    with pytest.raises(TypeError, match=r"Module.to\(\) got a device twice \('cpu' and 'cpu'\)"):
+        build_model("simple").to("cpu", "cpu", "float64")
 
 
 # ---------------------------------------------------------------------------------------
@@ -915,6 +970,34 @@ def test_backward_with_a_gradient_of_another_dtype_or_backend_says_so(grad, erro
     with pytest.raises(error, match=message):
         model.backward(grad)
     assert model.backward(np.ones((4, 3), np.float32)).dtype == np.float32
+
+
+def test_a_last_module_may_return_what_is_not_one_array_as_in_torch():
+    class Both(cnn.Module):
+        def forward(self, x):
+            return x, 2 * x
+
+    first, second = Sequential(Linear(5, 4), Both())(np.ones((2, 5), np.float32))
+    np.testing.assert_array_equal(second, 2 * first)
+
+
+def test_a_gradient_or_parameter_that_autograd_tracks_is_refused_or_taken_as_data():
+    """A tracked gradient once failed deep inside a layer (ReLU: "mul(): functions with
+    out=... arguments don't support automatic differentiation") or, through Linear alone,
+    gave the parameters an autograd graph that grew with every step."""
+    model = Sequential(Linear(5, 3), ReLU()).to("torch", device="cpu")
+    out = model(torch.randn(4, 5)).requires_grad_()
+    tracked = torch.softmax(out, 1)
+    for backward in (model.backward, model[-1].backward):
+        with pytest.raises(TypeError, match=r"backward\(\) got a torch tensor that autograd tracks "
+                                            r"\(requires_grad=True\): pass grad.detach\(\)"):
+            backward(tracked)
+    assert model.backward(tracked.detach()).shape == (4, 5)  # the forward pass was kept
+    model[0].weight = cnn.Parameter(torch.randn(3, 5, requires_grad=True))
+    opt = SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model.backward(torch.ones_like(model(torch.randn(4, 5))))
+    opt.step()
+    assert not model[0].weight.data.requires_grad and model[0].weight.data.grad_fn is None
 
 
 def test_backward_checks_the_latest_forward_pass_also_when_it_ran_through_slices(rng):

@@ -311,6 +311,15 @@ def test_empty_parameter_list_raises():
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_a_parameter_given_twice_is_refused(kind):
+    """Each step would update it twice (torch.optim only warns)."""
+    model = simple_cnn()
+    with pytest.raises(ValueError, match=r"got parameter 0 again as parameter 16 \(32, 3, 3, 3\): pass each "
+                                         r"Parameter once"):
+        our_optimizer(kind, model.parameters() + model[0].parameters(), dict(lr=0.1))
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
 @pytest.mark.parametrize("params, message", [
     (lambda: simple_cnn(), r"got a Sequential: pass model.parameters\(\)"),  # iterable: fails at step()
     (lambda: ResidualBlock(2, 2), r"got a ResidualBlock: pass model.parameters\(\)"),  # not iterable
