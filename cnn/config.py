@@ -112,7 +112,8 @@ def resume_conflicts(saved: dict, settings: dict, epochs_done: int = 0) -> list[
     free = set(RESUMABLE_CHANGES) | (unused_knobs(saved) & unused_knobs(settings))
     if "cosine" in (saved.get("schedule"), settings.get("schedule")):
         free.discard("epochs")
-    changed = [f"{key} {show(saved[key])} -> {show(settings.get(key))}" for key in CHECKS
+    why = {"epochs": ": the cosine schedule's learning rates depend on the number of epochs"}  # not free otherwise
+    changed = [f"{key} {show(saved[key])} -> {show(settings.get(key))}{why.get(key, '')}" for key in CHECKS
                if key not in free and key in saved and saved[key] != settings.get(key)]
     if "epochs" in free and settings.get("epochs", epochs_done) < epochs_done:
         changed.append(f"epochs {show(saved.get('epochs'))} -> {show(settings['epochs'])}, "

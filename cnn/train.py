@@ -364,7 +364,7 @@ def stop_as_interrupted(signum, frame):
 def _interrupted_message(config: TrainConfig) -> str:
     last = Path(config.out) / "last.npz"
     if not last.is_file():
-        return "interrupted"
+        return "interrupted; no epoch had finished, so there is nothing to resume"
     try:
         meta = read_meta(last)
     except (CheckpointError, OSError, ValueError):

@@ -167,12 +167,12 @@ def fetch_url(url: str, dest: Path, retries: int, timeout: float) -> None:
 
 
 # ------------------------------------------------------------------ checks
-def check_archive(path: Path, source: str) -> None:
-    """Read the whole gzip stream and check every CIFAR-10 member is there."""
-    hint = (
-        f"Delete or replace the file at {source} and download it again "
-        "(the official archive is https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz)."
-    )
+def check_archive(path: Path, source: str, local: bool = False) -> None:
+    """Read the whole gzip stream and check every CIFAR-10 member is there. ``local``: the
+    source is a file of the user's (CIFAR10_SOURCE), which the advice must not say to delete."""
+    official = "the official archive is https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+    hint = (f"Point CIFAR10_SOURCE (or data.url) at cifar-10-python.tar.gz or a copy of it ({official})."
+            if local else f"Delete or replace the file at {source} and download it again ({official}).")
     found: set[str] = set()
     try:
         with gzip.open(path, "rb") as gz:
@@ -234,7 +234,7 @@ def download(params, dest: Path = paths.RAW_ARCHIVE) -> Path:
                      "archive, set CIFAR10_MD5 to its md5")
             raise PipelineError(f"md5 mismatch for {source}: expected {md5} ({md5_from}), got {got}. "
                                 f"{cause}: CIFAR10_MD5={got}.")
-        check_archive(tmp, source)
+        check_archive(tmp, source, local=src_path is not None)
     print(f"wrote {dest} (md5 {md5})", file=sys.stderr)
     return dest
 

@@ -503,6 +503,9 @@ def test_download_network_error_gives_up_after_retries(tmp_path, monkeypatch, ar
     assert not dest.parent.exists()
 
 
+POINT_AT_AN_ARCHIVE = "Point CIFAR10_SOURCE (or data.url) at cifar-10-python.tar.gz or a copy of it"
+
+
 def _bad_archives(archive, tmp_path):
     path, md5 = archive
     truncated = tmp_path / "truncated.tar.gz"
@@ -511,8 +514,8 @@ def _bad_archives(archive, tmp_path):
     return {
         "md5 mismatch": (path, "0" * 32, ["md5 mismatch", "expected 00000000000000000000000000000000 (CIFAR10_MD5)",
                                           f"got {md5}"]),
-        "truncated": (truncated, md5_of(truncated), ["truncated or corrupt"]),
-        "missing batch": (missing, md5_of(missing), ["missing cifar-10-batches-py/data_batch_3"]),
+        "truncated": (truncated, md5_of(truncated), ["truncated or corrupt", POINT_AT_AN_ARCHIVE]),
+        "missing batch": (missing, md5_of(missing), ["missing cifar-10-batches-py/data_batch_3", POINT_AT_AN_ARCHIVE]),
         "no such file": (tmp_path / "nope.tar.gz", md5, ["does not exist", "CIFAR10_SOURCE"]),
         "official md5": (path, None, ["md5 mismatch", "params.yaml data.md5", f"CIFAR10_MD5={md5}"]),
     }
@@ -531,6 +534,7 @@ def test_download_rejects_bad_archives(case, archive, tmp_path):
     assert "Traceback" not in p.stderr
     for m in messages:
         assert m in p.stderr
+    assert "Delete" not in p.stderr  # the source is the user's own file
     assert not (work / "data").exists()  # nothing left behind, not even an empty folder
 
 
@@ -650,8 +654,9 @@ def test_a_range_the_server_cannot_satisfy_restarts_the_download(tmp_path, monke
 def test_check_archive_wants_every_member_the_loader_reads(archive, tmp_path):
     for member in ("test_batch", "batches.meta"):
         missing = rewrite_archive(archive[0], tmp_path / f"no-{member}.tar.gz", drop=(member,))
-        with pytest.raises(dl.PipelineError, match=f"missing cifar-10-batches-py/{member}"):
-            dl.check_archive(missing, str(missing))
+        with pytest.raises(dl.PipelineError, match=f"missing cifar-10-batches-py/{member}. Delete or replace "
+                                                   f"the file at https://mirror.example/c.tar.gz and download"):
+            dl.check_archive(missing, "https://mirror.example/c.tar.gz")
 
 
 def test_cifar10_md5_that_is_no_md5_is_refused(monkeypatch):
