@@ -15,6 +15,7 @@ machine that other work may disturb.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -157,15 +158,23 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     for flag in ("steps", "repeats"):
         if getattr(args, flag) < 1:
-            p.error(f"--{flag} must be at least 1")
-    if args.warmup < 0 or args.busy < 0 or min(args.batch_sizes) < 1:
-        p.error("--warmup and --busy must be >= 0, and every --batch-sizes value >= 1")
+            p.error(f"--{flag} must be at least 1; got {getattr(args, flag)}")
+    for flag in ("warmup", "busy"):
+        if getattr(args, flag) < 0:
+            p.error(f"--{flag} must be >= 0; got {getattr(args, flag)}")
+    if min(args.batch_sizes) < 1:
+        p.error(f"every --batch-sizes value must be at least 1; got {min(args.batch_sizes)}")
     # Checked before any case runs: a GPU benchmark is too costly to lose at its end.
-    if set(args.engines) - {"numpy"}:
-        try:
+    try:
+        if set(args.engines) & {"torch", "torch-replay", "native"}:
             resolve_device("torch", args.device)
-        except DeviceError as err:
-            p.error(str(err))
+        if "cupy" in args.engines:
+            resolve_device("cupy", args.device)
+            if importlib.util.find_spec("cupy") is None:
+                raise DeviceError("--engines cupy needs CuPy: on a machine with a CUDA GPU, "
+                                  "pip install -e '.[cupy]' in the repository root (cupy-cuda12x)")
+    except DeviceError as err:
+        p.error(str(err))
     if args.json and not (Path(args.json).parent.is_dir() and os.access(Path(args.json).parent, os.W_OK)
                           and not Path(args.json).is_dir()):
         p.error(f"--json {args.json}: cannot write there (no such folder, not writable, or a folder)")

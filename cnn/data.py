@@ -164,6 +164,7 @@ def _load_archive(path: Path) -> CIFAR10:
     """Read the batches straight from the tar.gz stream (no extraction to disk)."""
     wanted = {f"{BATCH_DIR}/{m}": m for m in MEMBERS}
     found: dict[str, dict] = {}
+    is_gzip = None
     try:
         with open(path, "rb") as raw:
             is_gzip = raw.read(2) == b"\x1f\x8b"
@@ -187,6 +188,11 @@ def _load_archive(path: Path) -> CIFAR10:
                     pass
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         # gzip.BadGzipFile is an OSError; truncation shows up as EOFError/ReadError.
+        if is_gzip is False and not found and path.suffix not in (".gz", ".tgz", ".tar"):
+            # no archive at all, by its name and its bytes: a JSON file, a PNG, ...
+            raise DatasetError(f"{path} is not a .tar.gz archive nor a prepared .npz: pass "
+                               f"cifar-10-python.tar.gz, its extracted {BATCH_DIR}/ folder, or "
+                               "the .npz that `dvc repro normalize` writes") from e
         raise DatasetError(f"{path}: archive is truncated or corrupt ({e}): re-download "
                            f"it or check its md5 (official: "
                            f"c58f30108f718f92721af3b95e74349a)") from e
@@ -330,8 +336,11 @@ def _load_npz(path: Path) -> CIFAR10:
     with _open_npz(path) as z:
         missing = [k for k in _NPZ_KEYS if k not in z.files]
         if missing:
-            raise DatasetError(f"{path}: prepared file lacks {', '.join(missing)}: it was "
-                               f"not written by save_prepared; prepare it again")
+            what = ("a checkpoint (written by training), not a data set" if "meta" in z.files else
+                    f"not a prepared data set (it lacks {', '.join(missing)})")
+            raise DatasetError(f"{path} is {what}: pass cifar-10-python.tar.gz, its extracted "
+                               f"{BATCH_DIR}/ folder, or the .npz that `dvc repro normalize` "
+                               "(python -m pipeline.normalize) writes")
         try:
             arrays = {k: z[k] for k in _NPZ_KEYS}  # reads each array fully into memory
         except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:

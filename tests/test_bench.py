@@ -30,12 +30,25 @@ def test_bench_reports_time_and_ops_per_case(tmp_path, capsys):
     assert "ops/step" in table and "x native" in table
 
 
-def test_a_failed_case_is_one_line_and_the_exit_status_says_so(capsys):
-    assert bench.main(["--models", "simple", "--engines", "cupy", "--device", "cpu",
-                       "--batch-sizes", "2", "--steps", "1", "--repeats", "1", "--warmup", "0"]) == 1
-    err = capsys.readouterr().err
-    assert "simple cupy batch 2: failed: cnn.backend.DeviceError: the cupy backend runs on CUDA only" in err
-    assert "Traceback" not in err and "1 case(s) failed: simple:cupy:2" in err
+def test_a_failed_case_is_one_line_and_the_exit_status_says_so(capsys, monkeypatch):
+    """A case that fails in its process (out of GPU memory, say) is its exception's line."""
+    import subprocess
+
+    real_run = subprocess.run
+
+    def run(cmd, **kwargs):
+        if "simple:torch:2" in cmd:
+            return subprocess.CompletedProcess(cmd, 1, "", "Traceback (most recent call last):\n  ...\n"
+                                               "torch.OutOfMemoryError: CUDA out of memory.\n")
+        return real_run(cmd, **kwargs)
+
+    monkeypatch.setattr(bench.subprocess, "run", run)
+    assert bench.main(["--models", "simple", "--engines", "numpy", "torch", "--batch-sizes", "2",
+                       "--steps", "1", "--repeats", "1", "--warmup", "0"]) == 1
+    captured = capsys.readouterr()
+    assert "simple torch batch 2: failed: torch.OutOfMemoryError: CUDA out of memory." in captured.err
+    assert "Traceback" not in captured.err and "1 case(s) failed: simple:torch:2" in captured.err
+    assert "numpy: numpy (cpu)" in captured.out  # the other case is reported as usual
 
 
 def test_numpy_runs_on_the_cpu_whatever_the_device(tmp_path):
@@ -47,13 +60,32 @@ def test_numpy_runs_on_the_cpu_whatever_the_device(tmp_path):
     assert [r["engine"] for r in json.loads(out.read_text())] == ["numpy"]
 
 
-@pytest.mark.parametrize("args", [["--steps", "0"], ["--repeats", "0"], ["--batch-sizes", "0"],
-                                  ["--device", "tpu"], ["--json", "/nonexistent-folder/bench.json"]])
-def test_bench_refuses_bad_settings_before_timing_anything(args):
-    """Up front: a benchmark on a GPU lease is too costly to lose at its end."""
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "--steps must be at least 1; got 0"),
+    (["--repeats", "0"], "--repeats must be at least 1; got 0"),
+    (["--batch-sizes", "64", "0"], "every --batch-sizes value must be at least 1; got 0"),
+    (["--warmup", "-1"], "--warmup must be >= 0; got -1"),
+    (["--busy", "-2"], "--busy must be >= 0; got -2"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--engines", "cupy", "--device", "cpu"], "the cupy backend runs on CUDA only, not 'cpu'"),
+    (["--json", "/nonexistent-folder/bench.json"], "--json /nonexistent-folder/bench.json: cannot write there"),
+])
+def test_bench_refuses_bad_settings_before_timing_anything(args, message, capsys):
+    """Up front, each naming its flag: a benchmark on a GPU lease is too costly to lose at its end."""
     with pytest.raises(SystemExit) as e:
         bench.main(args)
-    assert e.value.code == 2
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_without_cupy_says_how_to_install_it_before_timing_anything(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cupy" else real(name, *a))
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--engines", "cupy", "--device", "cuda"])
+    assert e.value.code == 2 and "--engines cupy needs CuPy: on a machine with a CUDA GPU, pip install" in (
+        capsys.readouterr().err)
 
 
 def test_each_case_runs_in_its_own_process_on_the_device_asked_for(monkeypatch, capsys):

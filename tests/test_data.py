@@ -156,6 +156,24 @@ def test_corrupt_archive(tmp_path):
         load_cifar10(bad)
 
 
+def test_a_file_that_is_no_data_set_says_what_to_pass(tmp_path, ds):
+    """A checkpoint, or a JSON file, given as the data once got advice for a damaged archive
+    or a name internal to the code."""
+    from cnn.checkpoint import save_checkpoint
+
+    checkpoint = save_checkpoint(tmp_path / "best.npz", {"0.weight": np.zeros(3, np.float32)}, {"model": "simple"})
+    stats = tmp_path / "stats.json"
+    stats.write_text('{"mean": [0.5, 0.5, 0.5]}')
+    other = tmp_path / "other.npz"
+    np.savez(other, x=np.zeros(3))
+    for path, what in ((checkpoint, "is a checkpoint \\(written by training\\), not a data set"),
+                       (stats, "is not a .tar.gz archive nor a prepared .npz"),
+                       (other, "is not a prepared data set \\(it lacks train_x, train_y, test_x, test_y, classes\\)")):
+        with pytest.raises(DatasetError, match=f"{path.name} {what}: pass cifar-10-python.tar.gz, its extracted "
+                                               "cifar-10-batches-py/ folder, or the .npz that `dvc repro normalize`"):
+            load_cifar10(path)
+
+
 def test_flipped_bytes_are_detected(tmp_path, archive):
     data = bytearray(archive.read_bytes())
     data[len(data) // 2] ^= 0xFF  # inside the deflate data
