@@ -172,7 +172,8 @@ def check_archive(path: Path, source: str, local: bool = False) -> None:
     source is a file of the user's (CIFAR10_SOURCE), which the advice must not say to delete."""
     official = "the official archive is https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
     hint = (f"Point CIFAR10_SOURCE (or data.url) at cifar-10-python.tar.gz or a copy of it ({official})."
-            if local else f"Delete or replace the file at {source} and download it again ({official}).")
+            if local else "Run the stage again to download it anew, or fetch it another way and set "
+            f"CIFAR10_SOURCE=/path/to/cifar-10-python.tar.gz ({official}).")
     found: set[str] = set()
     try:
         with gzip.open(path, "rb") as gz:

@@ -654,8 +654,9 @@ def test_a_range_the_server_cannot_satisfy_restarts_the_download(tmp_path, monke
 def test_check_archive_wants_every_member_the_loader_reads(archive, tmp_path):
     for member in ("test_batch", "batches.meta"):
         missing = rewrite_archive(archive[0], tmp_path / f"no-{member}.tar.gz", drop=(member,))
-        with pytest.raises(dl.PipelineError, match=f"missing cifar-10-batches-py/{member}. Delete or replace "
-                                                   f"the file at https://mirror.example/c.tar.gz and download"):
+        with pytest.raises(dl.PipelineError, match=f"missing cifar-10-batches-py/{member}. Run the stage again "
+                                                   "to download it anew, or fetch it another way and set "
+                                                   "CIFAR10_SOURCE="):
             dl.check_archive(missing, "https://mirror.example/c.tar.gz")
 
 
