@@ -15,6 +15,7 @@ machine that other work may disturb.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -116,6 +117,31 @@ def _time_case(model_name: str, engine: str, device: str, batch_size: int, steps
     return result
 
 
+def machine() -> dict:
+    """What the figures depend on besides the code: the CPU, its cores and the libraries
+    (NumPy's BLAS, and the CPU kernels it picked at run time)."""
+    import platform
+
+    import threadpoolctl
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.partition(":")[2].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    blas = [f"{info['internal_api']} {info['version']}" + (f" ({info['architecture']} kernels)"
+                                                            if info.get("architecture") else "")
+            for info in threadpoolctl.threadpool_info()
+            if info["user_api"] == "blas" and "numpy" in info["filepath"]]
+    try:
+        torch_version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        torch_version = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
+            "numpy_blas": ", ".join(blas) or "unknown", "torch": torch_version}
+
+
 def _count_ops(step) -> int:
     """Tensor operators one ``step()`` dispatches (torch engines): the ``aten::`` calls made
     from Python or by autograd, not those nested inside another operator. On a GPU each
@@ -185,7 +211,9 @@ def main(argv=None) -> int:
         print(json.dumps(_time_case(model, engine, device, int(bs), args.steps, args.repeats, args.warmup)))
         return 0
 
-    results, failed = [], []
+    results, failed, here = [], [], machine()
+    print("machine: {cpu}, {cores} cores; Python {python}, NumPy {numpy} with {numpy_blas}, "
+          "PyTorch {torch}".format(**here))
     for bs in args.batch_sizes:
         for model in args.models:
             for engine in args.engines:
@@ -207,7 +235,7 @@ def main(argv=None) -> int:
                     print(f"{model} {engine} batch {bs}: failed: {reason}", file=sys.stderr)
                     failed.append(f"{model}:{engine}:{bs}")
                     continue
-                results.append(dict(json.loads(proc.stdout.strip().splitlines()[-1]), busy=args.busy))
+                results.append(dict(json.loads(proc.stdout.strip().splitlines()[-1]), busy=args.busy, machine=here))
     if args.busy:
         print(f"each case beside {args.busy} process(es) that only spin")
     print(f"{'model':7} {'batch':>5} {'engine':44} {'ms/step':>8} {'s/epoch':>8} "

@@ -3,11 +3,12 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 
 from cnn import bench
 
-pytest.importorskip("torch")
+torch = pytest.importorskip("torch")
 
 
 def test_bench_reports_time_and_ops_per_case(tmp_path, capsys):
@@ -57,7 +58,11 @@ def test_numpy_runs_on_the_cpu_whatever_the_device(tmp_path):
     out = tmp_path / "bench.json"
     assert bench.main(["--models", "simple", "--engines", "numpy", "--device", "mps", "--batch-sizes", "2",
                        "--steps", "1", "--repeats", "1", "--warmup", "0", "--json", str(out)]) == 0
-    assert [r["engine"] for r in json.loads(out.read_text())] == ["numpy"]
+    (result,) = json.loads(out.read_text())
+    assert result["engine"] == "numpy"
+    # the machine, so that figures from two machines are not compared unawares
+    assert result["machine"] == bench.machine() and result["machine"]["cores"] == os.cpu_count()
+    assert (result["machine"]["numpy"], result["machine"]["torch"]) == (np.__version__, torch.__version__)
 
 
 @pytest.mark.parametrize("args, message", [
