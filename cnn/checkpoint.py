@@ -56,6 +56,8 @@ def load_checkpoint(path) -> Checkpoint:
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}: check the path, or train one first "
                                 "(python -m cnn.train, or dvc repro)")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file: pass the .npz file itself")
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path} is not a checkpoint: not a complete .npz archive (truncated, "
                               f"or another kind of file); {_RETRAIN}")

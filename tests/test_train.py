@@ -758,6 +758,9 @@ def test_unreadable_checkpoint_raises_clear_error(tmp_path):
     corrupt.write_bytes(good[:at] + bytes([good[at] ^ 0xFF]) + good[at + 1:])
     with pytest.raises(CheckpointError, match="corrupt.npz is truncated or corrupt"):
         load_checkpoint(corrupt)
+    (tmp_path / "folder.npz").mkdir()
+    with pytest.raises(CheckpointError, match="folder.npz is a folder, not a checkpoint file: pass the .npz file"):
+        load_checkpoint(tmp_path / "folder.npz")
     bad_meta = tmp_path / "bad_meta.npz"
     np.savez(bad_meta, meta=np.array("{not json"), **_state(1.0))
     with pytest.raises(CheckpointError, match="bad_meta.npz: its 'meta' entry is not valid JSON"):
