@@ -132,8 +132,15 @@ class Conv2d(Module):
         self.out_channels = _count(out_channels, "out_channels")
         self.kernel_size = _pair(kernel_size, "kernel_size", 1)
         self.stride = _square(stride, "stride", 1)
-        self.padding = _square(padding, "padding", 0)
         kh, kw = self.kernel_size
+        # printed as torch prints it
+        self.padding_name = padding if isinstance(padding, str) and padding in ("same", "valid") else None
+        if padding == "same" and (self.stride != 1 or kh != kw or kh % 2 == 0):
+            raise ValueError(f"Conv2d(padding='same') needs stride 1 and a square kernel of odd size here "
+                             f"(got stride {self.stride}, kernel_size {self.kernel_size}): the engine pads "
+                             "every side alike, so give padding as a number")
+        self.padding = {"same": (kh - 1) // 2, "valid": 0}.get(padding) if self.padding_name else _square(
+            padding, "padding", 0)
         fan_in = in_channels * kh * kw
         self.weight = Parameter(F.kaiming_uniform((out_channels, in_channels, kh, kw), fan_in))
         self.bias = Parameter(F.bias_uniform(out_channels, fan_in)) if bias else None
@@ -143,9 +150,9 @@ class Conv2d(Module):
 
     def extra_repr(self) -> str:  # as torch.nn.Conv2d's
         s, p = self.stride, self.padding
+        padding = (f", padding={self.padding_name}" if self.padding_name else f", padding=({p}, {p})" if p else "")
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride=({s}, {s})" + (f", padding=({p}, {p})" if p else "")
-                + ("" if self.bias is not None else ", bias=False"))
+                f"stride=({s}, {s})" + padding + ("" if self.bias is not None else ", bias=False"))
 
     def _weight_matrix(self, B):
         """weight (F, C, kh, kw) -> (F, kh * kw * C), matching the channels-last patch rows."""

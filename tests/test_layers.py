@@ -77,6 +77,22 @@ def test_conv2d_matches_torch(case, per_offset, backend, dtype, rng, monkeypatch
     check_layer(ours, theirs, x, backend, dtype, rng=rng)
 
 
+@pytest.mark.parametrize("padding, kernel_size", [("same", 3), ("same", 5), ("valid", 3), ("valid", (2, 3))])
+def test_conv2d_takes_padding_by_name_as_torch(padding, kernel_size, backend, dtype, rng):
+    ours = randomize_bias(Conv2d(3, 4, kernel_size, padding=padding), rng)
+    theirs = nn.Conv2d(3, 4, kernel_size, padding=padding)
+    assert repr(ours) == repr(theirs)
+    check_layer(ours, theirs, rng.standard_normal((2, 3, 7, 6)), backend, dtype, rng=rng)
+
+
+@pytest.mark.parametrize("args", [dict(kernel_size=4), dict(kernel_size=(3, 5)), dict(kernel_size=3, stride=2)])
+def test_conv2d_same_padding_that_would_be_uneven_is_refused(args):
+    """torch pads an even kernel more on one side, which the engine's one padding cannot."""
+    with pytest.raises(ValueError, match=r"Conv2d\(padding='same'\) needs stride 1 and a square kernel of odd "
+                                         r"size here .* give padding as a number"):
+        Conv2d(2, 2, padding="same", **args)
+
+
 @pytest.mark.parametrize("make, x_shape, g_shape", [
     (lambda L: L.Conv2d(3, 4, 3, padding=1), (2, 3, 6, 5), (2, 4, 6, 5)),
     (lambda L: L.Linear(3, 4), (2, 3), (2, 4)),
