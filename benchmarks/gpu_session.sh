@@ -156,12 +156,13 @@ collect)
     done
     # One file for all the logs (a device call brings back 8 files at most), without tqdm's
     # progress-bar updates (carriage returns), which make the raw logs large.
+    shopt -s nullglob  # no logs when no run was named
     for log in "$LOGS"/*.log; do
         echo "==> $(basename "$log") <=="
         tr '\r' '\n' <"$log" | grep -v -e '^ *$' -e '%|'
     done >"$OUT/run_logs.txt"
     nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
-    [ $# -gt 0 ] && tar -cf "$OUT/runs.tar" -C "$WORK" $(printf 'runs/%s ' "$@")
+    if [ $# -gt 0 ]; then tar -cf "$OUT/runs.tar" -C "$WORK" $(printf 'runs/%s ' "$@"); fi
     ;;
 *)
     echo "$usage" >&2
