@@ -292,6 +292,9 @@ def _validate(ds: CIFAR10, where: str) -> None:
         if y.shape != (len(x),):
             raise DatasetError(f"{where}: {split}_y has shape {y.shape} for {len(x)} images; "
                                f"rebuild the file from the official archive")
+        if len(x) == 0:  # training needs a batch, and the accuracies divide by the count
+            raise DatasetError(f"{where}: the {split} set has no images; rebuild the file from the "
+                               "official archive")
         _labels(y, f"{where}: {split}_y")
     if len(ds.classes) != NUM_CLASSES:
         raise DatasetError(f"{where}: {len(ds.classes)} class names, expected "

@@ -58,8 +58,9 @@ def write_synthetic_cifar10(path: str | os.PathLike, *, n_train: int = 500,
     layout; n_test go to test_batch. Labels are balanced (each class within one of n/10)
     and shuffled. Same arguments give byte-identical files (fixed mtimes).
     """
-    if n_train < 0 or n_test < 0:
-        raise ValueError(f"need n_train >= 0 and n_test >= 0; got {n_train}, {n_test}")
+    if n_train < 5 or n_test < 1:  # the loader reads no empty set, nor pickles an empty batch
+        raise ValueError(f"need n_train >= 5 (an image for each of the 5 training batches) and "
+                         f"n_test >= 1; got {n_train}, {n_test}")
     n_batches = 5
     rng = np.random.default_rng(seed)
     protos = _prototypes(rng)

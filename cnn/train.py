@@ -169,37 +169,46 @@ def fit(config: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None)
                else f"has already spent the patience of early_stop {config.early_stop}")
         tqdm.write(f"{last_path} {why} (no better test accuracy for {counted(bad_epochs, 'epoch')}): "
                    "nothing to train")
-    for epoch in range(start, start if stopped_early else config.epochs):
-        optimizer.lr = lr_at(epoch, config.lr, config.schedule, config.epochs,
-                             config.milestones, config.gamma)
-        train_loader.set_epoch(epoch)
-        B.seed([config.seed, epoch])  # dropout masks of this epoch
-        started = time.perf_counter()
-        loss, train_acc = _train_epoch(model, optimizer, train_loader, B, epoch, config, last_path)
-        test_acc = evaluate(model, test_loader, B)
-        seconds = time.perf_counter() - started
-        metrics = {"epoch": epoch + 1, "loss": loss, "train_acc": train_acc, "test_acc": test_acc,
-                   "lr": optimizer.lr, "seconds": seconds}
-        history.append(metrics)
-        if test_acc > best_acc:
-            best_acc, best_epoch, bad_epochs = test_acc, epoch + 1, 0
-        else:
-            bad_epochs += 1
-        state = {**meta, "epoch": epoch + 1, "test_acc": test_acc, "best_test_acc": best_acc,
-                 "best_epoch": best_epoch, "bad_epochs": bad_epochs, "history": history}
-        model_state = model.state_dict()
-        if best_epoch == epoch + 1:
-            save_checkpoint(best_path, model_state, state)
-        save_checkpoint(last_path, model_state, state, optimizer.state_dict())
-        tqdm.write(f"Epoch {epoch + 1:3d}/{config.epochs} | Loss: {loss:.4f} | Train: {train_acc:.4f} | "
-                   f"Test: {test_acc:.4f} | LR: {optimizer.lr:.6f} | Time: {seconds:.1f}s")
-        if on_epoch_end is not None:  # with the device, which the history leaves out
-            on_epoch_end({**metrics, "device": repr(B)})
-        if patience_spent():
-            tqdm.write(f"Early stop: no better test accuracy for {counted(bad_epochs, 'epoch')} "
-                       f"(best {best_acc:.4f} at epoch {best_epoch})")
-            stopped_early = True
-            break
+    try:
+        for epoch in range(start, start if stopped_early else config.epochs):
+            optimizer.lr = lr_at(epoch, config.lr, config.schedule, config.epochs,
+                                 config.milestones, config.gamma)
+            train_loader.set_epoch(epoch)
+            B.seed([config.seed, epoch])  # dropout masks of this epoch
+            started = time.perf_counter()
+            loss, train_acc = _train_epoch(model, optimizer, train_loader, B, epoch, config, last_path)
+            # The losses were finite, each computed before its step: the last steps may still
+            # have sent the weights to inf or NaN, which no checkpoint may keep. (Host copies,
+            # saved below: evaluation changes none of them.)
+            model_state = model.state_dict()
+            if not all(np.isfinite(v).all() for v in model_state.values() if v.dtype.kind == "f"):
+                _diverged("the weights became inf or NaN", epoch, last_path)
+            test_acc = evaluate(model, test_loader, B)
+            seconds = time.perf_counter() - started
+            metrics = {"epoch": epoch + 1, "loss": loss, "train_acc": train_acc, "test_acc": test_acc,
+                       "lr": optimizer.lr, "seconds": seconds}
+            history.append(metrics)
+            if test_acc > best_acc:
+                best_acc, best_epoch, bad_epochs = test_acc, epoch + 1, 0
+            else:
+                bad_epochs += 1
+            state = {**meta, "epoch": epoch + 1, "test_acc": test_acc, "best_test_acc": best_acc,
+                     "best_epoch": best_epoch, "bad_epochs": bad_epochs, "history": history}
+            if best_epoch == epoch + 1:
+                save_checkpoint(best_path, model_state, state)
+            save_checkpoint(last_path, model_state, state, optimizer.state_dict())
+            tqdm.write(f"Epoch {epoch + 1:3d}/{config.epochs} | Loss: {loss:.4f} | Train: {train_acc:.4f} | "
+                       f"Test: {test_acc:.4f} | LR: {optimizer.lr:.6f} | Time: {seconds:.1f}s")
+            if on_epoch_end is not None:  # with the device, which the history leaves out
+                on_epoch_end({**metrics, "device": repr(B)})
+            if patience_spent():
+                tqdm.write(f"Early stop: no better test accuracy for {counted(bad_epochs, 'epoch')} "
+                           f"(best {best_acc:.4f} at epoch {best_epoch})")
+                stopped_early = True
+                break
+    except KeyboardInterrupt as err:
+        err.data_stats = (mean, std)  # for main's message: whether --resume can go on
+        raise
     return TrainResult(history, best_acc, best_epoch, best_path, last_path, stopped_early, repr(B))
 
 
@@ -267,18 +276,18 @@ def _train_epoch(model, optimizer, loader, B, epoch, config, last_path) -> tuple
             if live and step % 50 == 0:
                 value = B.item(totals["last"])
                 if not math.isfinite(value):
-                    _diverged(value, epoch, last_path)
+                    _diverged(f"the training loss became {value}", epoch, last_path)
                 bar.set_postfix(loss=f"{value:.4f}")
     mean_loss = B.item(totals["loss"]) / loader.num_samples
     if not math.isfinite(mean_loss):
-        _diverged(mean_loss, epoch, last_path)
+        _diverged(f"the training loss became {mean_loss}", epoch, last_path)
     return mean_loss, B.item(totals["correct"]) / loader.num_samples
 
 
-def _diverged(value: float, epoch: int, last_path: Path):
+def _diverged(what: str, epoch: int, last_path: Path):
     kept = (f"the last good checkpoint ({last_path}) is kept" if last_path.exists()
             else "no epoch finished, so there is no checkpoint")
-    raise TrainingError(f"the training loss became {value} in epoch {epoch + 1}: the run diverged. "
+    raise TrainingError(f"{what} in epoch {epoch + 1}: the run diverged. "
                         f"Lower --lr (or use --schedule); {kept}.")
 
 
@@ -361,7 +370,9 @@ def stop_as_interrupted(signum, frame):
     request_stop(KeyboardInterrupt())
 
 
-def _interrupted_message(config: TrainConfig) -> str:
+def _interrupted_message(config: TrainConfig, data_stats: tuple | None = None) -> str:
+    """What Ctrl-C leaves for --resume. ``data_stats``: the (mean, std) of the images the
+    run was training on, once it had them."""
     last = Path(config.out) / "last.npz"
     if not last.is_file():
         return "interrupted; no epoch had finished, so there is nothing to resume"
@@ -372,6 +383,9 @@ def _interrupted_message(config: TrainConfig) -> str:
     if resume_conflicts(meta.get("config", {}), asdict(config), meta.get("epoch", 0)):
         return (f"interrupted before the first epoch ended; {last} is another run's (other "
                 "settings), which --resume would refuse")
+    if data_stats is not None and data_conflicts(meta, *data_stats):
+        return (f"interrupted before the first epoch ended; {last} is another run's (other "
+                "images), which --resume would refuse")
     return f"interrupted; --resume continues from {last}"
 
 
@@ -383,8 +397,8 @@ def main(argv=None) -> int:
     except (UserError, FileNotFoundError) as err:  # not every ValueError: an engine bug must show
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(_interrupted_message(config), file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(_interrupted_message(config, getattr(err, "data_stats", None)), file=sys.stderr)
         return 130
     print(f"Best test accuracy {result.best_test_acc:.4f} at epoch {result.best_epoch} "
           f"on {result.device}; checkpoint {result.best_checkpoint}")

@@ -1,5 +1,6 @@
 """Tests for cnn.data (loading, stats, normalization, augmentation, loader) and cnn.synthetic."""
 
+import dataclasses
 import gzip
 import io
 import pickle
@@ -172,6 +173,23 @@ def test_a_file_that_is_no_data_set_says_what_to_pass(tmp_path, ds):
         with pytest.raises(DatasetError, match=f"{path.name} {what}: pass cifar-10-python.tar.gz, its extracted "
                                                "cifar-10-batches-py/ folder, or the .npz that `dvc repro normalize`"):
             load_cifar10(path)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_set_without_images_is_refused_before_training(tmp_path, ds, split):
+    """An empty test set once trained a whole epoch, then divided by zero."""
+    empty = dataclasses.replace(ds, **{f"{split}_x": getattr(ds, f"{split}_x")[:0],
+                                       f"{split}_y": getattr(ds, f"{split}_y")[:0]})
+    save_prepared(tmp_path / "p.npz", empty, [0.5] * 3, [0.25] * 3)
+    with pytest.raises(DatasetError, match=f"p.npz: the {split} set has no images"):
+        load_cifar10(tmp_path / "p.npz")
+
+
+@pytest.mark.parametrize("n_train, n_test", [(60, 0), (4, 10)])
+def test_synthetic_data_needs_an_image_in_every_batch(tmp_path, n_train, n_test):
+    with pytest.raises(ValueError, match=rf"need n_train >= 5 \(an image for each of the 5 training batches\) "
+                                         rf"and n_test >= 1; got {n_train}, {n_test}"):
+        write_synthetic_cifar10(tmp_path / "c.tar.gz", n_train=n_train, n_test=n_test)
 
 
 def test_flipped_bytes_are_detected(tmp_path, archive):

@@ -531,6 +531,28 @@ def test_diverging_first_epoch_raises_training_error_and_leaves_no_folder(tiny_a
     assert not (tmp_path / "runs").exists()
 
 
+def test_weights_sent_to_inf_by_an_epochs_last_steps_are_never_checkpointed(tiny_archive, tmp_path, monkeypatch):
+    """Each loss is computed before its step, so an epoch's losses can all be finite while
+    its last step overflows the weights: that epoch once became the 'good' last.npz."""
+    real = train_mod._train_epoch
+
+    def overflowing_in_epoch_2(model, optimizer, loader, B, epoch, config, last_path):
+        result = real(model, optimizer, loader, B, epoch, config, last_path)
+        if epoch == 1:
+            model[0].weight.data[0, 0, 0, 0] = float("inf")
+        return result
+
+    monkeypatch.setattr(train_mod, "_train_epoch", overflowing_in_epoch_2)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError, match=re.escape("the weights became inf or NaN in epoch 2: the run diverged. "
+                                                      f"Lower --lr (or use --schedule); the last good checkpoint "
+                                                      f"({out / 'last.npz'}) is kept.")):
+        fit(base_config(tiny_archive, out, epochs=3, augment=False))
+    for name in ("last.npz", "best.npz"):
+        ck = load_checkpoint(out / name)
+        assert ck.meta["epoch"] == 1 and all(np.isfinite(v).all() for v in ck.model_state.values())
+
+
 def test_a_run_that_really_diverges_says_so_once_without_numpy_warnings(tiny_archive, tmp_path, monkeypatch):
     """lr 1e3: the weights overflow to inf, then NaN. NumPy's overflow warnings (from the
     worker threads of map_chunks too) would only precede the clear error, so none is shown."""
@@ -940,6 +962,34 @@ def test_cli_interrupted_returns_130_and_says_how_to_continue(tmp_path, capsys, 
     assert main(["--out", out, "--no-progress"]) == 130
     assert capsys.readouterr().err == (f"interrupted before the first epoch ended; {last} is another "
                                        "run's (other settings), which --resume would refuse\n")
+
+
+def test_cli_interrupted_on_other_images_says_that_resume_would_refuse(tmp_path, capsys, monkeypatch):
+    """The same settings, but last.npz was trained on other data (their mean/std differ)."""
+    out = tmp_path / "o"
+
+    def interrupted(config):
+        save_checkpoint(out / "last.npz", {}, {"config": asdict(config), "epoch": 1,
+                                                "mean": [0.5] * 3, "std": [0.25] * 3})
+        err = KeyboardInterrupt()
+        err.data_stats = ([0.4] * 3, [0.25] * 3)  # as fit notes them on the way out
+        raise err
+
+    monkeypatch.setattr(train_mod, "fit", interrupted)
+    assert main(["--out", str(out), "--no-progress"]) == 130
+    assert capsys.readouterr().err == (f"interrupted before the first epoch ended; {out / 'last.npz'} is "
+                                       "another run's (other images), which --resume would refuse\n")
+
+
+def test_fit_notes_its_data_on_an_interruption(tiny_archive, tmp_path, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "_train_epoch", interrupt)
+    with pytest.raises(KeyboardInterrupt) as info:
+        fit(base_config(tiny_archive, tmp_path / "run", epochs=1))
+    mean, std = info.value.data_stats
+    assert len(mean) == len(std) == 3 and all(0 < s for s in std)
 
 
 @pytest.mark.slow
