@@ -83,6 +83,17 @@ def combination_problems(settings: dict) -> list[str]:
     return found
 
 
+def inert_schedule(settings: dict) -> str | None:
+    """Why a valid step schedule would never change the learning rate (every milestone at or
+    past the last epoch, as the defaults 30 and 40 are for a short run), or None. A note,
+    not an error: a short trial of a long recipe (`dvc exp run -S epochs=1`) is one."""
+    milestones, epochs = settings.get("milestones") or [], settings.get("epochs", 0)
+    if settings.get("schedule") == "step" and all(m >= epochs for m in milestones):
+        return (f"every milestone ({', '.join(map(str, milestones))}) is at or past the last epoch "
+                f"({epochs}): the step schedule never lowers the learning rate")
+    return None
+
+
 #: Knobs that a resumed run may change: how long it goes on, not what each epoch computes.
 # device: a run may go on on another device (only the rounding differs; the pipeline
 # records the device of each epoch).

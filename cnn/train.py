@@ -27,7 +27,7 @@ from tqdm import tqdm
 from cnn.backend import BACKENDS, Backend, backend_of, get_backend, manual_seed
 from cnn.checks import counted
 from cnn.checkpoint import CheckpointError, load_checkpoint, read_meta, save_checkpoint
-from cnn.config import TrainConfig, data_conflicts, resume_conflicts, unused_knobs
+from cnn.config import TrainConfig, data_conflicts, inert_schedule, resume_conflicts, unused_knobs
 from cnn.data import DataLoader, load_cifar10, normalization_stats
 from cnn.errors import ConfigError, UserError
 from cnn.functional import softmax_cross_entropy
@@ -288,7 +288,7 @@ def _diverged(what: str, epoch: int, last_path: Path):
     kept = (f"the last good checkpoint ({last_path}) is kept" if last_path.exists()
             else "no epoch finished, so there is no checkpoint")
     raise TrainingError(f"{what} in epoch {epoch + 1}: the run diverged. "
-                        f"Lower --lr (or use --schedule); {kept}.")
+                        f"Lower the learning rate (--lr, or lr in params.yaml), or add a schedule; {kept}.")
 
 
 def build_parser(prog: str = "python -m cnn.train", description: str = "Train a hand-written CNN on CIFAR-10.",
@@ -348,6 +348,8 @@ def check_settings(config: TrainConfig) -> None:
     for knob in sorted(k for k in unused_knobs(settings) if settings[k] != defaults[k]):
         print(f"note: --{knob.replace('_', '-')} has no effect with --schedule {config.schedule} "
               f"--optimizer {config.optimizer}", file=sys.stderr)
+    if inert := inert_schedule(settings):
+        print(f"note: {inert}", file=sys.stderr)
 
 
 #: The stop that a signal asked for, until training raises it. A signal handler's exception

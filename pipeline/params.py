@@ -39,7 +39,7 @@ from typing import Any
 import yaml
 
 from cnn.checks import boolean, integer, number, show
-from cnn.config import CHECKS, combination_problems, unused_knobs
+from cnn.config import CHECKS, combination_problems, inert_schedule, unused_knobs
 
 from pipeline._util import summary, write_json
 
@@ -70,16 +70,35 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# YAML 1.2's booleans and numbers, as DVC (ruamel.yaml) reads them: PyYAML's 1.1 rules read
+# `seed: 010` as 8 (octal) and `epochs: 1:30` as 90 (base 60), where DVC sees 10 and a string.
+_NUMBER_TAGS = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
 _Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _NUMBER_TAGS]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    "tag:yaml.org,2002:int",
+    re.compile(r"^[-+]?(?:0b[01_]+|0o[0-7_]+|0x[0-9a-fA-F_]+|[0-9][0-9_]*)$"),
     list("-+0123456789"),
 )
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
+def _construct_int(loader, node) -> int:
+    text = loader.construct_scalar(node).replace("_", "")
+    sign, digits = (-1 if text[0] == "-" else 1), text.lstrip("+-")
+    base = {"0b": 2, "0o": 8, "0x": 16}.get(digits[:2], 10)
+    return sign * int(digits[2:] if base != 10 else digits, base)  # 010 is ten
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 
 # --------------------------------------------------------------------- checkers
@@ -91,9 +110,9 @@ RUN_KEYS = CHECKS
 
 DATA_KEYS = {
     "url": lambda v: None if isinstance(v, str) and v.strip() else f"must be a non-empty URL; got {show(v)}",
-    "md5": lambda v: None
-    if isinstance(v, str) and MD5_RE.match(v)
-    else f"must be 32 lowercase hex digits; got {show(v)}",
+    "md5": lambda v: None  # either case, as md5sum or a web page prints it (CIFAR10_MD5 too)
+    if isinstance(v, str) and MD5_RE.match(v.lower())
+    else f"must be 32 hex digits; got {show(v)}",
     "retries": integer(0),
     "timeout": number(0, low_open=True),
 }
@@ -168,7 +187,7 @@ def validate(raw: Any, source: str = "params.yaml") -> Params:
             if key not in data:
                 problems.append(f"data: missing key '{key}'")
         if not problems:
-            data_params = DataParams(**{**DATA_DEFAULTS, **data})
+            data_params = DataParams(**{**DATA_DEFAULTS, **data, "md5": data["md5"].lower()})
 
     # mlflow / progress / resume
     mlflow = raw.get("mlflow", {}) or {}
@@ -203,7 +222,11 @@ def validate(raw: Any, source: str = "params.yaml") -> Params:
     else:
         for name, settings in runs_raw.items():
             where = f"run '{name}'"
-            if not isinstance(name, str) or not RUN_NAME_RE.match(name):
+            if not isinstance(name, str):
+                problems.append(f"{where}: YAML reads this run name as {type(name).__name__} {name!r}, not "
+                                f"text: quote it ('{name}': ...)")
+                continue
+            if not RUN_NAME_RE.match(name):
                 problems.append(
                     f"{where}: run names may contain only letters, digits, '_' and '-' "
                     "(they become DVC stage names and directory names)"
@@ -264,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.out and not args.run:
         ap.error("--out needs --run")
     params = load(args.params)
+    for run in [args.run] if args.run else params.runs:
+        if inert := inert_schedule(params.run(run)):
+            print(f"note: run {run}: {inert}", file=sys.stderr)
     if args.out:
         write_json(args.out, params.effective(args.run))
     elif args.run:

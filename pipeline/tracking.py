@@ -199,8 +199,11 @@ def run_name_for(ctx: dict[str, str]) -> str:
 
 # ---------------------------------------------------------------- tracker
 def _quiet_mlflow_logs() -> None:
-    for name in ("alembic", "mlflow.store.db.utils", "mlflow.store.db", "mlflow.tracking"):
+    for name in ("alembic", "mlflow.store.db", "mlflow.tracking"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # It logs a whole SQLAlchemy traceback at ERROR for a locked SQLite store, even when a
+    # retry then succeeds; the Tracker says in one warning when logging really stops.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 def _mlflow_value(v: Any) -> str:
@@ -216,7 +219,9 @@ class Tracker:
     no-op tracker (MLflow unavailable); every method is then a no-op.
     """
 
-    ATTEMPTS = 2
+    # A locked SQLite store (another stage writing, a `dvc queue` worker) frees up within
+    # seconds: waits of 0.5, 1, 2 and 4 s before giving up.
+    ATTEMPTS = 5
 
     def __init__(self, client=None, run_id: str | None = None, *, uri: str = "", experiment_id: str | None = None,
                  experiment: str | None = None, run_name: str | None = None, reason: str | None = None):
@@ -227,6 +232,7 @@ class Tracker:
         self.experiment = experiment
         self.run_name = run_name
         self.reason = reason  # why tracking is off
+        self._lost = None  # the client of a run whose logging stopped midway
 
     @property
     def enabled(self) -> bool:
@@ -238,7 +244,7 @@ class Tracker:
             f"MLflow logging to {display_uri(self.uri)} stopped ({self.reason}); "
             "continuing without MLflow. All results are still written to the DVC outputs."
         )
-        self.client = None
+        self._lost, self.client = self.client, None
 
     def _call(self, method: str, *args, **kwargs) -> bool:
         """``self.client.<method>(*args, **kwargs)`` with quick retries; never raises."""
@@ -252,7 +258,7 @@ class Tracker:
                 if attempt == self.ATTEMPTS - 1:
                     self._disable(method, e)
                     return False
-                time.sleep(0.5 * (attempt + 1))
+                time.sleep(0.5 * 2 ** attempt)
         return False
 
     # --- logging API ------------------------------------------------------
@@ -286,6 +292,15 @@ class Tracker:
         self._call("log_artifact", self.run_id, str(path), artifact_path)
 
     def finish(self, status: str = "FINISHED") -> None:
+        if self._lost is not None and self.run_id:
+            # Logging stopped midway: one last try to close the run as incomplete, so that
+            # it does not stay RUNNING, half-logged, in the MLflow UI.
+            try:
+                self._lost.set_tag(self.run_id, "logging_stopped", self.reason)
+                self._lost.set_terminated(self.run_id, "FAILED")
+            except Exception:  # noqa: BLE001 - tracking must never break training
+                pass
+            return
         self._call("set_terminated", self.run_id, status)
 
     def end_abandoned(self, info: dict[str, Any] | None) -> str | None:

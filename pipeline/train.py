@@ -91,7 +91,8 @@ def summarize(result, history: list[dict], devices: list[str]) -> dict:
         "seconds_per_epoch": mean_seconds(history),
         "epochs_run": len(history),
         "stopped_early": bool(result.stopped_early),
-        "device": str(result.device),
+        # the device the epochs ran on: not this process's when a resumed run had none left
+        "device": segments[0]["device"] if len(segments) == 1 else str(result.device),
     }
     if len(segments) > 1:
         metrics["device"] = " + ".join(f"{s['device']} (epochs {s['epochs'][0]}-{s['epochs'][1]})"
@@ -311,8 +312,8 @@ def train(run: str, params) -> dict:
             tracker.log_artifact(out / name)
         tracker.finish("FINISHED")
         write_json(out / paths.MLFLOW_RUN, tracker.info())
-    except BaseException:
-        tracker.finish("FAILED")
+    except BaseException as e:
+        tracker.finish("KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
         remove_all_but_the_resume_pair()
         raise
     finally:

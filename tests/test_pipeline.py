@@ -295,7 +295,7 @@ def test_invalid_params_other_sections():
     with pytest.raises(P.ParamsError) as e:
         P.validate(raw)
     msg = str(e.value)
-    for part in ("defaults: unknown key 'lrr'", "data: 'md5' must be 32 lowercase hex digits",
+    for part in ("defaults: unknown key 'lrr'", "data: 'md5' must be 32 hex digits",
                  "unknown top-level key 'extra'", "run 'bad name!'", "missing key(s) seed"):
         assert part in msg
     with pytest.raises(P.ParamsError, match="no run named 'nope'"):
@@ -310,6 +310,14 @@ def test_run_names_that_are_no_stage_or_folder_name_are_refused(name):
     raw["runs"][name] = {}
     with pytest.raises(P.ParamsError, match="run names may contain only letters"):
         P.validate(raw)
+
+
+def test_a_run_name_that_yaml_reads_as_a_number_says_to_quote_it(tmp_path):
+    text = (REPO / "params.yaml").read_text().replace("  simple_5ep_numpy:", "  2024:", 1)
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(P.ParamsError, match=r"run '2024': YAML reads this run name as int 2024, not text: "
+                                            r"quote it \('2024': ...\)"):
+        P.load(tmp_path / "params.yaml")
 
 
 @pytest.mark.parametrize("key", ["progress", "resume"])
@@ -343,6 +351,33 @@ def test_params_yaml_reads_floats_and_booleans_like_dvc(tmp_path):
     (tmp_path / "params.yaml").write_text(text.replace("augment: false", "augment: no", 1))
     with pytest.raises(P.ParamsError, match="'augment' must be true or false; got 'no'"):
         P.load(tmp_path / "params.yaml")
+
+
+@pytest.mark.parametrize("scalar", ["010", "08", "0o10", "0x1F", "0b11", "1:30", "1:30.5", "1e-3", "1E3", "1.",
+                                    ".5", "-.inf", "1_000", "1_0.5", "+5", "12e", ".e5", "no", "yes", "True", "~",
+                                    "1.2.3", "[1, 010]"])
+def test_params_yaml_reads_every_scalar_as_dvc_does(scalar):
+    """PyYAML's YAML 1.1 read `seed: 010` as 8 and `epochs: 1:30` as 90, where DVC (and
+    `dvc params diff`, `dvc exp show`) saw 10 and a string."""
+    from dvc.utils.serialize import parse_yaml
+
+    ours = yaml.load(f"k: {scalar}\n", Loader=P._Loader)["k"]
+    theirs = parse_yaml(f"k: {scalar}\n", "params.yaml")["k"]
+    theirs = list(theirs) if isinstance(theirs, list) else theirs  # ruamel's CommentedSeq
+    assert (type(ours), ours) == (type(theirs), theirs)
+
+
+def test_params_notes_a_step_schedule_that_never_steps(tmp_path, capsys):
+    """Valid (a short trial of a long recipe is one), but worth a note: the report would
+    show "step (30, 40; ×0.1)" for a rate that never changed."""
+    text = (REPO / "params.yaml").read_text().replace("    epochs: 50\n    augment: true\n    schedule: step",
+                                                       "    epochs: 5\n    augment: true\n    schedule: step", 1)
+    (tmp_path / "params.yaml").write_text(text)
+    P.main(["--params", str(tmp_path / "params.yaml")])
+    err = capsys.readouterr().err
+    assert ("note: run resnet_50ep_step: every milestone (30, 40) is at or past the last epoch (5): the step "
+            "schedule never lowers the learning rate") in err
+    assert err.count("note:") == 1
 
 
 def test_resume_files_are_seen_by_neither_git_nor_dvc():
@@ -402,7 +437,7 @@ def test_data_section_checks_md5_url_retries_and_timeout():
             P.validate(raw)
         return str(e.value)
 
-    assert "data: 'md5' must be 32 lowercase hex digits" in problems(md5="c58f30108f718f92721af3b95e74349a0")
+    assert "data: 'md5' must be 32 hex digits" in problems(md5="c58f30108f718f92721af3b95e74349a0")
     assert "data: 'url' must be a non-empty URL" in problems(url="  ")
     assert "data: missing key 'md5'" in problems(md5=None)
     assert "data: 'timeout' must be a positive number; got 0" in problems(timeout=0)
@@ -411,6 +446,8 @@ def test_data_section_checks_md5_url_retries_and_timeout():
     assert (P.validate(raw).data.retries, P.validate(raw).data.timeout) == (5, 60)
     raw["data"]["retries"] = 0
     assert P.validate(raw).data.retries == 0
+    raw["data"]["md5"] = raw["data"]["md5"].upper()  # as md5sum or a web page may print it
+    assert P.validate(raw).data.md5 == raw["data"]["md5"].lower()
 
 
 def test_the_mlflow_experiment_comes_from_params_yaml():
@@ -820,6 +857,35 @@ def test_tracker_degrades_to_noop_after_one_warning(monkeypatch, capsys):
     assert t.info()["run_id"] == "run123" and "server went away" in t.info()["disabled_reason"]
 
 
+def test_a_run_whose_logging_stopped_midway_is_closed_as_incomplete(monkeypatch, capsys):
+    """A store locked for longer than the retries (0.5 + 1 + 2 + 4 s) once left its run
+    RUNNING for good, half-logged: finish now makes one last try to close it."""
+    class LockedThenBack:
+        calls = []
+
+        def log_batch(self, *a, **k):
+            raise RuntimeError("(sqlite3.OperationalError) database is locked")
+
+        def set_tag(self, *a):
+            self.calls.append(("set_tag", a))
+
+        def set_terminated(self, *a):
+            self.calls.append(("set_terminated", a))
+
+    waits = []
+    monkeypatch.setattr(tracking, "_warned", False)
+    monkeypatch.setattr(tracking.time, "sleep", waits.append)
+    t = tracking.Tracker(LockedThenBack(), "run123", uri="sqlite:///mlflow.db")
+    t.log_metrics({"loss": 1.0}, step=1)
+    assert waits == [0.5, 1.0, 2.0, 4.0] and not t.enabled
+    t.finish("FINISHED")
+    assert LockedThenBack.calls == [
+        ("set_tag", ("run123", "logging_stopped", "log_batch failed: RuntimeError: (sqlite3.OperationalError) "
+                                                  "database is locked")),
+        ("set_terminated", ("run123", "FAILED"))]
+    assert len(mlflow_warnings(capsys.readouterr().err)) == 1
+
+
 class _RecordingClient:
     """Stands in for MlflowClient: records what the tracker sends."""
 
@@ -1102,6 +1168,41 @@ def test_a_failure_after_training_keeps_what_resume_needs(stage_dir, monkeypatch
     assert (d / paths.LAST_CHECKPOINT).read_bytes() == b"last"
 
 
+@pytest.mark.parametrize("error, raised, status", [(OSError(28, "No space left on device"), OSError, "FAILED"),
+                                                   (KeyboardInterrupt(), SystemExit, "KILLED")])
+def test_a_run_stopped_after_training_is_closed_as_the_cause_says(stage_dir, monkeypatch, error, raised, status):
+    """Ctrl-C while the outputs are written is an interruption, not a failure."""
+    import types
+
+    import cnn.train
+    from pipeline import _util, train
+
+    d = paths.run_dir("simple_5ep_torch")
+    closed = []
+
+    def finished_fit(config, on_epoch_end=None):
+        epoch = {"epoch": 1, "loss": 2.3, "train_acc": 0.1, "test_acc": 0.1, "lr": 0.01, "seconds": 1.0}
+        on_epoch_end({**epoch, "device": "numpy (cpu)"})
+        return types.SimpleNamespace(history=[epoch], best_checkpoint=str(d / paths.BEST_CHECKPOINT))
+
+    def stopped(*args):
+        raise error
+
+    real_start_run = tracking.start_run
+
+    def start_run(*args, **kwargs):
+        tracker = real_start_run(*args, **kwargs)
+        tracker.finish = closed.append
+        return tracker
+
+    monkeypatch.setattr(cnn.train, "fit", finished_fit)
+    monkeypatch.setattr(train, "summarize", stopped)
+    monkeypatch.setattr(tracking, "start_run", start_run)
+    with pytest.raises(raised):
+        _util.run_main(train.main, ["simple_5ep_torch"])
+    assert closed == [status]
+
+
 @pytest.mark.parametrize("ending, status, code", [("diverges", "FAILED", 1), ("interrupted", "KILLED", 130),
                                                   ("terminated", "KILLED", 128 + signal.SIGTERM)])
 def test_an_mlflow_run_that_fails_or_is_interrupted_says_which(ending, status, code, stage_dir, monkeypatch):
@@ -1334,6 +1435,9 @@ def test_a_run_resumed_on_another_device_reports_each_part():
     assert report._seconds_per_epoch(m) == "15.0 / 300.0"
     one = train.summarize(result, history, [cpu] * 3)  # one device: the usual two fields
     assert one["device"] == cpu and "devices" not in one and report._seconds_per_epoch(one) == "110.0"
+    # resumed on the CPU with no epoch left to train: its epochs ran on the GPU, not here
+    done = train.summarize(result, history, [gpu] * 3)
+    assert done["device"] == gpu and "devices" not in done
 
 
 def test_metrics_give_the_final_epoch_beside_the_best():

@@ -511,7 +511,7 @@ def test_diverging_run_raises_and_keeps_the_last_good_checkpoint(archive, runs, 
     shutil.copy(snapshot, out / "last.npz")
     before = load_checkpoint(out / "last.npz")
     _nan_loss(monkeypatch)
-    with pytest.raises(TrainingError, match=re.escape(f"diverged. Lower --lr (or use --schedule); "
+    with pytest.raises(TrainingError, match=re.escape(f"diverged. Lower the learning rate (--lr, or lr in params.yaml), or add a schedule; "
                                                       f"the last good checkpoint ({out / 'last.npz'}) is kept.")):
         fit(base_config(archive, out, epochs=2, resume=True))
     after = load_checkpoint(out / "last.npz")
@@ -545,7 +545,7 @@ def test_weights_sent_to_inf_by_an_epochs_last_steps_are_never_checkpointed(tiny
     monkeypatch.setattr(train_mod, "_train_epoch", overflowing_in_epoch_2)
     out = tmp_path / "run"
     with pytest.raises(TrainingError, match=re.escape("the weights became inf or NaN in epoch 2: the run diverged. "
-                                                      f"Lower --lr (or use --schedule); the last good checkpoint "
+                                                      f"Lower the learning rate (--lr, or lr in params.yaml), or add a schedule; the last good checkpoint "
                                                       f"({out / 'last.npz'}) is kept.")):
         fit(base_config(tiny_archive, out, epochs=3, augment=False))
     for name in ("last.npz", "best.npz"):
@@ -1082,6 +1082,23 @@ def test_cli_notes_flags_without_effect(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "note: --betas has no effect with --schedule cosine --optimizer sgd" in err
     assert "note: --milestones has no effect" in err and "--gamma" not in err  # left at its default
+
+
+@pytest.mark.parametrize("flags, noted", [
+    (["--schedule", "step", "--epochs", "5"], True),  # the default milestones, 30 and 40
+    (["--schedule", "step", "--epochs", "30"], True),  # the rate would change for epoch 31
+    (["--schedule", "step", "--epochs", "31"], False),
+    (["--schedule", "step", "--epochs", "5", "--milestones", "3", "9"], False),
+    (["--schedule", "cosine", "--epochs", "5"], False),
+])
+def test_cli_notes_a_step_schedule_that_never_steps(flags, noted, tmp_path, capsys, monkeypatch):
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "fit", interrupted)
+    main(flags + ["--out", str(tmp_path)])
+    note = "is at or past the last epoch" in capsys.readouterr().err
+    assert note == noted
 
 
 def test_cli_reports_a_bad_value_without_a_note_that_it_has_no_effect(tmp_path, capsys):
