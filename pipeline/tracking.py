@@ -219,9 +219,11 @@ class Tracker:
     no-op tracker (MLflow unavailable); every method is then a no-op.
     """
 
+    ATTEMPTS = 2
     # A locked SQLite store (another stage writing, a `dvc queue` worker) frees up within
-    # seconds: waits of 0.5, 1, 2 and 4 s before giving up.
-    ATTEMPTS = 5
+    # seconds: waits of 0.5, 1, 2 and 4 s before giving up. (Not for a server that does not
+    # answer: each try of that waits out MLflow's own HTTP timeout and retries.)
+    LOCKED_ATTEMPTS = 5
 
     def __init__(self, client=None, run_id: str | None = None, *, uri: str = "", experiment_id: str | None = None,
                  experiment: str | None = None, run_name: str | None = None, reason: str | None = None):
@@ -250,16 +252,17 @@ class Tracker:
         """``self.client.<method>(*args, **kwargs)`` with quick retries; never raises."""
         if not self.enabled:
             return False
-        for attempt in range(self.ATTEMPTS):
+        attempt = 0
+        while True:
             try:
                 getattr(self.client, method)(*args, **kwargs)
                 return True
             except Exception as e:  # noqa: BLE001 - tracking must never break training
-                if attempt == self.ATTEMPTS - 1:
+                attempt += 1
+                if attempt >= (self.LOCKED_ATTEMPTS if "database is locked" in str(e) else self.ATTEMPTS):
                     self._disable(method, e)
                     return False
-                time.sleep(0.5 * 2 ** attempt)
-        return False
+                time.sleep(0.5 * 2 ** (attempt - 1))
 
     # --- logging API ------------------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
