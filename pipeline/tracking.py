@@ -297,7 +297,10 @@ class Tracker:
     def finish(self, status: str = "FINISHED") -> None:
         if self._lost is not None and self.run_id:
             # Logging stopped midway: one last try to close the run as incomplete, so that
-            # it does not stay RUNNING, half-logged, in the MLflow UI.
+            # it does not stay RUNNING, half-logged, in the MLflow UI. Not on a server, which
+            # may have stopped answering: each call would wait out MLflow's HTTP timeouts.
+            if self.uri.startswith(("http://", "https://")):
+                return
             try:
                 self._lost.set_tag(self.run_id, "logging_stopped", self.reason)
                 self._lost.set_terminated(self.run_id, "FAILED")

@@ -884,6 +884,11 @@ def test_a_run_whose_logging_stopped_midway_is_closed_as_incomplete(monkeypatch,
                                                   "database is locked")),
         ("set_terminated", ("run123", "FAILED"))]
     assert len(mlflow_warnings(capsys.readouterr().err)) == 1
+    LockedThenBack.calls.clear()  # a server that stopped answering is not called again
+    on_a_server = tracking.Tracker(LockedThenBack(), "run456", uri="http://127.0.0.1:5000")
+    on_a_server.log_metrics({"loss": 1.0}, step=1)
+    on_a_server.finish("FINISHED")
+    assert LockedThenBack.calls == []
 
 
 class _RecordingClient:
