@@ -236,9 +236,10 @@ def train(run: str, params) -> dict:
         last.npz and the best.npz written with it."""
         remove([p for p in outputs if not (p == best_path and last.is_file())])
 
+    title = MODEL_TITLES.get(cfg["model"], cfg["model"])  # a new model's own name, until it has a title
     ctx = tracking.dvc_context(f"train@{run}")
     tags = {**tracking.git_info(outputs=paths.PIPELINE_OUTPUTS), **ctx, "pipeline_run": run,
-            "model_name": MODEL_TITLES[cfg["model"]], "mlflow.user": _user(),
+            "model_name": title, "mlflow.user": _user(),
             "mlflow.source.name": "pipeline/train.py", "mlflow.source.type": "LOCAL"}
     tracker = tracking.start_run(params.experiment, tracking.run_name_for(ctx), tags)
     # A training process that died (kill -9, a lost machine) left its MLflow run RUNNING.
@@ -279,7 +280,7 @@ def train(run: str, params) -> dict:
         # Bars only on a terminal: piped output (CI, dvc queue logs) gets the per-epoch lines only.
         progress = bool(params.progress) and sys.stderr.isatty()
         config = TrainConfig(**cfg, data=str(paths.PREPARED), out=str(out), resume=resume, progress=progress)
-        print(f"train@{run}: {MODEL_TITLES[cfg['model']]}, {counted(cfg['epochs'], 'epoch')}, backend {cfg['backend']}",
+        print(f"train@{run}: {title}, {counted(cfg['epochs'], 'epoch')}, backend {cfg['backend']}",
               file=sys.stderr)
         result = fit(config, on_epoch_end=on_epoch_end)
     except BaseException as e:
@@ -301,7 +302,7 @@ def train(run: str, params) -> dict:
         metrics = summarize(result, hist, devices)
         write_text(out / paths.HISTORY, history_csv(hist))
         write_json(out / paths.METRICS, metrics)
-        write_json(out / paths.CONFIG, {"run": run, "model_name": MODEL_TITLES[cfg["model"]], **cfg,
+        write_json(out / paths.CONFIG, {"run": run, "model_name": title, **cfg,
                                         "device_used": metrics["device"], "resumed": resume})
         plots.training_curves({run: hist}, out / paths.CURVES, title=f"{run} ({metrics['device']})")
 

@@ -1173,6 +1173,31 @@ def test_a_failure_after_training_keeps_what_resume_needs(stage_dir, monkeypatch
     assert (d / paths.LAST_CHECKPOINT).read_bytes() == b"last"
 
 
+def test_a_model_without_a_title_trains_under_its_name(stage_dir, monkeypatch):
+    """The README: a new model's table comes "under its title in MODEL_TITLES or its name";
+    the train stage once failed on the missing title, after removing the run's outputs."""
+    import types
+
+    import cnn.train
+    from pipeline import _util, train
+
+    d = paths.run_dir("simple_5ep_torch")
+
+    def finished_fit(config, on_epoch_end=None):
+        (d / paths.BEST_CHECKPOINT).write_bytes(b"best")
+        epoch = {"epoch": 1, "loss": 2.3, "train_acc": 0.1, "test_acc": 0.1, "lr": 0.01, "seconds": 1.0}
+        on_epoch_end({**epoch, "device": "numpy (cpu)"})
+        return types.SimpleNamespace(history=[epoch], best_checkpoint=str(d / paths.BEST_CHECKPOINT),
+                                     best_test_acc=0.1, best_epoch=1, stopped_early=False, device="numpy (cpu)")
+
+    monkeypatch.setattr(cnn.train, "fit", finished_fit)
+    monkeypatch.setattr(train, "MODEL_TITLES", {})
+    with pytest.raises(SystemExit) as done:
+        _util.run_main(train.main, ["simple_5ep_torch"])
+    assert done.value.code == 0
+    assert json.loads((d / paths.CONFIG).read_text())["model_name"] == "simple"
+
+
 @pytest.mark.parametrize("error, raised, status", [(OSError(28, "No space left on device"), OSError, "FAILED"),
                                                    (KeyboardInterrupt(), SystemExit, "KILLED")])
 def test_a_run_stopped_after_training_is_closed_as_the_cause_says(stage_dir, monkeypatch, error, raised, status):
