@@ -1145,27 +1145,31 @@ def test_a_stage_signal_asks_training_to_stop_also_at_its_next_batch(monkeypatch
     assert cnn.train._pending_stop == [interrupt.value]
 
 
+def _one_epoch_fit(run_dir, before=lambda: None):
+    """Stands in for cnn.train.fit: ``before()``, then one finished epoch on the CPU whose
+    best.npz is in ``run_dir``."""
+    def fit(config, on_epoch_end=None):
+        before()
+        (run_dir / paths.BEST_CHECKPOINT).write_bytes(b"best")
+        epoch = {"epoch": 1, "loss": 2.3, "train_acc": 0.1, "test_acc": 0.1, "lr": 0.01, "seconds": 1.0}
+        on_epoch_end({**epoch, "device": "numpy (cpu)"})
+        return types.SimpleNamespace(history=[epoch], best_checkpoint=str(run_dir / paths.BEST_CHECKPOINT),
+                                     best_test_acc=0.1, best_epoch=1, stopped_early=False, device="numpy (cpu)")
+    return fit
+
+
 def test_a_failure_after_training_keeps_what_resume_needs(stage_dir, monkeypatch):
     """Writing the metrics or the plot can fail (a full disk) once all epochs are trained:
     the resume pair stays, so `resume: true` continues instead of training all over."""
-    import types
-
     import cnn.train
     from pipeline import _util, train
 
     d = paths.run_dir("simple_5ep_torch")
 
-    def finished_fit(config, on_epoch_end=None):
-        (d / paths.BEST_CHECKPOINT).write_bytes(b"best")
-        (d / paths.LAST_CHECKPOINT).write_bytes(b"last")
-        epoch = {"epoch": 1, "loss": 2.3, "train_acc": 0.1, "test_acc": 0.1, "lr": 0.01, "seconds": 1.0}
-        on_epoch_end({**epoch, "device": "numpy (cpu)"})
-        return types.SimpleNamespace(history=[epoch], best_checkpoint=str(d / paths.BEST_CHECKPOINT))
-
     def disk_full(*args):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cnn.train, "fit", finished_fit)
+    monkeypatch.setattr(cnn.train, "fit", _one_epoch_fit(d, lambda: (d / paths.LAST_CHECKPOINT).write_bytes(b"last")))
     monkeypatch.setattr(train, "summarize", disk_full)
     with pytest.raises(OSError, match="No space left"):
         _util.run_main(train.main, ["simple_5ep_torch"])
@@ -1176,21 +1180,11 @@ def test_a_failure_after_training_keeps_what_resume_needs(stage_dir, monkeypatch
 def test_a_model_without_a_title_trains_under_its_name(stage_dir, monkeypatch):
     """The README: a new model's table comes "under its title in MODEL_TITLES or its name";
     the train stage once failed on the missing title, after removing the run's outputs."""
-    import types
-
     import cnn.train
     from pipeline import _util, train
 
     d = paths.run_dir("simple_5ep_torch")
-
-    def finished_fit(config, on_epoch_end=None):
-        (d / paths.BEST_CHECKPOINT).write_bytes(b"best")
-        epoch = {"epoch": 1, "loss": 2.3, "train_acc": 0.1, "test_acc": 0.1, "lr": 0.01, "seconds": 1.0}
-        on_epoch_end({**epoch, "device": "numpy (cpu)"})
-        return types.SimpleNamespace(history=[epoch], best_checkpoint=str(d / paths.BEST_CHECKPOINT),
-                                     best_test_acc=0.1, best_epoch=1, stopped_early=False, device="numpy (cpu)")
-
-    monkeypatch.setattr(cnn.train, "fit", finished_fit)
+    monkeypatch.setattr(cnn.train, "fit", _one_epoch_fit(d))
     monkeypatch.setattr(train, "MODEL_TITLES", {})
     with pytest.raises(SystemExit) as done:
         _util.run_main(train.main, ["simple_5ep_torch"])
@@ -1202,18 +1196,10 @@ def test_a_model_without_a_title_trains_under_its_name(stage_dir, monkeypatch):
                                                    (KeyboardInterrupt(), SystemExit, "KILLED")])
 def test_a_run_stopped_after_training_is_closed_as_the_cause_says(stage_dir, monkeypatch, error, raised, status):
     """Ctrl-C while the outputs are written is an interruption, not a failure."""
-    import types
-
     import cnn.train
     from pipeline import _util, train
 
-    d = paths.run_dir("simple_5ep_torch")
     closed = []
-
-    def finished_fit(config, on_epoch_end=None):
-        epoch = {"epoch": 1, "loss": 2.3, "train_acc": 0.1, "test_acc": 0.1, "lr": 0.01, "seconds": 1.0}
-        on_epoch_end({**epoch, "device": "numpy (cpu)"})
-        return types.SimpleNamespace(history=[epoch], best_checkpoint=str(d / paths.BEST_CHECKPOINT))
 
     def stopped(*args):
         raise error
@@ -1225,7 +1211,7 @@ def test_a_run_stopped_after_training_is_closed_as_the_cause_says(stage_dir, mon
         tracker.finish = closed.append
         return tracker
 
-    monkeypatch.setattr(cnn.train, "fit", finished_fit)
+    monkeypatch.setattr(cnn.train, "fit", _one_epoch_fit(paths.run_dir("simple_5ep_torch")))
     monkeypatch.setattr(train, "summarize", stopped)
     monkeypatch.setattr(tracking, "start_run", start_run)
     with pytest.raises(raised):
@@ -1289,8 +1275,6 @@ def test_a_recorded_mlflow_run_that_already_ended_is_left_as_it_is(stage_dir, mo
 def test_an_mlflow_run_left_running_by_a_dead_process_is_marked_killed(stage_dir, monkeypatch, capsys):
     """kill -9 leaves the training's MLflow run RUNNING; the stage's next start closes it.
     The new run also says who ran it, from where, and on which images (mean/std)."""
-    import types
-
     import cnn.train
     from mlflow.tracking import MlflowClient
 
@@ -1303,16 +1287,8 @@ def test_an_mlflow_run_left_running_by_a_dead_process_is_marked_killed(stage_dir
     d.mkdir(parents=True, exist_ok=True)
     (d / paths.LIVE_MLFLOW_RUN).write_text(json.dumps(dead.info()))
     seen_live = []
-
-    def finished_fit(config, on_epoch_end=None):
-        seen_live.append(json.loads((d / paths.LIVE_MLFLOW_RUN).read_text())["run_id"])
-        (d / paths.BEST_CHECKPOINT).write_bytes(b"best")
-        epoch = {"epoch": 1, "loss": 2.3, "train_acc": 0.1, "test_acc": 0.1, "lr": 0.01, "seconds": 1.0}
-        on_epoch_end({**epoch, "device": "numpy (cpu)"})
-        return types.SimpleNamespace(history=[epoch], best_checkpoint=str(d / paths.BEST_CHECKPOINT),
-                                     best_test_acc=0.1, best_epoch=1, stopped_early=False, device="numpy (cpu)")
-
-    monkeypatch.setattr(cnn.train, "fit", finished_fit)
+    monkeypatch.setattr(cnn.train, "fit", _one_epoch_fit(
+        d, lambda: seen_live.append(json.loads((d / paths.LIVE_MLFLOW_RUN).read_text())["run_id"])))
     with pytest.raises(SystemExit) as e:
         _util.run_main(train.main, ["simple_5ep_torch"])
     assert e.value.code == 0
