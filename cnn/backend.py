@@ -455,6 +455,8 @@ class TorchBackend(Backend):
 
 
 BACKENDS = ("numpy", "torch", "cupy")
+#: How to get CuPy, for the messages that find it missing.
+CUPY_INSTALL = "on a machine with a CUDA GPU, pip install -e '.[cupy]' in the repository root (cupy-cuda12x)"
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -532,8 +534,7 @@ def _make_backend(name: str, device: str) -> Backend:
             try:
                 _backends[key] = CupyBackend(device)
             except ImportError as err:
-                raise DeviceError("the cupy backend needs CuPy: on a machine with a CUDA GPU, "
-                                  "pip install -e '.[cupy]' in the repository root (cupy-cuda12x)") from err
+                raise DeviceError(f"the cupy backend needs CuPy: {CUPY_INSTALL}") from err
         if _seed is not None:
             _backends[key].seed(_seed)
     return _backends[key]

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from cnn.atomic import atomic_path
-from cnn.backend import DeviceError, resolve_device
+from cnn.backend import CUPY_INSTALL, DeviceError, resolve_device
 
 TRAIN_IMAGES = 50_000
 
@@ -197,8 +197,7 @@ def main(argv=None) -> int:
         if "cupy" in args.engines:
             resolve_device("cupy", args.device)
             if importlib.util.find_spec("cupy") is None:
-                raise DeviceError("--engines cupy needs CuPy: on a machine with a CUDA GPU, "
-                                  "pip install -e '.[cupy]' in the repository root (cupy-cuda12x)")
+                raise DeviceError(f"--engines cupy needs CuPy: {CUPY_INSTALL}")
     except DeviceError as err:
         p.error(str(err))
     if args.json and not (Path(args.json).parent.is_dir() and os.access(Path(args.json).parent, os.W_OK)
