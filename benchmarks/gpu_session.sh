@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_session.sh runs    CARRY OUT [RUN ...]
 #   bash benchmarks/gpu_session.sh collect CARRY OUT WAIT_S [RUN ...]
 #
-# start:   builds the mirror and the prepared data, runs the benchmark on the quiet GPU,
+# start:   runs the benchmark on the quiet machine, builds the mirror and the prepared data,
 #          starts the named params.yaml runs in the background (setsid, so they outlive the
 #          command), and beside them re-trains epoch 1 of resnet_50ep_step to compare it with
 #          the committed row (benchmarks/reproduce_epoch.py; meaningful on the kind of GPU
@@ -36,9 +36,10 @@
 # neither DVC nor MLflow: each RUN executes its DVC stage commands (python3 -m pipeline.params
 # --run RUN --out runs/RUN/settings.json, then pipeline.train and pipeline.evaluate) without
 # DVC, and MLflow is skipped with one warning. Back here: tar -xf runs.tar, then
-# `dvc commit settings@RUN train@RUN evaluate@RUN` records them in dvc.lock (their deps are
-# this checkout's), `dvc repro -s report` rebuilds reports/, and git takes runs/RUN, reports/
-# and dvc.lock (stage outputs are kept in git, see dvc.yaml). An unfinished run goes to
+# `python -m pipeline.log_run RUN` logs each to MLflow from its outputs, `dvc commit -f
+# settings@RUN train@RUN evaluate@RUN` records them in dvc.lock (their deps are this
+# checkout's), `dvc repro -s report` rebuilds reports/, and git takes runs/RUN, reports/ and
+# dvc.lock (stage outputs are kept in git, see dvc.yaml). An unfinished run goes to
 # CARRY instead (tar -xf runs.tar -C .cache/gpu runs/RUN), for the next lease to continue.
 #
 # Rehearsal on a machine without a GPU: GPU_SESSION_DEVICE=cpu, a short benchmark with
@@ -128,11 +129,12 @@ start)
     { nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"; nproc
       python3 -c "import torch; print('torch', torch.__version__)"; } >"$OUT/device.txt" 2>&1
     need_gpu
-    # The mirror is CPU work: it overlaps the benchmark, which needs the GPU to itself.
-    prepare
+    # The benchmark first, with the machine to itself: its eager cases are bound by the host
+    # CPU, and beside the mirror build (2026-11-27) batch 64 timed slower than batch 512.
     engines="torch torch-replay native"
     [ "$DEVICE" = cuda ] && engines="torch torch-replay cupy native"
     step bench python3 -m cnn.bench --device "$DEVICE" --engines $engines $BENCH --json "$OUT/bench.json"
+    prepare
     wait $data || { echo "no data: see mirror.log / data.log"; exit 1; }
     launch "$@"
     # Beside the runs: whether it matches only needs the numbers, not a quiet GPU.

@@ -15,7 +15,6 @@ machine that other work may disturb.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import importlib.util
 import json
 import os
@@ -134,9 +133,11 @@ def machine() -> dict:
                                                             if info.get("architecture") else "")
             for info in threadpoolctl.threadpool_info()
             if info["user_api"] == "blas" and "numpy" in info["filepath"]]
-    try:
-        torch_version = importlib.metadata.version("torch")
-    except importlib.metadata.PackageNotFoundError:
+    try:  # torch's own version names its build (2.11.0+cu130); the package's may not
+        import torch
+
+        torch_version = torch.__version__
+    except ImportError:
         torch_version = None
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
             "numpy_blas": ", ".join(blas) or "unknown", "torch": torch_version}

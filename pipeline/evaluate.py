@@ -59,6 +59,15 @@ def load_test_set(path=paths.PREPARED):
     return normalize(ds.test_x, mean, std), ds.test_y, ds.classes
 
 
+def log_evaluation(tracker, d, result: dict) -> None:
+    """The evaluation (eval.json's ``result``, and the files beside it in ``d``) into the
+    training run's MLflow run; pipeline.log_run logs the same from a run's outputs."""
+    tracker.log_metrics({"eval_test_acc": result["test_acc"],
+                         **{f"eval_acc_{c}": a for c, a in result["per_class_acc"].items()}})
+    for name in (paths.CONFUSION_PNG, paths.CONFUSION, paths.EVAL_METRICS):
+        tracker.log_artifact(d / name, "evaluation")
+
+
 def evaluate(run: str) -> dict:
     from cnn.train import load_model, model_backend, predict
 
@@ -95,11 +104,7 @@ def evaluate(run: str) -> dict:
         remove(outputs)
         raise
 
-    tracker = tracking.attach_run(mlflow_info)
-    tracker.log_metrics({"eval_test_acc": result["test_acc"],
-                         **{f"eval_acc_{c}": a for c, a in result["per_class_acc"].items()}})
-    for name in (paths.CONFUSION_PNG, paths.CONFUSION, paths.EVAL_METRICS):
-        tracker.log_artifact(d / name, "evaluation")
+    log_evaluation(tracking.attach_run(mlflow_info), d, result)
     print(f"evaluate@{run}: test accuracy {result['test_acc']:.4f} on {result['test_images']} images",
           file=sys.stderr)
     return result

@@ -168,6 +168,37 @@ def _rounded(values) -> str:
     return ", ".join(f"{float(v):.4f}" for v in values)
 
 
+# What a training run logs to MLflow, in four parts; pipeline.log_run logs the same from a
+# finished run's outputs.
+def training_tags(run: str, title: str, ctx: dict[str, str]) -> dict:
+    """Tags of a training run. ctx: tracking.dvc_context of its stage."""
+    return {**tracking.git_info(outputs=paths.PIPELINE_OUTPUTS), **ctx, "pipeline_run": run,
+            "model_name": title, "mlflow.user": _user(),
+            "mlflow.source.name": "pipeline/train.py", "mlflow.source.type": "LOCAL"}
+
+
+def training_params(run: str, cfg: dict, resume: bool, stats) -> dict:
+    """Parameters of a training run. stats: (mean, std) of the data it trained on, or None."""
+    return {"run": run, **cfg, "data": paths.PREPARED.as_posix(), "resume": resume,
+            # which images: the official archive and an offline copy differ here
+            **({"data_mean": _rounded(stats[0]), "data_std": _rounded(stats[1])} if stats else {})}
+
+
+def log_epoch(tracker, m: dict) -> None:
+    """One epoch's metrics (a row of history.csv), at step = epoch."""
+    tracker.log_metrics({"loss": m["loss"], "train_acc": m["train_acc"], "test_acc": m["test_acc"],
+                         "lr": m["lr"], "epoch_seconds": m["seconds"]}, step=int(m["epoch"]))
+
+
+def log_outputs(tracker, out: Path, metrics: dict) -> None:
+    """The summary metrics (metrics.json), the device tags and the outputs as artifacts."""
+    tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    tracker.set_tags({"device": metrics["device"], "stopped_early": metrics["stopped_early"]})
+    tracker.log_artifact(out / paths.BEST_CHECKPOINT, "checkpoints")
+    for name in (paths.CURVES, paths.HISTORY, paths.METRICS, paths.CONFIG):
+        tracker.log_artifact(out / name)
+
+
 def _still_running(record) -> int | None:
     """The pid of the process that wrote a live-run record if it is alive on this machine
     (its MLflow run is then not abandoned). On another machine it cannot be told: taken as
@@ -238,10 +269,7 @@ def train(run: str, params) -> dict:
 
     title = MODEL_TITLES.get(cfg["model"], cfg["model"])  # a new model's own name, until it has a title
     ctx = tracking.dvc_context(f"train@{run}")
-    tags = {**tracking.git_info(outputs=paths.PIPELINE_OUTPUTS), **ctx, "pipeline_run": run,
-            "model_name": title, "mlflow.user": _user(),
-            "mlflow.source.name": "pipeline/train.py", "mlflow.source.type": "LOCAL"}
-    tracker = tracking.start_run(params.experiment, tracking.run_name_for(ctx), tags)
+    tracker = tracking.start_run(params.experiment, tracking.run_name_for(ctx), training_tags(run, title, ctx))
     # A training process that died (kill -9, a lost machine) left its MLflow run RUNNING.
     abandoned = tracker.end_abandoned(earlier)
     if abandoned:
@@ -257,20 +285,14 @@ def train(run: str, params) -> dict:
         history.append({k: v for k, v in m.items() if k != "device"})
         devices.append(m["device"])
         write_json(out / paths.EPOCH_DEVICES, devices)
-        tracker.log_metrics(
-            {"loss": m["loss"], "train_acc": m["train_acc"], "test_acc": m["test_acc"],
-             "lr": m["lr"], "epoch_seconds": m["seconds"]},
-            step=int(m["epoch"]),
-        )
+        log_epoch(tracker, m)
         # Rewritten every epoch so a long run can be watched (dvc plots show).
         write_text(out / paths.HISTORY, history_csv(history))
 
     try:  # from here on, a failure closes the MLflow run
         if owns_live:
             write_json(live, {**tracker.info(), "pid": os.getpid(), "host": socket.gethostname()})
-        tracker.log_params({"run": run, **cfg, "data": paths.PREPARED.as_posix(), "resume": resume,
-                            # which images: the official archive and an offline copy differ here
-                            **({"data_mean": _rounded(stats[0]), "data_std": _rounded(stats[1])} if stats else {})})
+        tracker.log_params(training_params(run, cfg, resume, stats))
         if resume:
             # The epochs before the interruption go into this MLflow run too, so that it
             # shows the whole run.
@@ -306,11 +328,7 @@ def train(run: str, params) -> dict:
                                         "device_used": metrics["device"], "resumed": resume})
         plots.training_curves({run: hist}, out / paths.CURVES, title=f"{run} ({metrics['device']})")
 
-        tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        tracker.set_tags({"device": metrics["device"], "stopped_early": metrics["stopped_early"]})
-        tracker.log_artifact(best_path, "checkpoints")
-        for name in (paths.CURVES, paths.HISTORY, paths.METRICS, paths.CONFIG):
-            tracker.log_artifact(out / name)
+        log_outputs(tracker, out, metrics)
         tracker.finish("FINISHED")
         write_json(out / paths.MLFLOW_RUN, tracker.info())
     except BaseException as e:

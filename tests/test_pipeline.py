@@ -2071,6 +2071,69 @@ def test_unreachable_tracking_server(repro_project, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_run_trained_without_mlflow_is_logged_afterwards_as_the_stages_log_it(repro_project, tmp_path):
+    """pipeline.log_run makes an MLflow run of a finished run's outputs, with what its stages
+    log: here one run trained and evaluated with no store to log to, and one whose run is in
+    another store (the original project's, as for the committed runs of a fresh clone)."""
+    from mlflow.tracking import MlflowClient
+
+    proj0, env, _ = repro_project
+    proj = clone_project(proj0, tmp_path / "project")
+    name, other = "simple_5ep_torch", "simple_5ep_numpy"
+    off = {**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}  # nothing listens there
+    for s in ("train", "evaluate"):
+        stage(s, name, cwd=proj, env=off)
+    recorded = {n: (proj / "runs" / n / paths.MLFLOW_RUN).read_bytes() for n in (name, other)}
+    assert json.loads(recorded[name])["run_id"] is None
+
+    p = stage("log_run", name, other, cwd=proj, env=env)
+    assert f"`dvc commit -f train@{name} evaluate@{name}`, then `dvc repro -s report`" in p.stderr
+    assert f"a copy of run {json.loads(recorded[other])['run_id']}" in p.stderr
+
+    def runs_of(root):
+        client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+        exp = client.get_experiment_by_name("cifar10-cnn")
+        return client, {r.data.tags["pipeline_run"]: r for r in client.search_runs([exp.experiment_id])}
+
+    def artifacts(client, run_id, folder=None):
+        found = set()
+        for a in client.list_artifacts(run_id, folder):
+            found |= artifacts(client, run_id, a.path) if a.is_dir else {a.path}
+        return found
+
+    client, logged = runs_of(proj)
+    client0, original = runs_of(proj0)
+    assert set(logged) == {name, other}
+    info = json.loads((proj / "runs" / name / paths.MLFLOW_RUN).read_text())
+    assert info["run_id"] == logged[name].info.run_id and "disabled_reason" not in info
+    assert (proj / "runs" / other / paths.MLFLOW_RUN).read_bytes() == recorded[other]  # the other store's record
+    assert logged[other].data.tags["source_run_id"] == original[other].info.run_id
+    for n in (name, other):
+        new, old = logged[n], original[n]
+        assert new.info.status == "FINISHED" and new.info.run_name == old.info.run_name == f"train@{n}"
+        assert new.data.params == old.data.params  # the same settings and data
+        assert set(new.data.metrics) == set(old.data.metrics)
+        assert set(old.data.tags) - {"mlflow.runName"} <= set(new.data.tags)
+        assert new.data.tags["logged_from_outputs"] == f"runs/{n}"
+        assert artifacts(client, new.info.run_id) == artifacts(client0, old.info.run_id)
+        with open(proj / "runs" / n / paths.HISTORY) as f:
+            rows = list(csv.DictReader(f))
+        for key, column in (("test_acc", "test_acc"), ("epoch_seconds", "seconds")):
+            assert [(m.step, m.value) for m in client.get_metric_history(new.info.run_id, key)] == \
+                [(int(r["epoch"]), float(r[column])) for r in rows]
+        assert new.data.metrics["eval_test_acc"] == \
+            json.loads((proj / "runs" / n / paths.EVAL_METRICS).read_text())["test_acc"]
+
+    again = stage("log_run", name, cwd=proj, env=env, check=False)
+    assert again.returncode == 1 and f"already MLflow run {info['run_id']}" in again.stderr
+    # what the message says to do records the run again
+    dvc("commit", "-f", f"train@{name}", f"evaluate@{name}", cwd=proj, env=env)
+    dvc("repro", "-s", "report", cwd=proj, env=env)
+    assert "up to date" in dvc("status", cwd=proj, env=env).stdout
+    assert f"`{info['run_id'][:12]}`" in (proj / paths.RESULTS_MD).read_text()
+
+
+@pytest.mark.slow
 def test_dvc_repro_stops_on_bad_params_and_bad_md5(archive, tmp_path):
     path, md5 = archive
     bad = tiny_params()
