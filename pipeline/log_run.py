@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from cnn.checkpoint import read_meta
 
@@ -33,17 +32,6 @@ from pipeline.train import log_epoch, log_outputs, read_history, training_params
 _NOT_SETTINGS = ("run", "model_name", "device_used", "resumed")
 
 
-def _exists(run_id: str, uri: str) -> bool:
-    """Whether the store at ``uri`` holds MLflow run ``run_id``."""
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        return False  # asking would create the database
-    try:
-        tracking._client(uri).get_run(run_id)
-        return True
-    except Exception:  # noqa: BLE001 - a run it does not have, or a store that cannot say
-        return False
-
-
 def log_run(run: str, params) -> str:
     """Log ``run``'s outputs as a new MLflow run; returns what happened, for the message."""
     d = paths.run_dir(run)
@@ -55,7 +43,7 @@ def log_run(run: str, params) -> str:
     info = read_json(d / paths.MLFLOW_RUN)
     uri = tracking.resolve_tracking_uri(tracking.main_repo_root())
     here = info.get("tracking_uri") == tracking.display_uri(uri)
-    if info.get("run_id") and here and _exists(info["run_id"], uri):
+    if info.get("run_id") and here and tracking.has_run(uri, info["run_id"]):
         raise PipelineError(f"run {run!r} is already MLflow run {info['run_id']} in {tracking.display_uri(uri)}")
     copy = bool(info.get("run_id")) and not here  # logged to another store: that record stays
 
@@ -86,11 +74,11 @@ def log_run(run: str, params) -> str:
         raise PipelineError(f"logging run {run!r} to MLflow stopped midway: {tracker.reason}")
     tracker.finish("FINISHED")
     done = f"{run}: MLflow run {tracker.run_id} in {tracking.display_uri(uri)}"
-    if not evaluation.is_file():
-        done += f" (not evaluated yet: dvc repro evaluate@{run} adds the evaluation to it)"
     if copy:
         return done + f", a copy of run {info['run_id']} in {info.get('tracking_uri')}"
     write_json(d / paths.MLFLOW_RUN, tracker.info())
+    if not evaluation.is_file():
+        done += f" (not evaluated yet: dvc repro evaluate@{run} adds the evaluation to it)"
     return done + (f"; {d / paths.MLFLOW_RUN} now names it: record that with "
                    f"`dvc commit -f train@{run} evaluate@{run}`, then `dvc repro -s report`")
 
@@ -103,8 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     params = load(args.params)
     for run in args.runs:
         params.run(run)  # unknown run -> clear error before any work
-    for run in args.runs:
-        print(log_run(run, params), file=sys.stderr)
+    failed = []
+    for run in args.runs:  # one run's error does not keep the others out
+        try:
+            print(log_run(run, params), file=sys.stderr)
+        except PipelineError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed.append(run)
+    if failed:
+        raise PipelineError(f"not logged: {', '.join(failed)}")
     return 0
 
 

@@ -345,6 +345,17 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def has_run(uri: str, run_id: str) -> bool:
+    """Whether the store at ``uri`` holds MLflow run ``run_id`` (False if it cannot say)."""
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        return False  # asking would create the database
+    try:
+        _client(uri).get_run(run_id)
+        return True
+    except Exception:  # noqa: BLE001 - a run it does not have, or a store that cannot answer
+        return False
+
+
 def _get_or_create_experiment(client, name: str, artifact_location: str | None) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is None:

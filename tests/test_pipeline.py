@@ -2124,8 +2124,11 @@ def test_a_run_trained_without_mlflow_is_logged_afterwards_as_the_stages_log_it(
         assert new.data.metrics["eval_test_acc"] == \
             json.loads((proj / "runs" / n / paths.EVAL_METRICS).read_text())["test_acc"]
 
-    again = stage("log_run", name, cwd=proj, env=env, check=False)
+    again = stage("log_run", name, other, cwd=proj, env=env, check=False)  # the other is a copy again
     assert again.returncode == 1 and f"already MLflow run {info['run_id']}" in again.stderr
+    assert f"error: not logged: {name}\n" in again.stderr
+    tags = [r.data.tags["pipeline_run"] for r in client.search_runs([logged[name].info.experiment_id])]
+    assert sorted(tags) == sorted([name, other, other])
     # what the message says to do records the run again
     dvc("commit", "-f", f"train@{name}", f"evaluate@{name}", cwd=proj, env=env)
     dvc("repro", "-s", "report", cwd=proj, env=env)
