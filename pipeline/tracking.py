@@ -345,15 +345,41 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def _create_sqlite_store(path: Path) -> None:
+    """Create and migrate a new SQLite store in a file beside ``path``, then move it there.
+    MLflow migrates a new database in many steps; one interrupted halfway (Ctrl-C early in
+    the first run) would fail every later run with "table ... already exists"."""
+    from mlflow.store.tracking import DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    _quiet_mlflow_logs()
+    tmp = path.with_name(f".{path.name}.creating")
+    tmp.unlink(missing_ok=True)  # left by an interrupted creation
+    SqlAlchemyStore(f"sqlite:///{tmp}", DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH).engine.dispose()
+    os.replace(tmp, path)
+
+
 def has_run(uri: str, run_id: str) -> bool:
-    """Whether the store at ``uri`` holds MLflow run ``run_id`` (False if it cannot say)."""
+    """Whether the store at ``uri`` holds MLflow run ``run_id``, not deleted (False if it
+    cannot say: probe the store first, since a server that does not answer is waited for)."""
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         return False  # asking would create the database
     try:
-        _client(uri).get_run(run_id)
-        return True
+        return _client(uri).get_run(run_id).info.lifecycle_stage == "active"
     except Exception:  # noqa: BLE001 - a run it does not have, or a store that cannot answer
         return False
+
+
+def runs_tagged(uri: str, experiment: str, key: str, value: str) -> list[str]:
+    """Ids of the runs of ``experiment`` in the store at ``uri``, not deleted, whose tag
+    ``key`` is ``value``."""
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        return []  # asking would create the database
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return [r.info.run_id for r in client.search_runs([exp.experiment_id], f"tags.{key} = '{value}'")]
 
 
 def _get_or_create_experiment(client, name: str, artifact_location: str | None) -> str:
@@ -390,6 +416,8 @@ def start_run(experiment: str, run_name: str, tags: dict[str, Any] | None = None
                 # chdir: a new database gets MLflow's "Default" experiment with an artifact
                 # root of ./mlruns resolved against the working directory -- make that the
                 # main repository, not a DVC queue's temporary copy.
+                if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+                    _create_sqlite_store(Path(uri[len("sqlite:///"):]))
                 client = _client(uri)
                 exp_id = _get_or_create_experiment(client, experiment, default_artifact_location(uri, root, experiment))
             run = client.create_run(exp_id, run_name=run_name, tags={k: _mlflow_value(v) for k, v in (tags or {}).items()})

@@ -171,9 +171,8 @@ def _rounded(values) -> str:
 # What a training run logs to MLflow, in four parts; pipeline.log_run logs the same from a
 # finished run's outputs.
 def training_tags(run: str, title: str, ctx: dict[str, str]) -> dict:
-    """Tags of a training run. ctx: tracking.dvc_context of its stage."""
-    return {**tracking.git_info(outputs=paths.PIPELINE_OUTPUTS), **ctx, "pipeline_run": run,
-            "model_name": title, "mlflow.user": _user(),
+    """Tags of a training run but the git commit's. ctx: tracking.dvc_context of its stage."""
+    return {**ctx, "pipeline_run": run, "model_name": title, "mlflow.user": _user(),
             "mlflow.source.name": "pipeline/train.py", "mlflow.source.type": "LOCAL"}
 
 
@@ -269,7 +268,8 @@ def train(run: str, params) -> dict:
 
     title = MODEL_TITLES.get(cfg["model"], cfg["model"])  # a new model's own name, until it has a title
     ctx = tracking.dvc_context(f"train@{run}")
-    tracker = tracking.start_run(params.experiment, tracking.run_name_for(ctx), training_tags(run, title, ctx))
+    tags = {**tracking.git_info(outputs=paths.PIPELINE_OUTPUTS), **training_tags(run, title, ctx)}
+    tracker = tracking.start_run(params.experiment, tracking.run_name_for(ctx), tags)
     # A training process that died (kill -9, a lost machine) left its MLflow run RUNNING.
     abandoned = tracker.end_abandoned(earlier)
     if abandoned:

@@ -995,6 +995,137 @@ def test_evaluation_is_not_logged_to_another_or_a_missing_store(tmp_path, monkey
     assert not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.fixture
+def finished_run(tmp_path, monkeypatch):
+    """A copy of the committed outputs of simple_5ep_torch, as if trained without MLflow, in
+    a project whose MLflow store is a SQLite file in tmp_path (not created yet)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.setattr(tracking, "_warned", False)
+    shutil.copy(REPO / "params.yaml", tmp_path)
+    d = paths.run_dir("simple_5ep_torch")
+    shutil.copytree(REPO / d, d, ignore=shutil.ignore_patterns("last.*"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    (d / paths.MLFLOW_RUN).write_text(json.dumps({"run_id": None, "tracking_uri": uri, "disabled_reason": "x"}))
+    return d, uri
+
+
+def _log_run(*args) -> int:
+    from pipeline import _util, log_run
+
+    with pytest.raises(SystemExit) as e:
+        _util.run_main(log_run.main, list(args))
+    return e.value.code
+
+
+def _spoil(d, what):
+    if what == "history: a cell that is no number":
+        (d / paths.HISTORY).write_text((d / paths.HISTORY).read_text().replace("\n1,", "\n1,x", 1))
+    elif what == "history: a cell missing":
+        (d / paths.HISTORY).write_text((d / paths.HISTORY).read_text().replace(",", ",,", 1))
+    elif what == "history: a column missing":
+        (d / paths.HISTORY).write_text("epoch,loss\n1,2.0\n")
+    elif what == "history: no epoch":
+        (d / paths.HISTORY).write_text("epoch,loss,train_acc,test_acc,lr,seconds\n")
+    elif what == "checkpoint cut short":
+        (d / paths.BEST_CHECKPOINT).write_bytes((d / paths.BEST_CHECKPOINT).read_bytes()[:1000])
+    elif what == "evaluated, without its plot":
+        (d / paths.CONFUSION_PNG).unlink()
+    elif what == "metrics without the device":
+        (d / paths.METRICS).write_text(json.dumps({"best_test_acc": 0.5}))
+    elif what == "config not a mapping":
+        (d / paths.CONFIG).write_text("[]")
+
+
+@pytest.mark.parametrize("what, message", [
+    ("history: a cell that is no number", "history.csv is not a training history"),
+    ("history: a cell missing", "history.csv is not a training history"),
+    ("history: a column missing", "history.csv is not what the pipeline writes"),
+    ("history: no epoch", "history.csv is not what the pipeline writes"),
+    ("checkpoint cut short", "best.npz cannot be read"),
+    ("evaluated, without its plot", "confusion.png not found: reproduce the run's stages first "
+                                    "(dvc repro evaluate@simple_5ep_torch)"),
+    ("metrics without the device", "metrics.json is not what the pipeline writes (it has device, stopped_early)"),
+    ("config not a mapping", "config.json is not what the pipeline writes"),
+])
+def test_log_run_refuses_outputs_it_cannot_log_before_asking_mlflow(what, message, finished_run, capsys):
+    """A bad output is an error up front, not a half-logged run; the next run named is still tried."""
+    d, uri = finished_run
+    _spoil(d, what)
+    before = (d / paths.MLFLOW_RUN).read_bytes()
+    assert _log_run("simple_5ep_torch", "simple_5ep_numpy") == 1
+    err = capsys.readouterr().err
+    assert f"error: simple_5ep_torch: {d}/" in err and message in err, err
+    assert "error: simple_5ep_numpy: " in err  # tried too (it has no outputs here)
+    assert "error: not logged: simple_5ep_torch, simple_5ep_numpy" in err
+    assert not Path(uri[len("sqlite:///"):]).exists() and (d / paths.MLFLOW_RUN).read_bytes() == before
+
+
+def test_log_run_to_a_server_that_cannot_be_reached_fails_at_once(finished_run, monkeypatch, capsys):
+    d, _ = finished_run
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    before = (d / paths.MLFLOW_RUN).read_bytes()
+    t0 = time.perf_counter()
+    assert _log_run("simple_5ep_torch") == 1
+    assert time.perf_counter() - t0 < 30
+    err = capsys.readouterr().err
+    assert "cannot be used (cannot reach http://127.0.0.1:" in err and "nothing logged" in err
+    assert "continuing without MLflow" not in err  # the stages' warning would contradict the error
+    assert (d / paths.MLFLOW_RUN).read_bytes() == before
+
+
+def test_log_run_of_a_run_not_evaluated_says_how_to_record_it(finished_run, capsys):
+    from mlflow.tracking import MlflowClient
+
+    d, uri = finished_run
+    for name in paths.evaluate_outputs("simple_5ep_torch"):
+        Path(name).unlink()
+    assert _log_run("simple_5ep_torch") == 0
+    assert ("record that with `dvc commit -f train@simple_5ep_torch`, then `dvc repro evaluate@simple_5ep_torch` "
+            "(which adds the evaluation to the MLflow run)") in capsys.readouterr().err
+    run = MlflowClient(uri).get_run(json.loads((d / paths.MLFLOW_RUN).read_text())["run_id"])
+    assert "test_acc" in run.data.metrics and not any(k.startswith("eval_") for k in run.data.metrics)
+    assert not {"git_commit", "git_dirty", "mlflow.source.git.commit"} & set(run.data.tags)  # not known
+
+
+def test_log_run_logs_a_run_deleted_from_the_store_again(finished_run, capsys):
+    from mlflow.tracking import MlflowClient
+
+    d, uri = finished_run
+    assert _log_run("simple_5ep_torch") == 0
+    first = json.loads((d / paths.MLFLOW_RUN).read_text())["run_id"]
+    assert _log_run("simple_5ep_torch") == 1
+    assert f"error: simple_5ep_torch: it is already MLflow run {first} in {uri}" in capsys.readouterr().err
+    MlflowClient(uri).delete_run(first)  # in MLflow's trash: no longer in the UI
+    assert _log_run("simple_5ep_torch") == 0
+    assert json.loads((d / paths.MLFLOW_RUN).read_text())["run_id"] not in (first, None)
+
+
+def test_a_new_sqlite_store_is_created_whole_or_not_at_all(tmp_path, monkeypatch):
+    """MLflow migrates a new database in many steps: one interrupted halfway would fail every
+    later run ("table ... already exists"). So it is made beside the store, then moved there."""
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    real_replace = os.replace
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tracking.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tracking.start_run("cifar10-cnn", "train@r", root=tmp_path)
+    assert not db.exists()
+    monkeypatch.setattr(tracking.os, "replace", real_replace)
+    tracker = tracking.start_run("cifar10-cnn", "train@r", root=tmp_path)
+    assert tracker.enabled
+    tracker.finish()
+    assert MlflowClient(f"sqlite:///{db}").get_run(tracker.run_id).info.status == "FINISHED"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".mlflow.db")] == []
+
+
 def test_dvc_stage_and_experiment_names_name_the_mlflow_run(monkeypatch):
     for var in ("DVC_STAGE", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
         monkeypatch.delenv(var, raising=False)
@@ -2113,7 +2244,9 @@ def test_a_run_trained_without_mlflow_is_logged_afterwards_as_the_stages_log_it(
         assert new.info.status == "FINISHED" and new.info.run_name == old.info.run_name == f"train@{n}"
         assert new.data.params == old.data.params  # the same settings and data
         assert set(new.data.metrics) == set(old.data.metrics)
-        assert set(old.data.tags) - {"mlflow.runName"} <= set(new.data.tags)
+        git = {"git_commit", "git_dirty", "mlflow.source.git.commit"}  # the outputs do not say
+        assert set(old.data.tags) - {"mlflow.runName"} - git == set(new.data.tags) - {
+            "mlflow.runName", "logged_from_outputs", "source_run_id", "source_tracking_uri"}
         assert new.data.tags["logged_from_outputs"] == f"runs/{n}"
         assert artifacts(client, new.info.run_id) == artifacts(client0, old.info.run_id)
         with open(proj / "runs" / n / paths.HISTORY) as f:
@@ -2124,11 +2257,10 @@ def test_a_run_trained_without_mlflow_is_logged_afterwards_as_the_stages_log_it(
         assert new.data.metrics["eval_test_acc"] == \
             json.loads((proj / "runs" / n / paths.EVAL_METRICS).read_text())["test_acc"]
 
-    again = stage("log_run", name, other, cwd=proj, env=env, check=False)  # the other is a copy again
+    again = stage("log_run", name, other, cwd=proj, env=env, check=False)
     assert again.returncode == 1 and f"already MLflow run {info['run_id']}" in again.stderr
-    assert f"error: not logged: {name}\n" in again.stderr
-    tags = [r.data.tags["pipeline_run"] for r in client.search_runs([logged[name].info.experiment_id])]
-    assert sorted(tags) == sorted([name, other, other])
+    assert f"already copied to sqlite:///{proj / 'mlflow.db'}, as run {logged[other].info.run_id}" in again.stderr
+    assert len(client.search_runs([logged[name].info.experiment_id])) == 2
     # what the message says to do records the run again
     dvc("commit", "-f", f"train@{name}", f"evaluate@{name}", cwd=proj, env=env)
     dvc("repro", "-s", "report", cwd=proj, env=env)
