@@ -345,6 +345,19 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a SQLite store (None for another store or an in-memory one)."""
+    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+    return Path(path) if path and path != ":memory:" else None
+
+
+def _missing_sqlite_file(uri: str) -> bool:
+    """Whether ``uri`` is a SQLite store whose file does not exist yet (MLflow, if asked
+    anything, would create it)."""
+    db = _sqlite_file(uri)
+    return db is not None and not db.is_file()
+
+
 def _create_sqlite_store(path: Path) -> None:
     """Create and migrate a new SQLite store in a file beside ``path``, then move it there.
     MLflow migrates a new database in many steps; one interrupted halfway (Ctrl-C early in
@@ -362,7 +375,7 @@ def _create_sqlite_store(path: Path) -> None:
 def has_run(uri: str, run_id: str) -> bool:
     """Whether the store at ``uri`` holds MLflow run ``run_id``, not deleted (False if it
     cannot say: probe the store first, since a server that does not answer is waited for)."""
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+    if _missing_sqlite_file(uri):
         return False  # asking would create the database
     try:
         return _client(uri).get_run(run_id).info.lifecycle_stage == "active"
@@ -373,7 +386,7 @@ def has_run(uri: str, run_id: str) -> bool:
 def runs_tagged(uri: str, experiment: str, key: str, value: str) -> list[str]:
     """Ids of the runs of ``experiment`` in the store at ``uri``, not deleted, whose tag
     ``key`` is ``value``."""
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+    if _missing_sqlite_file(uri):
         return []  # asking would create the database
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
@@ -416,8 +429,8 @@ def start_run(experiment: str, run_name: str, tags: dict[str, Any] | None = None
                 # chdir: a new database gets MLflow's "Default" experiment with an artifact
                 # root of ./mlruns resolved against the working directory -- make that the
                 # main repository, not a DVC queue's temporary copy.
-                if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
-                    _create_sqlite_store(Path(uri[len("sqlite:///"):]))
+                if _missing_sqlite_file(uri):
+                    _create_sqlite_store(_sqlite_file(uri))
                 client = _client(uri)
                 exp_id = _get_or_create_experiment(client, experiment, default_artifact_location(uri, root, experiment))
             run = client.create_run(exp_id, run_name=run_name, tags={k: _mlflow_value(v) for k, v in (tags or {}).items()})
@@ -452,7 +465,7 @@ def attach_run(info: dict[str, Any], root: Path | None = None) -> Tracker:
         )
         return Tracker(None, None, uri=uri, reason="tracking URI changed")
     reason = probe(uri)
-    if reason is None and uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+    if reason is None and _missing_sqlite_file(uri):
         reason = f"{uri} does not exist"
     if reason is None:
         try:
