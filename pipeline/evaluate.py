@@ -59,12 +59,16 @@ def load_test_set(path=paths.PREPARED):
     return normalize(ds.test_x, mean, std), ds.test_y, ds.classes
 
 
+#: The outputs that log_evaluation logs as artifacts, under evaluation/.
+ARTIFACTS = (paths.CONFUSION_PNG, paths.CONFUSION, paths.EVAL_METRICS)
+
+
 def log_evaluation(tracker, d, result: dict) -> None:
     """The evaluation (eval.json's ``result``, and the files beside it in ``d``) into the
     training run's MLflow run; pipeline.log_run logs the same from a run's outputs."""
     tracker.log_metrics({"eval_test_acc": result["test_acc"],
                          **{f"eval_acc_{c}": a for c, a in result["per_class_acc"].items()}})
-    for name in (paths.CONFUSION_PNG, paths.CONFUSION, paths.EVAL_METRICS):
+    for name in ARTIFACTS:
         tracker.log_artifact(d / name, "evaluation")
 
 

@@ -26,8 +26,10 @@ from cnn.checkpoint import read_meta
 
 from pipeline import paths, tracking
 from pipeline._util import PipelineError, read_json, summary, write_json
+from pipeline.evaluate import ARTIFACTS as EVALUATION_ARTIFACTS
 from pipeline.evaluate import log_evaluation
 from pipeline.params import load
+from pipeline.train import ARTIFACTS as TRAINING_ARTIFACTS
 from pipeline.train import HISTORY_FIELDS, log_epoch, log_outputs, read_history, training_params, training_tags
 
 # config.json is the run's settings plus these (pipeline.train writes it)
@@ -37,11 +39,8 @@ _NOT_SETTINGS = ("run", "model_name", "device_used", "resumed")
 def _read_outputs(d) -> dict:
     """Everything that is logged, read before MLflow is asked for anything: a bad file is
     then an error, not a half-logged run."""
-    needed = [d / name for name in (paths.CONFIG, paths.METRICS, paths.HISTORY, paths.BEST_CHECKPOINT,
-                                    paths.CURVES)]
     evaluated = (d / paths.EVAL_METRICS).is_file()
-    if evaluated:
-        needed += [d / paths.CONFUSION, d / paths.CONFUSION_PNG]
+    needed = [d / name for name in (*TRAINING_ARTIFACTS, *(EVALUATION_ARTIFACTS if evaluated else ()))]
     missing = [p.as_posix() for p in needed if not p.is_file()]
     if missing:
         raise PipelineError(f"{', '.join(missing)} not found: reproduce the run's stages first "

@@ -131,10 +131,9 @@ def probe(uri: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
             return f"cannot reach {display_uri(uri)} ({reason})"
-    if scheme == "sqlite":
-        path = Path(uri[len("sqlite:///"):])
-        if not path.parent.is_dir():
-            return f"directory {path.parent} of the SQLite store does not exist"
+    db = _sqlite_file(uri)
+    if db is not None and not db.parent.is_dir():
+        return f"directory {db.parent} of the SQLite store does not exist"
     return None
 
 

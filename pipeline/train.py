@@ -189,13 +189,17 @@ def log_epoch(tracker, m: dict) -> None:
                          "lr": m["lr"], "epoch_seconds": m["seconds"]}, step=int(m["epoch"]))
 
 
+#: The outputs that log_outputs logs as artifacts, and the artifact folder of each.
+ARTIFACTS = {paths.BEST_CHECKPOINT: "checkpoints", paths.CURVES: None, paths.HISTORY: None,
+             paths.METRICS: None, paths.CONFIG: None}
+
+
 def log_outputs(tracker, out: Path, metrics: dict) -> None:
     """The summary metrics (metrics.json), the device tags and the outputs as artifacts."""
     tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     tracker.set_tags({"device": metrics["device"], "stopped_early": metrics["stopped_early"]})
-    tracker.log_artifact(out / paths.BEST_CHECKPOINT, "checkpoints")
-    for name in (paths.CURVES, paths.HISTORY, paths.METRICS, paths.CONFIG):
-        tracker.log_artifact(out / name)
+    for name, folder in ARTIFACTS.items():
+        tracker.log_artifact(out / name, folder)
 
 
 def _still_running(record) -> int | None:

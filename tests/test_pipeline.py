@@ -996,16 +996,12 @@ def test_evaluation_is_not_logged_to_another_or_a_missing_store(tmp_path, monkey
 
 
 @pytest.fixture
-def finished_run(tmp_path, monkeypatch):
+def finished_run(stage_dir, monkeypatch):
     """A copy of the committed outputs of simple_5ep_torch, as if trained without MLflow, in
-    a project whose MLflow store is a SQLite file in tmp_path (not created yet)."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("DVC_ROOT", raising=False)
-    monkeypatch.setattr(tracking, "_warned", False)
-    shutil.copy(REPO / "params.yaml", tmp_path)
+    a project whose MLflow store is a SQLite file in stage_dir (not created yet)."""
     d = paths.run_dir("simple_5ep_torch")
-    shutil.copytree(REPO / d, d, ignore=shutil.ignore_patterns("last.*"))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    shutil.copytree(REPO / d, d, ignore=shutil.ignore_patterns("last.*"), dirs_exist_ok=True)
+    uri = f"sqlite:///{stage_dir / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     (d / paths.MLFLOW_RUN).write_text(json.dumps({"run_id": None, "tracking_uri": uri, "disabled_reason": "x"}))
     return d, uri
